@@ -1,0 +1,457 @@
+"""Recurrent cells as pure functions.
+
+A cell is a frozen, hashable configuration object (static under ``jit``) with
+pure methods::
+
+    params = cell.init(key, input_size)           # NamedTuple of arrays
+    carry = cell.zero_carry(batch_shape)           # NamedTuple of arrays
+    carry, y = cell.step(params, carry, x)         # one time step (a scan body)
+
+Every cell splits its pre-activations into an input part, computed for all
+time steps at once by :meth:`input_projection` (one large matmul), and a
+recurrent part, computed step by step by :meth:`step_projected`. Runners and
+kernels rely on that split; ``step`` is their composition.
+
+Shapes: ``I`` input size, ``H`` hidden size, ``G = num_gates * H``.
+
+Dtypes. Parameters are stored in the ``dtype`` given to :meth:`init`
+(float32 by default). Matmul operands are cast to the cell's
+``compute_dtype`` (``None``: the dtype of the inputs ``x``) and accumulate in
+float32; gate nonlinearities and the carry are always float32; outputs ``y``
+take the dtype of ``x``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+ACC_DTYPE = jnp.float32
+
+__all__ = [
+    "Carry",
+    "Elman",
+    "ElmanParams",
+    "GRU",
+    "GRUParams",
+    "LSTM",
+    "LSTMCarry",
+    "LSTMParams",
+    "count_params",
+]
+
+
+# --------------------------------------------------------------------------
+# Parameters and carries
+# --------------------------------------------------------------------------
+class ElmanParams(NamedTuple):
+    """Elman RNN parameters.
+
+    Attributes:
+      w_ih: ``(I, H)`` input kernel.
+      w_hh: ``(H, H)`` recurrent kernel.
+      b: ``(H,)`` bias.
+    """
+
+    w_ih: Array
+    w_hh: Array
+    b: Array
+
+
+class LSTMParams(NamedTuple):
+    """LSTM parameters, gates stacked in PyTorch/cuDNN order ``i, f, g, o``.
+
+    Attributes:
+      w_ih: ``(I, 4H)`` input kernel.
+      w_hh: ``(H, 4H)`` recurrent kernel.
+      b: ``(4H,)`` bias (PyTorch's ``b_ih + b_hh``).
+    """
+
+    w_ih: Array
+    w_hh: Array
+    b: Array
+
+
+class GRUParams(NamedTuple):
+    """GRU parameters, gates stacked as ``r`` (reset), ``u`` (update), ``n`` (candidate).
+
+    Attributes:
+      w_ih: ``(I, 3H)`` input kernel.
+      w_hh: ``(H, 3H)`` recurrent kernel.
+      b: ``(3H,)`` bias of the input part (for ``r`` and ``u`` it also holds
+        the recurrent bias, which is indistinguishable there).
+      b_hn: ``(H,)`` recurrent bias of the candidate, inside ``r ⊙ (·)``;
+        only for ``reset="after"``, ``None`` for ``reset="before"``.
+    """
+
+    w_ih: Array
+    w_hh: Array
+    b: Array
+    b_hn: Optional[Array] = None
+
+
+class Carry(NamedTuple):
+    """Carry of single-state cells (Elman, GRU). ``h``: ``(*batch, H)``."""
+
+    h: Array
+
+
+class LSTMCarry(NamedTuple):
+    """LSTM carry. ``h`` (hidden state) and ``c`` (cell state): ``(*batch, H)``."""
+
+    h: Array
+    c: Array
+
+
+def count_params(params: Any) -> int:
+    """Exact number of scalars in a parameter pytree (``None`` leaves count 0).
+
+    Example:
+      >>> cell = LSTM(512)
+      >>> count_params(cell.init(jax.random.key(0), 256))  # 4 * (256*512 + 512*512 + 512)
+      1574912
+    """
+    return int(sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+# --------------------------------------------------------------------------
+# Initialisers
+# --------------------------------------------------------------------------
+_INPUT_INITS = ("lecun_normal", "lecun_uniform", "glorot_normal", "glorot_uniform", "irnn")
+_RECURRENT_INITS = ("orthogonal", "identity")
+
+
+def _input_kernel(name_or_fn, key, input_size, hidden_size, num_gates, dtype):
+    """``(I, G)`` kernel initialised gate by gate (fan_out = H per gate)."""
+    if callable(name_or_fn):
+        return jnp.asarray(name_or_fn(key, (input_size, num_gates * hidden_size), dtype), dtype)
+    if name_or_fn == "irnn":  # Le et al. 2015: small Gaussian input weights.
+        return 1e-3 * jax.random.normal(key, (input_size, num_gates * hidden_size), dtype)
+    init = getattr(jax.nn.initializers, name_or_fn)()
+    keys = jax.random.split(key, num_gates)
+    return jnp.concatenate([init(k, (input_size, hidden_size), dtype) for k in keys], axis=1)
+
+
+def _recurrent_kernel(name_or_fn, key, hidden_size, num_gates, dtype, scale=1.0):
+    """``(H, G)`` kernel; each gate's ``(H, H)`` block is orthogonal or ``scale·I``."""
+    shape = (hidden_size, num_gates * hidden_size)
+    if callable(name_or_fn):
+        return jnp.asarray(name_or_fn(key, shape, dtype), dtype)
+    if name_or_fn == "identity":
+        return jnp.tile(scale * jnp.eye(hidden_size, dtype=dtype), (1, num_gates))
+    init = jax.nn.initializers.orthogonal(scale)
+    keys = jax.random.split(key, num_gates)
+    return jnp.concatenate([init(k, (hidden_size, hidden_size), dtype) for k in keys], axis=1)
+
+
+def _check_choice(name, value, choices, allow_callable=False):
+    if allow_callable and callable(value):
+        return
+    if value not in choices:
+        extra = " or a callable initialiser" if allow_callable else ""
+        raise ValueError(f"{name}: expected one of {choices}{extra}, got {value!r}")
+
+
+# --------------------------------------------------------------------------
+# Shared machinery
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Cell:
+    """Base class: configuration validation, initialisation and the step split."""
+
+    hidden_size: int
+    compute_dtype: Any = None
+    kernel_init: Union[str, Initializer] = "lecun_normal"
+    recurrent_init: Union[str, Initializer] = "orthogonal"
+
+    num_gates = 1  # overridden
+    carry_type = Carry
+
+    def __post_init__(self):
+        if isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, int):
+            raise TypeError(f"hidden_size: expected a positive int, got {self.hidden_size!r}")
+        if self.hidden_size <= 0:
+            raise ValueError(f"hidden_size: expected a positive int, got {self.hidden_size}")
+        _check_choice("kernel_init", self.kernel_init, _INPUT_INITS, allow_callable=True)
+        _check_choice("recurrent_init", self.recurrent_init, _RECURRENT_INITS, allow_callable=True)
+        if self.compute_dtype is not None:
+            object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
+
+    # -- shapes -------------------------------------------------------------
+    @property
+    def gate_size(self) -> int:
+        """``G = num_gates * hidden_size``: width of the stacked pre-activations."""
+        return self.num_gates * self.hidden_size
+
+    def input_size_of(self, params) -> int:
+        """Input size ``I`` read off ``params.w_ih``."""
+        return params.w_ih.shape[0]
+
+    # -- initialisation -----------------------------------------------------
+    def init(self, key: Array, input_size: int, dtype=jnp.float32):
+        """Initialise parameters.
+
+        Args:
+          key: PRNG key.
+          input_size: ``I``, the feature size of ``x``.
+          dtype: parameter dtype (float32 by default; independent of the
+            compute dtype).
+
+        Returns:
+          The cell's parameter NamedTuple.
+        """
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+            raise ValueError(f"input_size: expected a positive int, got {input_size!r}")
+        k_in, k_rec = jax.random.split(key)
+        H, n = self.hidden_size, self.num_gates
+        w_ih = _input_kernel(self.kernel_init, k_in, input_size, H, n, dtype)
+        w_hh = _recurrent_kernel(self.recurrent_init, k_rec, H, n, dtype, **self._recurrent_kwargs())
+        return self._make_params(w_ih, w_hh, self._init_bias(dtype))
+
+    def _recurrent_kwargs(self):
+        return {}
+
+    def _init_bias(self, dtype):
+        return jnp.zeros((self.gate_size,), dtype)
+
+    def _make_params(self, w_ih, w_hh, b):
+        raise NotImplementedError
+
+    def zero_carry(self, batch_shape=(), dtype=ACC_DTYPE):
+        """All-zero carry of shape ``(*batch_shape, H)`` per state (float32 by default)."""
+        batch_shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+        zeros = lambda: jnp.zeros((*batch_shape, self.hidden_size), dtype)  # noqa: E731
+        return self.carry_type(*(zeros() for _ in self.carry_type._fields))
+
+    # -- computation ----------------------------------------------------------
+    def resolve(self, input_dtype):
+        """This cell with ``compute_dtype`` fixed (``None`` becomes ``input_dtype``)."""
+        if self.compute_dtype is not None:
+            return self
+        return dataclasses.replace(self, compute_dtype=jnp.dtype(input_dtype))
+
+    def _dot(self, a, w):
+        cd = a.dtype if self.compute_dtype is None else self.compute_dtype
+        return jnp.matmul(a.astype(cd), w.astype(cd), preferred_element_type=ACC_DTYPE)
+
+    def input_projection(self, params, xs: Array) -> Array:
+        """Input part of every gate for all steps at once: ``xs @ w_ih + b``.
+
+        Args:
+          params: the cell's parameters.
+          xs: ``(..., I)`` inputs (any leading shape, e.g. ``(B, T, I)``).
+
+        Returns:
+          ``(..., G)`` float32 pre-activations.
+        """
+        cell = self.resolve(xs.dtype)
+        return cell._dot(xs, params.w_ih) + params.b.astype(ACC_DTYPE)
+
+    def step_projected(self, params, carry, xp: Array):
+        """One step given the projected input ``xp = input_projection(params, x)``.
+
+        Args:
+          params: the cell's parameters.
+          carry: the carry, leaves ``(*batch, H)``.
+          xp: ``(*batch, G)`` float32 projected input.
+
+        Returns:
+          ``(new_carry, h)`` with float32 leaves ``(*batch, H)``.
+        """
+        raise NotImplementedError
+
+    def step(self, params, carry, x: Array):
+        """One time step; the signature of a ``lax.scan`` body.
+
+        Args:
+          params: the cell's parameters.
+          carry: the carry, leaves ``(*batch, H)``.
+          x: ``(*batch, I)`` input.
+
+        Returns:
+          ``(new_carry, y)``: the float32 carry and the output ``(*batch, H)``
+          in the dtype of ``x``.
+        """
+        cell = self.resolve(x.dtype)
+        new_carry, h = cell.step_projected(params, carry, cell.input_projection(params, x))
+        return new_carry, h.astype(x.dtype)
+
+    def hidden(self, carry) -> Array:
+        """The hidden state ``h`` of a carry."""
+        return carry.h
+
+
+# --------------------------------------------------------------------------
+# The cells
+# --------------------------------------------------------------------------
+_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "linear": lambda z: z}
+
+
+@dataclasses.dataclass(frozen=True)
+class Elman(_Cell):
+    r"""Elman ("vanilla") RNN cell.
+
+    .. math::
+        h_t = \phi(W_{ih}^\top x_t + W_{hh}^\top h_{t-1} + b)
+
+    with :math:`\phi` = ``tanh`` (default), ``relu`` or ``linear`` (the latter
+    for gradient-flow analysis of linear RNNs). ``Elman(H, activation="relu",
+    recurrent_init="identity", kernel_init="irnn")`` is Le et al.'s IRNN.
+
+    Args:
+      hidden_size: ``H``.
+      activation: ``"tanh"``, ``"relu"`` or ``"linear"``.
+      compute_dtype: matmul operand dtype (``None``: the input's dtype).
+      kernel_init: input-kernel initialiser name or callable.
+      recurrent_init: ``"orthogonal"`` or ``"identity"`` (or a callable).
+      recurrent_scale: gain of the recurrent initialiser (``λ`` in ``λ·Q``).
+
+    Example:
+      >>> cell = Elman(32)
+      >>> params = cell.init(jax.random.key(0), 8)
+      >>> carry, y = cell.step(params, cell.zero_carry(4), jnp.ones((4, 8)))
+    """
+
+    activation: str = "tanh"
+    recurrent_scale: float = 1.0
+    num_gates = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("activation", self.activation, tuple(_ACTIVATIONS))
+
+    def _recurrent_kwargs(self):
+        return {"scale": self.recurrent_scale}
+
+    def _make_params(self, w_ih, w_hh, b):
+        return ElmanParams(w_ih, w_hh, b)
+
+    def step_projected(self, params, carry, xp):
+        h = _ACTIVATIONS[self.activation](xp + self._dot(carry.h, params.w_hh))
+        return Carry(h), h
+
+
+@dataclasses.dataclass(frozen=True)
+class LSTM(_Cell):
+    r"""Long short-term memory cell (Hochreiter & Schmidhuber 1997, forget gate of Gers et al. 2000).
+
+    Gates are stacked in PyTorch/cuDNN order ``i, f, g, o``:
+
+    .. math::
+        i_t &= \sigma(W_{ii} x_t + W_{hi} h_{t-1} + b_i) \\
+        f_t &= \sigma(W_{if} x_t + W_{hf} h_{t-1} + b_f) \\
+        g_t &= \tanh(W_{ig} x_t + W_{hg} h_{t-1} + b_g) \\
+        o_t &= \sigma(W_{io} x_t + W_{ho} h_{t-1} + b_o) \\
+        c_t &= f_t \odot c_{t-1} + i_t \odot g_t \\
+        h_t &= o_t \odot \tanh(c_t)
+
+    The additive update of ``c`` is the lectures' "gradient highway":
+    ``∂c_t/∂c_{t-1} = diag(f_t)`` along the cell path.
+
+    Args:
+      hidden_size: ``H``.
+      forget_bias: initial value of ``b_f`` (1.0, Gers et al. 2000).
+      compute_dtype: matmul operand dtype (``None``: the input's dtype).
+      kernel_init: input-kernel initialiser name or callable.
+      recurrent_init: ``"orthogonal"`` or ``"identity"`` (or a callable).
+
+    Example:
+      >>> cell = LSTM(32)
+      >>> params = cell.init(jax.random.key(0), 8)
+      >>> carry, y = cell.step(params, cell.zero_carry(4), jnp.ones((4, 8)))
+    """
+
+    forget_bias: float = 1.0
+    num_gates = 4
+    carry_type = LSTMCarry
+
+    def _init_bias(self, dtype):
+        H = self.hidden_size
+        return jnp.zeros((4 * H,), dtype).at[H : 2 * H].set(self.forget_bias)
+
+    def _make_params(self, w_ih, w_hh, b):
+        return LSTMParams(w_ih, w_hh, b)
+
+    def step_projected(self, params, carry, xp):
+        z = xp + self._dot(carry.h, params.w_hh)
+        i, f, g, o = jnp.split(z, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return LSTMCarry(h, c), h
+
+
+@dataclasses.dataclass(frozen=True)
+class GRU(_Cell):
+    r"""Gated recurrent unit (Cho et al. 2014).
+
+    Gates are stacked ``r`` (reset), ``u`` (update), ``n`` (candidate):
+
+    .. math::
+        r_t &= \sigma(W_{ir} x_t + W_{hr} h_{t-1} + b_r) \\
+        u_t &= \sigma(W_{iu} x_t + W_{hu} h_{t-1} + b_u) \\
+        \tilde h_t &= \tanh(W_{in} x_t + W_{hn}(r_t \odot h_{t-1}) + b_n)
+            \quad\text{(reset="before", the lectures' form)} \\
+        \tilde h_t &= \tanh(W_{in} x_t + b_n + r_t \odot (W_{hn} h_{t-1} + b_{hn}))
+            \quad\text{(reset="after", cuDNN/PyTorch)} \\
+        h_t &= (1 - u_t) \odot h_{t-1} + u_t \odot \tilde h_t
+
+    PyTorch's update gate is ``z = 1 - u`` (it interpolates
+    ``(1 - z) ⊙ n + z ⊙ h_{t-1}``); :func:`jaxrnn.from_torch` converts.
+
+    Args:
+      hidden_size: ``H``.
+      reset: ``"before"`` (reset applied to ``h`` before the matmul) or
+        ``"after"`` (applied to the matmul's result, with the extra recurrent
+        bias ``b_hn``; one fused recurrent matmul per step).
+      compute_dtype: matmul operand dtype (``None``: the input's dtype).
+      kernel_init: input-kernel initialiser name or callable.
+      recurrent_init: ``"orthogonal"`` or ``"identity"`` (or a callable).
+
+    Example:
+      >>> cell = GRU(32, reset="after")
+      >>> params = cell.init(jax.random.key(0), 8)
+      >>> carry, y = cell.step(params, cell.zero_carry(4), jnp.ones((4, 8)))
+    """
+
+    reset: str = "before"
+    num_gates = 3
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("reset", self.reset, ("before", "after"))
+
+    def _make_params(self, w_ih, w_hh, b):
+        b_hn = jnp.zeros((self.hidden_size,), b.dtype) if self.reset == "after" else None
+        return GRUParams(w_ih, w_hh, b, b_hn)
+
+    def step_projected(self, params, carry, xp):
+        H = self.hidden_size
+        h_prev = carry.h
+        xr, xu, xn = jnp.split(xp, 3, axis=-1)
+        if self.reset == "after":
+            hr, hu, hn = jnp.split(self._dot(h_prev, params.w_hh), 3, axis=-1)
+            r, u = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xu + hu)
+            n = jnp.tanh(xn + r * (hn + params.b_hn.astype(ACC_DTYPE)))
+        else:
+            hr, hu = jnp.split(self._dot(h_prev, params.w_hh[:, : 2 * H]), 2, axis=-1)
+            r, u = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xu + hu)
+            n = jnp.tanh(xn + self._dot(r * h_prev, params.w_hh[:, 2 * H :]))
+        h = h_prev + u * (n - h_prev)  # = (1 - u) ⊙ h_prev + u ⊙ n
+        return Carry(h), h
+
+
+CELL_TYPES = (Elman, LSTM, GRU)
+
+
+def check_cell(cell, name="cell"):
+    """Raise ``TypeError`` unless ``cell`` is one of jaxrnn's cells."""
+    if not isinstance(cell, _Cell):
+        raise TypeError(f"{name}: expected a jaxrnn cell (Elman, LSTM or GRU), got {type(cell).__name__}")
+

@@ -1,0 +1,48 @@
+"""Command line: ``jaxrnn demo | gradients | bench`` (also ``python -m jaxrnn``).
+
+Each subcommand lives in its own module and takes its own arguments; errors
+print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("jaxrnn.demo", "train a small LSTM language model on an embedded text (the default)"),
+    "gradients": ("jaxrnn.plotting", "vanishing/exploding-gradient figures and tables"),
+    "bench": ("benchmarks.__main__", "the benchmark suite (from a source checkout)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: jaxrnn [COMMAND] [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command = argv.pop(0) if argv else "demo"
+    if command not in COMMANDS:
+        print(f"jaxrnn: unknown command {command!r} (expected one of {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    module_name, _ = COMMANDS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        print(f"jaxrnn {command}: cannot import {e.name!r} (run from a source checkout?)", file=sys.stderr)
+        return 2
+    try:
+        return int(module.main(argv) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"jaxrnn {command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Deep and bidirectional stacks of recurrent layers.
+
+A :class:`Stack` runs ``num_layers`` layers of one cell type; layer ``i``'s
+outputs feed layer ``i + 1``. Bidirectional layers have separate forward and
+backward weights and concatenate their outputs (``[forward, backward]``,
+as PyTorch does). Between layers, the lectures' connections for training
+deep (8+ layer) stacks are available:
+
+* ``"residual"``: ``out_i = y_i + in_i`` (He et al. 2016);
+* ``"dense"``: layer ``i``'s input is ``[x, out_0, ..., out_{i-1}]``
+  (Huang et al. 2017);
+* ``"highway"``: ``out_i = T ⊙ y_i + (1 - T) ⊙ in_i`` with the gate
+  ``T = σ(in_i W_T + b_T)`` (Srivastava et al. 2015; ``b_T`` starts at -1,
+  favouring the identity path).
+
+Residual and highway connections join two tensors of equal width, so they
+apply at every layer whose input width equals its output width (every layer
+but the first, unless ``input_size`` equals the output width).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxrnn.cells import check_cell
+from jaxrnn.runner import _shape, check_carry, check_impl, check_inputs, check_lengths, rnn
+
+Array = jax.Array
+
+__all__ = ["HighwayParams", "LayerParams", "Stack"]
+
+CONNECTIONS = (None, "residual", "dense", "highway")
+HIGHWAY_BIAS = -1.0
+
+
+class HighwayParams(NamedTuple):
+    """Highway gate ``T = σ(in @ w + b)``. ``w``: ``(D, D)``, ``b``: ``(D,)``."""
+
+    w: Array
+    b: Array
+
+
+class LayerParams(NamedTuple):
+    """One layer's parameters.
+
+    Attributes:
+      fwd: the forward cell's parameters.
+      bwd: the backward cell's parameters (``None`` unless bidirectional).
+      highway: :class:`HighwayParams` where a highway connection applies, else ``None``.
+    """
+
+    fwd: Any
+    bwd: Any = None
+    highway: Optional[HighwayParams] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """A stack of recurrent layers.
+
+    Args:
+      cell: the cell of every layer (``Elman``, ``LSTM`` or ``GRU``).
+      num_layers: number of layers ``L``.
+      bidirectional: each layer runs forward and backward, outputs concatenated
+        (output width ``D = 2H``; ``D = H`` otherwise).
+      connection: ``None``, ``"residual"``, ``"dense"`` or ``"highway"``.
+      dropout: dropout rate on each layer's output except the last, applied
+        only when ``apply`` gets a ``dropout_key``.
+
+    Example:
+      >>> stack = Stack(jaxrnn.LSTM(128), num_layers=2, bidirectional=True)
+      >>> params = stack.init(jax.random.key(0), 32)
+      >>> ys, carries = stack.apply(params, xs, seq_lengths=lengths)  # ys: (B, T, 256)
+    """
+
+    cell: Any
+    num_layers: int = 1
+    bidirectional: bool = False
+    connection: Optional[str] = None
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        check_cell(self.cell)
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ValueError(f"num_layers: expected a positive int, got {self.num_layers!r}")
+        if self.connection not in CONNECTIONS:
+            raise ValueError(f"connection: expected one of {CONNECTIONS}, got {self.connection!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout: expected a rate in [0, 1), got {self.dropout!r}")
+
+    # -- shapes -------------------------------------------------------------
+    @property
+    def output_size(self) -> int:
+        """Width ``D`` of each layer's output."""
+        return self.cell.hidden_size * (2 if self.bidirectional else 1)
+
+    def layer_input_size(self, layer: int, input_size: int) -> int:
+        """Input width of ``layer`` for a stack fed ``input_size`` features."""
+        if self.connection == "dense":
+            return input_size + layer * self.output_size
+        return input_size if layer == 0 else self.output_size
+
+    def _joins(self, layer_input_size: int) -> bool:
+        return self.connection in ("residual", "highway") and layer_input_size == self.output_size
+
+    # -- parameters -----------------------------------------------------------
+    def init(self, key: Array, input_size: int, dtype=jnp.float32) -> Tuple[LayerParams, ...]:
+        """Initialise every layer.
+
+        Args:
+          key: PRNG key.
+          input_size: feature size ``I`` of the stack's input.
+          dtype: parameter dtype.
+
+        Returns:
+          A tuple of ``num_layers`` :class:`LayerParams`.
+        """
+        layers = []
+        for layer, k in enumerate(jax.random.split(key, self.num_layers)):
+            k_f, k_b, k_h = jax.random.split(k, 3)
+            n_in = self.layer_input_size(layer, input_size)
+            fwd = self.cell.init(k_f, n_in, dtype)
+            bwd = self.cell.init(k_b, n_in, dtype) if self.bidirectional else None
+            highway = None
+            if self.connection == "highway" and self._joins(n_in):
+                D = self.output_size
+                w = jax.nn.initializers.lecun_normal()(k_h, (D, D), dtype)
+                highway = HighwayParams(w, jnp.full((D,), HIGHWAY_BIAS, dtype))
+            layers.append(LayerParams(fwd, bwd, highway))
+        return tuple(layers)
+
+    def zero_carry(self, batch_shape=()):
+        """Zero initial carries in the structure :meth:`apply` expects and returns."""
+        one = lambda: self.cell.zero_carry(batch_shape)  # noqa: E731
+        return tuple((one(), one()) if self.bidirectional else one() for _ in range(self.num_layers))
+
+    # -- running -------------------------------------------------------------
+    def apply(
+        self,
+        params,
+        xs: Array,
+        *,
+        seq_lengths: Optional[Array] = None,
+        initial_carry: Any = None,
+        dropout_key: Optional[Array] = None,
+        time_major: bool = False,
+        impl: str = "auto",
+    ):
+        """Run the stack.
+
+        Args:
+          params: from :meth:`init`.
+          xs: ``(B, T, I)`` inputs (``(T, B, I)`` with ``time_major``; ``(T, I)``
+            unbatched).
+          seq_lengths: ``(B,)`` valid lengths; see :func:`jaxrnn.rnn`. Outputs at
+            padded steps are zero in every layer, connections included.
+          initial_carry: a tuple with one carry per layer (a ``(forward,
+            backward)`` pair per layer when bidirectional); zeros by default.
+          dropout_key: enables dropout (rate ``self.dropout``) between layers.
+          time_major: inputs and outputs are time-major.
+          impl: implementation of every layer's recurrence; see :func:`jaxrnn.rnn`.
+
+        Returns:
+          ``(ys, final_carries)``: the last layer's outputs ``(B, T, D)`` and each
+          layer's final carry in the structure of ``initial_carry``.
+        """
+        check_impl(impl)
+        check_inputs(xs, time_major=time_major)
+        if not isinstance(params, (tuple, list)) or len(params) != self.num_layers:
+            got = f"{len(params)} layers" if isinstance(params, (tuple, list)) else type(params).__name__
+            raise TypeError(f"params: expected a tuple of {self.num_layers} LayerParams, got {got}")
+        input_size = xs.shape[-1]
+        for layer, p in enumerate(params):
+            want = self.layer_input_size(layer, _shape(params[0].fwd.w_ih)[0])
+            if _shape(p.fwd.w_ih)[0] != want:
+                raise ValueError(
+                    f"params[{layer}].fwd.w_ih: expected {want} input rows, got shape {_shape(p.fwd.w_ih)}"
+                )
+            if self.bidirectional != (p.bwd is not None):
+                want = "backward-cell parameters" if self.bidirectional else "None"
+                raise ValueError(f"params[{layer}].bwd: expected {want} for bidirectional={self.bidirectional}")
+        expected_in = _shape(params[0].fwd.w_ih)[0]
+        if input_size != expected_in:
+            raise ValueError(
+                f"xs: expected last dimension {expected_in} (input_size of params[0].fwd.w_ih), "
+                f"got shape {_shape(xs)}"
+            )
+        unbatched = xs.ndim == 2
+        batch_shape = () if unbatched else (xs.shape[1] if time_major else xs.shape[0],)
+        if initial_carry is not None:
+            self._check_initial_carry(initial_carry, batch_shape)
+        T = xs.shape[0] if (unbatched or time_major) else xs.shape[1]
+        mask = None
+        if seq_lengths is not None:
+            seq_lengths = check_lengths(seq_lengths, batch_shape, T)
+            lengths, t = jnp.clip(jnp.asarray(seq_lengths), 0, T), jnp.arange(T)
+            if unbatched:
+                valid = t < lengths
+            elif time_major:
+                valid = t[:, None] < lengths[None, :]
+            else:
+                valid = t[None, :] < lengths[:, None]
+            mask = valid[..., None]
+        keys = (
+            jax.random.split(dropout_key, self.num_layers)
+            if dropout_key is not None and self.dropout > 0
+            else [None] * self.num_layers
+        )
+        run = dict(seq_lengths=seq_lengths, time_major=time_major, impl=impl)
+
+        inputs, finals = xs, []
+        for layer, p in enumerate(params):
+            carry = None if initial_carry is None else initial_carry[layer]
+            if self.bidirectional:
+                c_f, c_b = (None, None) if carry is None else carry
+                y_f, f_f = rnn(self.cell, p.fwd, inputs, initial_carry=c_f, **run)
+                y_b, f_b = rnn(self.cell, p.bwd, inputs, initial_carry=c_b, reverse=True, **run)
+                y, final = jnp.concatenate([y_f, y_b], axis=-1), (f_f, f_b)
+            else:
+                y, final = rnn(self.cell, p.fwd, inputs, initial_carry=carry, **run)
+            finals.append(final)
+            out = self._connect(p, inputs, y)
+            if mask is not None:
+                out = jnp.where(mask, out, jnp.zeros((), out.dtype))
+            last = layer == self.num_layers - 1
+            if keys[layer] is not None and not last:
+                keep = jax.random.bernoulli(keys[layer], 1.0 - self.dropout, out.shape)
+                out = jnp.where(keep, out / (1.0 - self.dropout), 0).astype(out.dtype)
+            if self.connection == "dense" and not last:
+                inputs = jnp.concatenate([inputs, out], axis=-1)
+            else:
+                inputs = out
+        return inputs, tuple(finals)
+
+    def _connect(self, p: LayerParams, inputs: Array, y: Array) -> Array:
+        if not self._joins(inputs.shape[-1]):
+            return y
+        if self.connection == "residual":
+            return y + inputs.astype(y.dtype)
+        gate = jax.nn.sigmoid(
+            jnp.matmul(inputs, p.highway.w.astype(inputs.dtype), preferred_element_type=jnp.float32)
+            + p.highway.b.astype(jnp.float32)
+        )
+        mixed = gate * y.astype(jnp.float32) + (1.0 - gate) * inputs.astype(jnp.float32)
+        return mixed.astype(y.dtype)
+
+    def _check_initial_carry(self, initial_carry, batch_shape):
+        if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != self.num_layers:
+            raise TypeError(
+                f"initial_carry: expected a tuple of {self.num_layers} per-layer carries, "
+                f"got {type(initial_carry).__name__}"
+            )
+        for layer, carry in enumerate(initial_carry):
+            if self.bidirectional:
+                if not isinstance(carry, (tuple, list)) or len(carry) != 2 or hasattr(carry, "_fields"):
+                    raise TypeError(
+                        f"initial_carry[{layer}]: expected a (forward, backward) pair of carries, "
+                        f"got {type(carry).__name__}"
+                    )
+                for d, c in enumerate(carry):
+                    check_carry(self.cell, c, batch_shape, name=f"initial_carry[{layer}][{d}]")
+            else:
+                check_carry(self.cell, carry, batch_shape, name=f"initial_carry[{layer}]")

@@ -1,0 +1,42 @@
+"""Fused recurrence backends for :func:`jaxrnn.rnn`, installed as ``jaxrnn.kernels``.
+
+Every backend has the signature documented in :mod:`jaxrnn.runner`::
+
+    backend(cell, params, xp, carry0, lengths, reverse) -> (hs, final_carry)
+
+* ``xla``: :func:`jaxrnn.kernels.xla.rnn_xla`, a ``lax.scan`` with a
+  hand-written custom VJP (stored gates, batched weight gradients).
+* ``pallas``: :func:`jaxrnn.kernels.pallas.rnn_pallas`, a fused-gate Pallas
+  kernel that loops over time on chip (interpret mode on CPU).
+
+``impl`` is resolved here, at trace time.
+"""
+
+from jaxrnn.runner import warn_once
+
+__all__ = ["resolve"]
+
+
+def resolve(impl, cell, platform):
+    """Return ``(name, backend)`` for ``impl`` on ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``).
+
+    ``"auto"`` picks Pallas on GPU/TPU when the cell qualifies, the XLA path
+    otherwise; ``"pallas"`` on CPU runs in interpret mode and warns once.
+    """
+    if impl == "xla":
+        from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
+
+        return "xla", rnn_xla
+    from jaxrnn.kernels import pallas  # noqa: PLC0415
+
+    if impl == "pallas":
+        if platform == "cpu":
+            warn_once("impl='pallas' on CPU runs the kernel in Pallas interpret mode (slow; for testing).")
+        return "pallas", pallas.rnn_pallas
+    if impl == "auto":
+        if platform in ("gpu", "cuda", "rocm", "tpu") and pallas.qualifies(cell, platform):
+            return "pallas", pallas.rnn_pallas
+        from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
+
+        return "xla", rnn_xla
+    raise ValueError(f"impl: unknown implementation {impl!r}")

@@ -17,8 +17,8 @@ Shapes: ``I`` input size, ``H`` hidden size, ``G = num_gates * H``.
 Dtypes. Parameters are stored in the ``dtype`` given to :meth:`init`
 (float32 by default). Matmul operands are cast to the cell's
 ``compute_dtype`` (``None``: the dtype of the inputs ``x``) and accumulate in
-float32; gate nonlinearities and the carry are always float32; outputs ``y``
-take the dtype of ``x``.
+float32 (float64 for float64 inputs); gate nonlinearities and the carry use
+that accumulation dtype; outputs ``y`` take the dtype of ``x``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ Array = jax.Array
 Initializer = Callable[..., Array]
 
 ACC_DTYPE = jnp.float32
+
+
+def acc_dtype(dtype) -> jnp.dtype:
+    """Accumulation dtype for a compute dtype: float32, or float64 for float64 inputs."""
+    return jnp.promote_types(ACC_DTYPE, dtype)
 
 __all__ = [
     "Carry",
@@ -151,6 +156,11 @@ def _recurrent_kernel(name_or_fn, key, hidden_size, num_gates, dtype, scale=1.0)
     return jnp.concatenate([init(k, (hidden_size, hidden_size), dtype) for k in keys], axis=1)
 
 
+def expand_bias(b: Array, like: Array) -> Array:
+    """``b`` (shape ``(G,)``) in ``like``'s dtype, reshaped to broadcast against ``like`` (``(..., G)``)."""
+    return b.astype(like.dtype).reshape((1,) * (like.ndim - 1) + b.shape)
+
+
 def _check_choice(name, value, choices, allow_callable=False):
     if allow_callable and callable(value):
         return
@@ -210,10 +220,11 @@ class _Cell:
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
             raise ValueError(f"input_size: expected a positive int, got {input_size!r}")
         k_in, k_rec = jax.random.split(key)
-        H, n = self.hidden_size, self.num_gates
-        w_ih = _input_kernel(self.kernel_init, k_in, input_size, H, n, dtype)
-        w_hh = _recurrent_kernel(self.recurrent_init, k_rec, H, n, dtype, **self._recurrent_kwargs())
-        return self._make_params(w_ih, w_hh, self._init_bias(dtype))
+        H, n, f32 = self.hidden_size, self.num_gates, jnp.float32  # sample in f32 (QR has no bf16), then cast
+        w_ih = _input_kernel(self.kernel_init, k_in, input_size, H, n, f32)
+        w_hh = _recurrent_kernel(self.recurrent_init, k_rec, H, n, f32, **self._recurrent_kwargs())
+        params = self._make_params(w_ih, w_hh, self._init_bias(f32))
+        return jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
 
     def _recurrent_kwargs(self):
         return {}
@@ -239,7 +250,7 @@ class _Cell:
 
     def _dot(self, a, w):
         cd = a.dtype if self.compute_dtype is None else self.compute_dtype
-        return jnp.matmul(a.astype(cd), w.astype(cd), preferred_element_type=ACC_DTYPE)
+        return jnp.matmul(a.astype(cd), w.astype(cd), preferred_element_type=acc_dtype(cd))
 
     def input_projection(self, params, xs: Array) -> Array:
         """Input part of every gate for all steps at once: ``xs @ w_ih + b``.
@@ -252,7 +263,8 @@ class _Cell:
           ``(..., G)`` float32 pre-activations.
         """
         cell = self.resolve(xs.dtype)
-        return cell._dot(xs, params.w_ih) + params.b.astype(ACC_DTYPE)
+        z = cell._dot(xs, params.w_ih)
+        return z + expand_bias(params.b, z)
 
     def step_projected(self, params, carry, xp: Array):
         """One step given the projected input ``xp = input_projection(params, x)``.
@@ -438,7 +450,7 @@ class GRU(_Cell):
         if self.reset == "after":
             hr, hu, hn = jnp.split(self._dot(h_prev, params.w_hh), 3, axis=-1)
             r, u = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xu + hu)
-            n = jnp.tanh(xn + r * (hn + params.b_hn.astype(ACC_DTYPE)))
+            n = jnp.tanh(xn + r * (hn + expand_bias(params.b_hn, hn)))
         else:
             hr, hu = jnp.split(self._dot(h_prev, params.w_hh[:, : 2 * H]), 2, axis=-1)
             r, u = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xu + hu)

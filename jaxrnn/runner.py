@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrnn.cells import ACC_DTYPE, check_cell
+from jaxrnn.cells import acc_dtype, check_cell
 
 Array = jax.Array
 
@@ -182,7 +182,8 @@ def rnn(
       xs: ``(B, T, I)`` inputs (``(T, B, I)`` with ``time_major=True``; ``(T, I)``
         for a single unbatched sequence).
       initial_carry: carry with leaves ``(B, H)`` (``(H,)`` unbatched); zeros
-        by default. It is promoted to float32.
+        by default. It is cast to the accumulation dtype (float32; float64 for
+        float64 inputs).
       seq_lengths: ``(B,)`` integer valid lengths (a scalar when unbatched).
         Steps ``t >= seq_lengths[b]`` are padding: their outputs are zero and
         they leave the carry untouched, so the final carry is the carry at each
@@ -199,7 +200,8 @@ def rnn(
 
     Returns:
       ``(ys, final_carry)``: outputs ``(B, T, H)`` (layout and batching as
-      ``xs``) in the dtype of ``xs``, and the float32 final carry.
+      ``xs``) in the dtype of ``xs``, and the final carry in the accumulation
+      dtype (float32 for bf16/f16/f32 inputs).
 
     Example:
       >>> cell = jaxrnn.LSTM(64)
@@ -239,8 +241,8 @@ def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl
         xs = jnp.swapaxes(xs, 0, 1)
     T, B = xs.shape[:2]
     if initial_carry is None:
-        initial_carry = cell.zero_carry((B,))
-    carry0 = jax.tree_util.tree_map(lambda c: c.astype(ACC_DTYPE), initial_carry)
+        initial_carry = cell.zero_carry((B,), acc_dtype(out_dtype))
+    carry0 = jax.tree_util.tree_map(lambda c: c.astype(acc_dtype(out_dtype)), initial_carry)
     lengths = None if seq_lengths is None else jnp.clip(seq_lengths.astype(jnp.int32), 0, T)
 
     cell = cell.resolve(out_dtype)

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells import check_cell
+from jaxrnn.cells import check_cell, expand_bias
 from jaxrnn.runner import _shape, check_carry, check_impl, check_inputs, check_lengths, rnn
 
 Array = jax.Array
@@ -241,10 +241,8 @@ class Stack:
             return y
         if self.connection == "residual":
             return y + inputs.astype(y.dtype)
-        gate = jax.nn.sigmoid(
-            jnp.matmul(inputs, p.highway.w.astype(inputs.dtype), preferred_element_type=jnp.float32)
-            + p.highway.b.astype(jnp.float32)
-        )
+        z = jnp.matmul(inputs, p.highway.w.astype(inputs.dtype), preferred_element_type=jnp.float32)
+        gate = jax.nn.sigmoid(z + expand_bias(p.highway.b, z))
         mixed = gate * y.astype(jnp.float32) + (1.0 - gate) * inputs.astype(jnp.float32)
         return mixed.astype(y.dtype)
 

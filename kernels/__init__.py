@@ -27,16 +27,23 @@ def resolve(impl, cell, platform):
         from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
 
         return "xla", rnn_xla
-    from jaxrnn.kernels import pallas  # noqa: PLC0415
-
     if impl == "pallas":
+        from jaxrnn.kernels import pallas  # noqa: PLC0415
+
         if platform == "cpu":
             warn_once("impl='pallas' on CPU runs the kernel in Pallas interpret mode (slow; for testing).")
         return "pallas", pallas.rnn_pallas
     if impl == "auto":
-        if platform in ("gpu", "cuda", "rocm", "tpu") and pallas.qualifies(cell, platform):
-            return "pallas", pallas.rnn_pallas
-        from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
+        if platform != "cpu":
+            from jaxrnn.kernels import pallas  # noqa: PLC0415
 
+            if pallas.qualifies(cell, platform):
+                return "pallas", pallas.rnn_pallas
+        try:  # TEMPORARY while the XLA backend is being written
+            from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
+        except ModuleNotFoundError:
+            from jaxrnn.runner import scan_reference  # noqa: PLC0415
+
+            return "reference", scan_reference
         return "xla", rnn_xla
     raise ValueError(f"impl: unknown implementation {impl!r}")

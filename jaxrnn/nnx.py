@@ -1,0 +1,257 @@
+"""flax NNX modules around jaxrnn's functional core.
+
+:class:`RNN` wraps one cell run by :func:`jaxrnn.rnn`; :class:`StackRNN` wraps a
+:class:`jaxrnn.Stack`. Parameters are the core's NamedTuples with every array
+held in an ``nnx.Param``, so ``nnx.state(model, nnx.Param)``, ``nnx.grad``
+and ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` work as for any NNX layer,
+and :meth:`RNN.get_params` returns the plain parameters for the functional
+API (and for :func:`jaxrnn.count_params`).
+
+Example:
+  >>> from flax import nnx
+  >>> import jaxrnn, jaxrnn.nnx
+  >>> model = jaxrnn.nnx.StackRNN(jaxrnn.Stack(jaxrnn.LSTM(64), num_layers=2, dropout=0.1), 16, rngs=nnx.Rngs(0))
+  >>> ys = model(jnp.ones((8, 100, 16)))           # dropout on (model.train() is the default)
+  >>> model.eval(); ys = model(jnp.ones((8, 100, 16)))  # dropout off
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrnn.cells import check_cell
+from jaxrnn.runner import check_impl, check_params, rnn
+from jaxrnn.stack import Stack
+
+__all__ = ["RNN", "StackRNN", "box_params", "unbox_params"]
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def box_params(params):
+    """Wrap every array of a parameter pytree in an ``nnx.Param`` (``None`` leaves stay ``None``)."""
+    return jax.tree.map(lambda a: nnx.Param(jnp.asarray(a)), params)
+
+
+def unbox_params(boxed):
+    """The plain-array pytree of :func:`box_params`'s output (or of a gradient ``State`` merged back)."""
+    return jax.tree.map(lambda v: v[...], boxed, is_leaf=_is_variable)
+
+
+def _check_input_size(input_size):
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+        raise ValueError(f"input_size: expected a positive int, got {input_size!r}")
+
+
+class RNN(nnx.Module):
+    """One recurrent layer: ``cell`` run over a sequence by :func:`jaxrnn.rnn`.
+
+    Args:
+      cell: a jaxrnn cell (:class:`~jaxrnn.Elman`, :class:`~jaxrnn.LSTM`,
+        :class:`~jaxrnn.GRU`), static configuration.
+      input_size: ``I``, the feature size of the inputs.
+      rngs: ``nnx.Rngs``; the ``params`` stream initialises the weights.
+      params: instead of initialising, use these parameters (e.g. from
+        :func:`jaxrnn.interop.from_flax`); then ``input_size`` may be ``None``
+        and ``rngs`` is not needed.
+      param_dtype: dtype of initialised parameters.
+      time_major: inputs and outputs are ``(T, B, ·)``.
+      impl: implementation, see :func:`jaxrnn.rnn`.
+
+    Attributes:
+      params: the cell's parameter NamedTuple, arrays held in ``nnx.Param``.
+
+    Example:
+      >>> layer = RNN(jaxrnn.GRU(32), 8, rngs=nnx.Rngs(0))
+      >>> ys, carry = layer(jnp.ones((4, 10, 8)), return_carry=True)  # ys: (4, 10, 32)
+    """
+
+    def __init__(
+        self,
+        cell,
+        input_size: Optional[int] = None,
+        *,
+        rngs: Optional[nnx.Rngs] = None,
+        params: Any = None,
+        param_dtype=jnp.float32,
+        time_major: bool = False,
+        impl: str = "auto",
+    ):
+        check_cell(cell)
+        check_impl(impl)
+        if params is None:
+            _check_input_size(input_size)
+            if not isinstance(rngs, nnx.Rngs):
+                raise TypeError(f"rngs: expected nnx.Rngs to initialise parameters, got {type(rngs).__name__}")
+            params = cell.init(rngs.params(), input_size, param_dtype)
+        else:
+            got = check_params(cell, params)
+            if input_size is not None and input_size != got:
+                raise ValueError(f"input_size: {input_size} disagrees with params.w_ih of shape {tuple(params.w_ih.shape)}")
+        self.cell = cell
+        self.time_major = bool(time_major)
+        self.impl = impl
+        self.params = nnx.data(box_params(params))
+
+    def get_params(self):
+        """The current parameters as a plain NamedTuple of arrays."""
+        return unbox_params(self.params)
+
+    def __call__(
+        self,
+        xs: jax.Array,
+        *,
+        seq_lengths: Optional[jax.Array] = None,
+        initial_carry: Any = None,
+        reverse: bool = False,
+        return_carry: bool = False,
+    ):
+        """Run the layer.
+
+        Args:
+          xs: ``(B, T, I)`` inputs (``(T, B, I)`` if ``time_major``; ``(T, I)`` unbatched).
+          seq_lengths: ``(B,)`` integer valid lengths (see :func:`jaxrnn.rnn`).
+          initial_carry: carry with leaves ``(B, H)``; zeros by default.
+          reverse: run each sequence's valid part backwards (outputs stay aligned).
+          return_carry: also return the final carry.
+
+        Returns:
+          ``ys`` of shape ``(B, T, H)``, or ``(ys, final_carry)`` if ``return_carry``.
+        """
+        ys, carry = rnn(
+            self.cell,
+            self.get_params(),
+            xs,
+            initial_carry=initial_carry,
+            seq_lengths=seq_lengths,
+            reverse=reverse,
+            time_major=self.time_major,
+            impl=self.impl,
+        )
+        return (ys, carry) if return_carry else ys
+
+
+class StackRNN(nnx.Module):
+    """A :class:`jaxrnn.Stack` (deep, bidirectional, connections, dropout) as an NNX module.
+
+    Dropout between layers (rate ``stack.dropout``) is on unless
+    ``deterministic`` is True; ``model.eval()`` / ``model.train()`` and
+    ``nnx.view(model, deterministic=...)`` set it, as for ``nnx.Dropout``.
+    Masks are drawn from the ``dropout`` stream of ``rngs`` (its ``default``
+    stream if it has none).
+
+    Args:
+      stack: the :class:`~jaxrnn.Stack` configuration (static).
+      input_size: ``I``, the feature size of the stack's input.
+      rngs: ``nnx.Rngs``; ``params`` initialises, ``dropout`` draws masks.
+      params: instead of initialising, use these per-layer parameters (e.g.
+        from :func:`jaxrnn.interop.from_torch`); then ``input_size`` may be
+        ``None``, and ``rngs`` is needed only for dropout.
+      param_dtype: dtype of initialised parameters.
+      deterministic: disable dropout.
+      time_major: inputs and outputs are ``(T, B, ·)``.
+      impl: implementation of every layer, see :func:`jaxrnn.rnn`.
+
+    Attributes:
+      params: tuple of :class:`~jaxrnn.LayerParams`, arrays held in ``nnx.Param``.
+
+    Example:
+      >>> stack = jaxrnn.Stack(jaxrnn.LSTM(64), num_layers=2, bidirectional=True)
+      >>> model = StackRNN(stack, 16, rngs=nnx.Rngs(0))
+      >>> ys = model(xs, seq_lengths=lengths)  # (B, T, 128)
+    """
+
+    def __init__(
+        self,
+        stack: Stack,
+        input_size: Optional[int] = None,
+        *,
+        rngs: Optional[nnx.Rngs] = None,
+        params: Any = None,
+        param_dtype=jnp.float32,
+        deterministic: bool = False,
+        time_major: bool = False,
+        impl: str = "auto",
+    ):
+        if not isinstance(stack, Stack):
+            raise TypeError(f"stack: expected a jaxrnn.Stack, got {type(stack).__name__}")
+        check_impl(impl)
+        if rngs is not None and not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs: expected nnx.Rngs, got {type(rngs).__name__}")
+        if params is None:
+            _check_input_size(input_size)
+            if rngs is None:
+                raise TypeError("rngs: expected nnx.Rngs to initialise parameters, got None")
+            params = stack.init(rngs.params(), input_size, param_dtype)
+        else:
+            if not isinstance(params, (tuple, list)) or len(params) != stack.num_layers:
+                raise TypeError(f"params: expected a tuple of {stack.num_layers} LayerParams, got {type(params).__name__}")
+            for layer, p in enumerate(params):
+                check_params(stack.cell, p.fwd, name=f"params[{layer}].fwd")
+            got = params[0].fwd.w_ih.shape[0]
+            if input_size is not None and input_size != got:
+                raise ValueError(f"input_size: {input_size} disagrees with params[0].fwd.w_ih of shape {tuple(params[0].fwd.w_ih.shape)}")
+            params = tuple(params)
+        self.stack = stack
+        self.time_major = bool(time_major)
+        self.impl = impl
+        self.deterministic = bool(deterministic)
+        self.params = nnx.data(box_params(params))
+        uses_dropout = stack.dropout > 0 and stack.num_layers > 1
+        self.rngs = nnx.data(rngs["dropout"].fork() if uses_dropout and rngs is not None else None)
+
+    def get_params(self):
+        """The current parameters as a plain tuple of :class:`~jaxrnn.LayerParams`."""
+        return unbox_params(self.params)
+
+    def set_view(self, deterministic: Optional[bool] = None):
+        """Hook for ``nnx.view``: ``deterministic=True`` disables dropout."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def __call__(
+        self,
+        xs: jax.Array,
+        *,
+        seq_lengths: Optional[jax.Array] = None,
+        initial_carry: Any = None,
+        return_carry: bool = False,
+        deterministic: Optional[bool] = None,
+    ):
+        """Run the stack.
+
+        Args:
+          xs: ``(B, T, I)`` inputs (``(T, B, I)`` if ``time_major``; ``(T, I)`` unbatched).
+          seq_lengths: ``(B,)`` integer valid lengths.
+          initial_carry: per-layer carries as for :meth:`jaxrnn.Stack.apply`.
+          return_carry: also return the final carries.
+          deterministic: overrides the attribute for this call.
+
+        Returns:
+          ``ys`` of shape ``(B, T, D)``, or ``(ys, final_carries)`` if ``return_carry``.
+        """
+        deterministic = self.deterministic if deterministic is None else deterministic
+        dropout_key = None
+        if not deterministic and self.stack.dropout > 0 and self.stack.num_layers > 1:
+            if self.rngs is None:
+                raise ValueError(
+                    "rngs: dropout is on (deterministic=False) but the module was built without nnx.Rngs; "
+                    "pass rngs= at construction or call with deterministic=True"
+                )
+            dropout_key = self.rngs()
+        ys, carries = self.stack.apply(
+            self.get_params(),
+            xs,
+            seq_lengths=seq_lengths,
+            initial_carry=initial_carry,
+            dropout_key=dropout_key,
+            time_major=self.time_major,
+            impl=self.impl,
+        )
+        return (ys, carries) if return_carry else ys

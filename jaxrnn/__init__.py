@@ -50,6 +50,14 @@ from jaxrnn.cells import (  # noqa: E402
     LSTMParams,
     count_params,
 )
+from jaxrnn.interop import (  # noqa: E402
+    carry_from_flax,
+    carry_from_torch,
+    carry_to_flax,
+    carry_to_torch,
+    from_flax,
+    from_torch,
+)
 from jaxrnn.runner import IMPLS, rnn  # noqa: E402
 from jaxrnn.stack import HighwayParams, LayerParams, Stack  # noqa: E402
 
@@ -70,6 +78,12 @@ __all__ = [
     "LSTMParams",
     "LayerParams",
     "Stack",
+    "carry_from_flax",
+    "carry_from_torch",
+    "carry_to_flax",
+    "carry_to_torch",
     "count_params",
+    "from_flax",
+    "from_torch",
     "rnn",
 ]

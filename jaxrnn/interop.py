@@ -49,6 +49,7 @@ __all__ = [
     "carry_to_torch",
     "from_flax",
     "from_torch",
+    "gru_params_from_interpolating",
 ]
 
 
@@ -157,7 +158,8 @@ def from_torch(module) -> tuple[Stack, tuple[LayerParams, ...]]:
     supported; ``nn.RNN`` maps to :class:`~jaxrnn.Elman` (``tanh`` or
     ``relu``), ``nn.LSTM`` to :class:`~jaxrnn.LSTM` (biases summed) and
     ``nn.GRU`` to ``GRU(reset="after")`` with the update gate negated (see the
-    module docstring). ``bias=False`` gives zero biases. The module's
+    module docstring). ``bias=False`` gives zero biases (trainable in
+    jaxrnn; mask their updates to keep them at zero). The module's
     ``dropout`` becomes the stack's between-layer dropout (applied only when
     :meth:`Stack.apply` gets a ``dropout_key``, i.e. the converted model is in
     eval mode by default).
@@ -187,19 +189,19 @@ def from_torch(module) -> tuple[Stack, tuple[LayerParams, ...]]:
       >>> ys, finals = stack.apply(params, jnp.ones((4, 10, 8)), time_major=not gru.batch_first)
     """
     torch = _import_torch(module, "module")
+    expected = "module: expected a torch.nn.RNN, LSTM or GRU"
+    if isinstance(module, torch.nn.RNNCellBase):
+        raise TypeError(f"{expected}, got {type(module).__name__} (single cells are not supported)")
     if not isinstance(module, torch.nn.RNNBase) or getattr(module, "mode", None) not in _TORCH_MODES:
-        raise TypeError(
-            f"module: expected a torch.nn.RNN, LSTM or GRU, got {type(module).__name__}"
-            + (" (single cells are not supported; wrap the weights in an nn.RNN/LSTM/GRU)"
-               if isinstance(module, torch.nn.RNNCellBase) else "")
-        )
+        raise TypeError(f"{expected}, got {type(module).__name__}")
     if getattr(module, "proj_size", 0):
         raise ValueError(
             f"module: LSTM projections are not supported (expected proj_size=0, got {module.proj_size})"
         )
     cell = _torch_cell(module)
-    stack = Stack(cell, num_layers=module.num_layers, bidirectional=module.bidirectional,
-                  dropout=float(module.dropout))
+    stack = Stack(
+        cell, num_layers=module.num_layers, bidirectional=module.bidirectional, dropout=float(module.dropout)
+    )
     suffixes = ("", "_reverse") if module.bidirectional else ("",)
     layers = []
     for layer in range(module.num_layers):
@@ -424,12 +426,21 @@ def carry_from_flax(cell, carry):
         c, h = carry
         return LSTMCarry(h=jnp.asarray(h), c=jnp.asarray(c))
     if isinstance(carry, (tuple, list)):
-        raise TypeError(f"carry: expected flax's single-array carry h for {type(cell).__name__}, got {type(carry).__name__}")
+        raise TypeError(
+            f"carry: expected flax's single-array carry h for {type(cell).__name__}, got {type(carry).__name__}"
+        )
     return Carry(jnp.asarray(carry))
 
 
 def carry_to_flax(carry):
-    """A jaxrnn carry in flax's structure: ``(c, h)`` for :class:`~jaxrnn.LSTMCarry`, ``h`` for :class:`~jaxrnn.Carry`."""
+    """A jaxrnn carry in flax's structure.
+
+    Args:
+      carry: :class:`~jaxrnn.LSTMCarry` or :class:`~jaxrnn.Carry`, leaves ``(*batch, H)``.
+
+    Returns:
+      ``(c, h)`` for an LSTM carry, ``h`` otherwise.
+    """
     if isinstance(carry, LSTMCarry):
         return carry.c, carry.h
     if isinstance(carry, Carry):

@@ -10,9 +10,11 @@ API (and for :func:`jaxrnn.count_params`).
 Example:
   >>> from flax import nnx
   >>> import jaxrnn, jaxrnn.nnx
-  >>> model = jaxrnn.nnx.StackRNN(jaxrnn.Stack(jaxrnn.LSTM(64), num_layers=2, dropout=0.1), 16, rngs=nnx.Rngs(0))
-  >>> ys = model(jnp.ones((8, 100, 16)))           # dropout on (model.train() is the default)
-  >>> model.eval(); ys = model(jnp.ones((8, 100, 16)))  # dropout off
+  >>> stack = jaxrnn.Stack(jaxrnn.LSTM(64), num_layers=2, dropout=0.1)
+  >>> model = jaxrnn.nnx.StackRNN(stack, 16, rngs=nnx.Rngs(0))
+  >>> ys = model(jnp.ones((8, 100, 16)))  # training mode by default: dropout on
+  >>> model.eval()                        # dropout off
+  >>> ys = model(jnp.ones((8, 100, 16)))
 """
 
 from __future__ import annotations
@@ -47,6 +49,20 @@ def unbox_params(boxed):
 def _check_input_size(input_size):
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
         raise ValueError(f"input_size: expected a positive int, got {input_size!r}")
+
+
+def _check_stack_params(stack, params):
+    if not isinstance(params, (tuple, list)) or len(params) != stack.num_layers:
+        got = f"{len(params)} layers" if isinstance(params, (tuple, list)) else type(params).__name__
+        raise TypeError(f"params: expected a tuple of {stack.num_layers} LayerParams, got {got}")
+    for layer, p in enumerate(params):
+        check_params(stack.cell, p.fwd, name=f"params[{layer}].fwd")
+        if stack.bidirectional != (p.bwd is not None):
+            want = "backward-cell parameters" if stack.bidirectional else "None"
+            raise ValueError(f"params[{layer}].bwd: expected {want} for bidirectional={stack.bidirectional}")
+        if p.bwd is not None:
+            check_params(stack.cell, p.bwd, name=f"params[{layer}].bwd")
+    return tuple(params)
 
 
 class RNN(nnx.Module):
@@ -93,7 +109,9 @@ class RNN(nnx.Module):
         else:
             got = check_params(cell, params)
             if input_size is not None and input_size != got:
-                raise ValueError(f"input_size: {input_size} disagrees with params.w_ih of shape {tuple(params.w_ih.shape)}")
+                raise ValueError(
+                    f"input_size: {input_size} disagrees with params.w_ih of shape {tuple(params.w_ih.shape)}"
+                )
         self.cell = cell
         self.time_major = bool(time_major)
         self.impl = impl
@@ -190,14 +208,10 @@ class StackRNN(nnx.Module):
                 raise TypeError("rngs: expected nnx.Rngs to initialise parameters, got None")
             params = stack.init(rngs.params(), input_size, param_dtype)
         else:
-            if not isinstance(params, (tuple, list)) or len(params) != stack.num_layers:
-                raise TypeError(f"params: expected a tuple of {stack.num_layers} LayerParams, got {type(params).__name__}")
-            for layer, p in enumerate(params):
-                check_params(stack.cell, p.fwd, name=f"params[{layer}].fwd")
-            got = params[0].fwd.w_ih.shape[0]
-            if input_size is not None and input_size != got:
-                raise ValueError(f"input_size: {input_size} disagrees with params[0].fwd.w_ih of shape {tuple(params[0].fwd.w_ih.shape)}")
-            params = tuple(params)
+            params = _check_stack_params(stack, params)
+            got = params[0].fwd.w_ih.shape
+            if input_size is not None and input_size != got[0]:
+                raise ValueError(f"input_size: {input_size} disagrees with params[0].fwd.w_ih of shape {tuple(got)}")
         self.stack = stack
         self.time_major = bool(time_major)
         self.impl = impl

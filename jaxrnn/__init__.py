@@ -58,6 +58,7 @@ from jaxrnn.interop import (  # noqa: E402
     from_flax,
     from_torch,
 )
+from jaxrnn.lm import LanguageModel, LMParams  # noqa: E402
 from jaxrnn.runner import IMPLS, rnn  # noqa: E402
 from jaxrnn.stack import HighwayParams, LayerParams, Stack  # noqa: E402
 
@@ -75,7 +76,9 @@ __all__ = [
     "GRUParams",
     "HighwayParams",
     "LSTMCarry",
+    "LMParams",
     "LSTMParams",
+    "LanguageModel",
     "LayerParams",
     "Stack",
     "carry_from_flax",

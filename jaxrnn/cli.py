@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    command = argv.pop(0) if argv else "demo"
+    command = argv.pop(0) if argv and not argv[0].startswith("-") else "demo"
     if command not in COMMANDS:
         print(f"jaxrnn: unknown command {command!r} (expected one of {', '.join(COMMANDS)})", file=sys.stderr)
         return 2

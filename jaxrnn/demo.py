@@ -57,7 +57,7 @@ def _positive(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="jaxrnn demo", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="jaxrnn demo", description="Train a small character-level language model and show what it learned.")
     p.add_argument("--steps", type=_positive(int), default=300, help="training steps per model (300)")
     p.add_argument("--cell", choices=sorted(CELLS), default="lstm", help="cell of the main model (lstm)")
     p.add_argument("--hidden", type=_positive(int), default=128, help="hidden size H (128)")
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="PRNG seed (0)")
     p.add_argument("--text", default=None, metavar="FILE", help="train on this UTF-8 text instead")
     p.add_argument("--out", default=os.path.join("out", "demo"), metavar="DIR", help="figure folder (out/demo)")
-    p.add_argument("--impl", choices=[i for i in IMPLS], default="auto", help="recurrence implementation (auto)")
+    p.add_argument("--impl", choices=list(IMPLS), default="auto", help="recurrence implementation (auto)")
     p.add_argument("--no-compare", action="store_true", help="train only --cell, not all three cells")
     return p
 
@@ -125,8 +125,10 @@ def train(model, train_ids, val_windows, *, steps, batch, window, lr, clip, seed
 # --------------------------------------------------------------------------
 # The figure
 # --------------------------------------------------------------------------
-def _smooth(values, weight=0.9):
-    """Bias-corrected exponential moving average (as in Adam's moment estimates)."""
+def _smooth(values):
+    """Bias-corrected exponential moving average (as in Adam's moment estimates),
+    averaging over about 10 steps, fewer for short runs."""
+    weight = min(0.9, max(0.0, 1.0 - 10.0 / len(values)))
     out, avg = np.empty(len(values)), 0.0
     for i, v in enumerate(values):
         avg = weight * avg + (1 - weight) * v
@@ -158,7 +160,11 @@ def save_figure(path, histories, unigram_ppl, vocab_size, subtitle):
     for ax in (ax_loss, ax_ppl):
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right", fontsize=9)
-    fig.suptitle(f"Character-level RNN language models, identical budgets\n{subtitle}", fontsize=11)
+    if len(histories) > 1:
+        title = "Character-level RNN language models, identical budgets"
+    else:
+        title = f"Character-level {next(iter(histories.values()))[0]} language model"
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
     fig.savefig(path, dpi=120)
 
 

@@ -306,6 +306,8 @@ def perplexity(
         chunk = slice(start, start + batch_size)
         t, n = nll(model, params, tokens[chunk], None if lengths is None else lengths[chunk])
         total, count = total + float(t), count + int(n)
+    if count == 0:
+        raise ValueError("tokens: expected at least one row with 2 or more valid tokens, got no predictions")
     return float(np.exp(total / count))
 
 
@@ -334,6 +336,11 @@ def make_optimizer(learning_rate: float = 3e-3, clip_norm: float = 1.0) -> optax
     return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(learning_rate))
 
 
+def _global_norm(tree) -> Array:
+    """``sqrt(Σ_leaves Σ x²)``, the norm ``optax.clip_by_global_norm`` clips."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
+
+
 def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformation):
     """A jitted training step ``(params, opt_state, tokens, seq_lengths=None) -> (params, opt_state, metrics)``.
 
@@ -355,7 +362,7 @@ def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformatio
         value, grads = jax.value_and_grad(loss_fn)(params, tokens, seq_lengths)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads)}
+        return params, opt_state, {"loss": value, "grad_norm": _global_norm(grads)}
 
     return train_step
 

@@ -61,6 +61,7 @@ from jaxrnn.interop import (  # noqa: E402
 from jaxrnn.lm import LanguageModel, LMParams  # noqa: E402
 from jaxrnn.runner import IMPLS, rnn  # noqa: E402
 from jaxrnn.stack import HighwayParams, LayerParams, Stack  # noqa: E402
+from jaxrnn import analysis  # noqa: E402
 
 _map_source_kernels()
 
@@ -81,6 +82,7 @@ __all__ = [
     "LanguageModel",
     "LayerParams",
     "Stack",
+    "analysis",
     "carry_from_flax",
     "carry_from_torch",
     "carry_to_flax",

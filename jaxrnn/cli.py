@@ -7,6 +7,7 @@ print one line and exit non-zero.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -32,6 +33,10 @@ def main(argv=None) -> int:
         print(f"jaxrnn: unknown command {command!r} (expected one of {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     module_name, _ = COMMANDS[command]
+    if command == "bench":  # benchmarks/ lives beside the package in a source checkout
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isdir(os.path.join(checkout, "benchmarks")) and checkout not in sys.path:
+            sys.path.insert(0, checkout)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

@@ -39,11 +39,7 @@ def resolve(impl, cell, platform):
 
             if pallas.qualifies(cell, platform):
                 return "pallas", pallas.rnn_pallas
-        try:  # TEMPORARY while the XLA backend is being written
-            from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
-        except ModuleNotFoundError:
-            from jaxrnn.runner import scan_reference  # noqa: PLC0415
+        from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
 
-            return "reference", scan_reference
         return "xla", rnn_xla
     raise ValueError(f"impl: unknown implementation {impl!r}")

@@ -266,3 +266,14 @@ def test_errors_are_raised_under_jit_at_trace_time():
     f = jax.jit(lambda x: jaxrnn.rnn(cell, params, x))
     with pytest.raises(ValueError, match="xs: expected last dimension 4"):
         f(jnp.ones((B, T, I + 1)))
+
+
+def test_impl_resolution():
+    from jaxrnn.runner import resolve_backend, scan_reference
+
+    cell = jaxrnn.LSTM(H)
+    assert resolve_backend("reference", cell, "cpu") == ("reference", scan_reference)
+    assert resolve_backend("auto", cell, "cpu")[0] == "xla"
+    assert resolve_backend("xla", cell, "gpu")[0] == "xla"
+    params, xs = _params(cell), _xs()
+    assert_close(jaxrnn.rnn(cell, params, xs, impl="auto"), jaxrnn.rnn(cell, params, xs, impl="reference"))

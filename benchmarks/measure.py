@@ -1,0 +1,267 @@
+"""Timing, the FLOP model, the matmul ceiling and the environment record.
+
+Every implementation, JAX and PyTorch alike, is timed by the host wall clock
+(``time.perf_counter``) around one call that ends with the device idle
+(``jax.block_until_ready`` for JAX, ``torch.cuda.synchronize`` for PyTorch on
+GPU), after compilation, one untimed first call and ``warmup`` untimed calls
+(at least 2 for eager PyTorch; warm-up continues for up to ``target_s`` while a
+call is still 1.5x slower than the fastest so far, as oneDNN builds its
+primitives over the first calls). The implementations of one case are then
+timed interleaved, in round-robin rounds (one call each per round, rotating
+the order), so that load drifts on a shared machine hit all alike; rounds
+repeat until both ``min_reps`` rounds and ``target_s`` seconds per
+implementation have passed (at most ``max_reps``); calls shorter than 50 ms
+get one untimed call right before each timed one, so that they run with warm
+caches as in a loop. The report gives the median, the quartiles and min/max. Times include dispatch/launch overhead, as
+a user sees it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+__all__ = [
+    "FLOP_MODEL",
+    "environment",
+    "matmul_ceiling",
+    "model_flops",
+    "time_calls",
+]
+
+FLOP_MODEL = (
+    "Matmul FLOPs only (elementwise gate math is ignored). Per layer and direction, "
+    "forward = 2*B*T*G*(I_l + H) with G = gates*H (LSTM 4, GRU 3, Elman 1) and I_l the "
+    "layer's input width (I for layer 0, 2H above a bidirectional layer): the input "
+    "projection x@W_ih plus the recurrent h@W_hh. fwd+bwd = 3x forward (the backward pass "
+    "does two matmuls per forward matmul: the input gradient and the weight gradient; "
+    "an approximation that ignores recomputation). step = the forward formula with T=1. "
+    "Achieved FLOP/s = model FLOPs / median time; its fraction is taken of the large-matmul "
+    "rate of the same dtype measured in the same run."
+)
+
+
+def model_flops(case, gates: int) -> float:
+    """Model FLOPs of one call of ``case`` (see :data:`FLOP_MODEL`)."""
+    H, G = case.hidden_size, gates * case.hidden_size
+    directions = 2 if case.bidirectional else 1
+    total = 0.0
+    for layer in range(case.num_layers):
+        width = case.input_size if layer == 0 else directions * H
+        total += directions * 2.0 * case.batch * case.seq_len * G * (width + H)
+    return 3.0 * total if case.mode == "fwdbwd" else total
+
+
+def warm_up(run, *, warmup: int, target_s: float, max_warmup: int = 20, cap_s: float = float("inf")):
+    """Call ``run()`` once and then ``warmup`` more times; return ``(first_s, best_s)``.
+
+    Warm-up continues (up to ``max_warmup`` calls and ``target_s`` seconds)
+    while the last call is more than 1.5x the fastest so far, i.e. still
+    settling: eager libraries build kernels over their first calls. Once the
+    calls have taken ``cap_s`` in all, warm-up stops (a pathologically slow
+    implementation must not eat a suite's time budget).
+    """
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    best, last, n, spent = first, first, 0, 0.0
+    while first + spent < cap_s and (n < warmup or (last > 1.5 * best and n < max_warmup and spent < target_s)):
+        t0 = time.perf_counter()
+        run()
+        last = time.perf_counter() - t0
+        best, n, spent = min(best, last), n + 1, spent + last
+    return first, best
+
+
+#: Calls shorter than this get one untimed call right before each timed call.
+REWARM_BELOW_S = 0.05
+
+
+def time_interleaved(runs, *, min_reps: int, max_reps: int, target_s: float, rewarm=(), cap_s=float("inf")):
+    """Time several warmed-up callables in round-robin rounds.
+
+    Each round calls every ``runs[name]()`` once, starting one position later
+    than the previous round, so that slow drifts of a shared machine's load
+    hit every implementation alike. A name in ``rewarm`` gets one untimed call
+    right before its timed call: otherwise a short call would run with its
+    data evicted from the caches by the previous implementation (seen on CPU:
+    a 0.08 ms LSTM step takes 0.5 ms right after another library's call),
+    whereas in a loop it runs warm. Rounds repeat until both ``min_reps``
+    rounds and ``target_s`` seconds per callable have passed (at most
+    ``max_reps``). A callable that raises is dropped from later rounds, and
+    so is one whose timed calls have taken ``cap_s`` in all (it keeps the
+    calls it has: fewer than ``min_reps``).
+
+    Returns:
+      ``(times, errors)``: ``{name: [seconds, ...]}`` and ``{name: exception}``.
+    """
+    names = list(runs)
+    times, errors = {n: [] for n in names}, {}
+    start, rounds = time.perf_counter(), 0
+    while names and rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < target_s * len(names)):
+        k = rounds % len(names)
+        for name in names[k:] + names[:k]:
+            try:
+                if name in rewarm:
+                    runs[name]()
+                t0 = time.perf_counter()
+                runs[name]()
+            except Exception as e:  # noqa: BLE001
+                errors[name] = e
+                continue
+            times[name].append(time.perf_counter() - t0)
+        names = [n for n in names if n not in errors and sum(times[n]) < cap_s]
+        rounds += 1
+    return times, errors
+
+
+def summarize_times(times):
+    """Median, quartiles, min and max (seconds) of a list of call times."""
+    a = np.asarray(times)
+    return {
+        "median_s": float(np.median(a)),
+        "q25_s": float(np.percentile(a, 25)),
+        "q75_s": float(np.percentile(a, 75)),
+        "min_s": float(a.min()),
+        "max_s": float(a.max()),
+    }
+
+
+def time_calls(run, *, warmup: int, min_reps: int, max_reps: int, target_s: float):
+    """:func:`warm_up` then time ``run()`` alone; returns ``first_s``, ``times_s`` and :func:`summarize_times`."""
+    first, _ = warm_up(run, warmup=warmup, target_s=target_s)
+    times, errors = time_interleaved({"run": run}, min_reps=min_reps, max_reps=max_reps, target_s=target_s)
+    if errors:
+        raise errors["run"]
+    return {"first_s": first, "times_s": times["run"], **summarize_times(times["run"])}
+
+
+def matmul_ceiling(dtypes, sizes, *, min_reps=5, max_reps=50, target_s=1.0):
+    """FLOP/s of square ``n x n @ n x n`` matmuls in JAX, per dtype and size.
+
+    Random normal operands (not zeros); the rate of the fastest call (a
+    ceiling: on a shared machine the median drifts with other jobs' load).
+    Returns ``{dtype: {"by_size": {n: flop_s}, "ceiling_flop_s": max}}``.
+    """
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    out = {}
+    for dtype in dtypes:
+        by_size = {}
+        for n in sizes:
+            ka, kb = jax.random.split(jax.random.key(n))
+            a = jax.random.normal(ka, (n, n), jnp.dtype(dtype))
+            b = jax.random.normal(kb, (n, n), jnp.dtype(dtype))
+            f = jax.jit(jnp.matmul).lower(a, b).compile()
+            stats = time_calls(
+                lambda: jax.block_until_ready(f(a, b)),  # noqa: B023
+                warmup=2,
+                min_reps=min_reps,
+                max_reps=max_reps,
+                target_s=target_s,
+            )
+            by_size[str(n)] = 2.0 * n**3 / stats["min_s"]
+            del a, b, f
+        out[dtype] = {"by_size": by_size, "ceiling_flop_s": max(by_size.values())}
+    return out
+
+
+def merge_ceilings(*measurements):
+    """Element-wise maximum of several :func:`matmul_ceiling` results (e.g. start and end of a run)."""
+    out = {}
+    for m in measurements:
+        for dtype, c in m.items():
+            d = out.setdefault(dtype, {"by_size": {}, "ceiling_flop_s": 0.0})
+            for n, v in c["by_size"].items():
+                d["by_size"][n] = max(d["by_size"].get(n, 0.0), v)
+            d["ceiling_flop_s"] = max(d["ceiling_flop_s"], c["ceiling_flop_s"])
+    return out
+
+
+def _version(module_name):
+    try:
+        module = __import__(module_name)
+    except Exception as e:  # noqa: BLE001
+        return f"unavailable ({type(e).__name__})"
+    return getattr(module, "__version__", "unknown")
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(*args):
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def environment():
+    """Device, library versions and machine state, recorded with every result."""
+    import jax  # noqa: PLC0415
+
+    dev = jax.devices()[0]
+    env = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "flax": _version("flax"),
+        "equinox": _version("equinox"),
+        "numpy": np.__version__,
+        "torch": _version("torch"),
+        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "loadavg_start": loadavg(),
+    }
+    try:
+        import torch  # noqa: PLC0415
+
+        env["torch_num_threads"] = torch.get_num_threads()
+        env["torch_cuda"] = torch.version.cuda
+        env["torch_cuda_available"] = torch.cuda.is_available()
+        env["torch_cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        env["torch_cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        env["torch_mkldnn"] = torch.backends.mkldnn.is_available()
+        if torch.cuda.is_available():
+            env["torch_device"] = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        pass
+    return env
+
+
+def device_dir_name(env) -> str:
+    """Folder name for a device: ``cpu`` or a slug of the GPU's name (``nvidia-h100-80gb-hbm3``)."""
+    if env["platform"] == "cpu":
+        return "cpu"
+    slug = "".join(c if c.isalnum() else "-" for c in env["device_kind"].lower())
+    return "-".join(p for p in slug.split("-") if p) or env["platform"]

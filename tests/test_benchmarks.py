@@ -1,0 +1,233 @@
+"""The benchmark suite: the smoke suite end to end, its report files, the FLOP
+model, the cuDNN-algorithm flag and the command line's errors.
+
+The smoke suite runs once per module (about 15-30 s on 2 cores).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax.numpy as jnp
+import pytest
+from _util import TOLERANCES
+
+# ``benchmarks`` lives at the repository's top level and is not installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import __main__ as bench_cli
+from benchmarks import suites
+from benchmarks.impls import IMPLEMENTATIONS, cudnn_algorithm
+from benchmarks.measure import model_flops, time_interleaved
+from benchmarks.run import MEASURED_FIELDS, ROW_FIELDS
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = bench_cli.main(["--suite", "smoke", "--out", str(out), "--quiet"])
+    assert code == 0
+    folder = out / "cpu"
+    with open(folder / "smoke.json") as f:
+        results = json.load(f)
+    return folder, results
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_every_case_has_every_implementation(smoke):
+    _, results = smoke
+    assert results["complete"] is True
+    want = {(c.id, impl) for c in suites.get_suite("smoke").cases() for impl in IMPLEMENTATIONS}
+    got = [(r["case_id"], r["impl"]) for r in results["rows"]]
+    assert len(got) == len(set(got)), "duplicate rows"
+    assert set(got) == want, "an implementation was dropped (or invented) for some case"
+
+
+def test_every_row_has_every_field(smoke):
+    _, results = smoke
+    for r in results["rows"]:
+        assert set(r) == set(ROW_FIELDS), f"{r['case_id']} {r['impl']}: fields differ"
+        assert r["status"] in ("ok", "skipped"), f"{r['case_id']} {r['impl']} failed: {r['reason']}"
+        if r["status"] == "ok":
+            for field in MEASURED_FIELDS:
+                assert _number(r[field]), f"{r['case_id']} {r['impl']}: {field}={r[field]!r}"
+            assert r["ms_min"] <= r["ms_q25"] <= r["ms_median"] <= r["ms_q75"] <= r["ms_max"]
+            assert r["n_reps"] >= 3 and r["compile_s"] >= 0 and r["matmul_fraction"] > 0
+            assert r["library"] and r["compile_method"] and r["memory_method"]
+            assert r["peak_memory_bytes"] is not None or r["memory_method"]
+        else:
+            assert isinstance(r["reason"], str) and r["reason"].strip()
+            assert all(r[f] is None for f in MEASURED_FIELDS), f"skipped row with numbers: {r}"
+
+
+def test_derived_numbers_follow_from_the_median(smoke):
+    _, results = smoke
+    for r in (r for r in results["rows"] if r["status"] == "ok"):
+        t = r["ms_median"] / 1e3
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq_len"] / t, rel=1e-9)
+        assert r["us_per_step"] == pytest.approx(1e6 * t / r["seq_len"], rel=1e-9)
+        assert r["flop_per_s"] == pytest.approx(r["model_flops"] / t, rel=1e-9)
+        ceiling = results["matmul_ceiling"][r["dtype"]]["ceiling_flop_s"]
+        assert r["matmul_fraction"] == pytest.approx(r["flop_per_s"] / ceiling, rel=1e-9)
+
+
+def test_ratios_are_jaxrnn_time_over_peer_time(smoke):
+    _, results = smoke
+    ok = {(r["case_id"], r["impl"]): r for r in results["rows"] if r["status"] == "ok"}
+    checked = 0
+    for (case, impl), r in ok.items():
+        if not impl.startswith("jaxrnn:"):
+            assert r["time_ratio_vs_peers"] == {}
+            continue
+        peers = {p for (c, p) in ok if c == case and not p.startswith("jaxrnn:")}
+        assert set(r["time_ratio_vs_peers"]) == peers
+        for peer, ratio in r["time_ratio_vs_peers"].items():
+            assert ratio == pytest.approx(r["ms_median"] / ok[(case, peer)]["ms_median"], rel=1e-9)
+            checked += 1
+    assert checked > 0
+    assert len(results["ratios"]) == checked
+    for s in results["summary"]:
+        assert s["min"] * (1 - 1e-9) <= s["geomean_time_ratio"] <= s["max"] * (1 + 1e-9)
+
+
+def test_reference_always_runs_and_fast_paths_match_it(smoke):
+    _, results = smoke
+    rtol = TOLERANCES[jnp.dtype(jnp.float32)][0]
+    for r in results["rows"]:
+        if r["impl"] == "jaxrnn:reference":
+            assert r["status"] == "ok", r["reason"]
+        elif r["impl"].startswith("jaxrnn:") and r["status"] == "ok":
+            assert r["rel_err_vs_reference"] is not None and r["rel_err_vs_reference"] < 10 * rtol, r
+
+
+def test_skips_say_why(smoke):
+    _, results = smoke
+    rows = {(r["case_id"], r["impl"]): r for r in results["rows"]}
+    for (case, impl), r in rows.items():
+        if impl == "jax.cudnn":  # CPU session: cuDNN is GPU only
+            assert r["status"] == "skipped" and "GPU" in r["reason"]
+        if impl == "equinox" and case.startswith("elman/"):
+            assert r["status"] == "skipped" and "Elman" in r["reason"]
+        if impl == "jaxrnn:xla" and "/step/" in case:
+            assert r["status"] == "skipped" and "cell.step" in r["reason"]
+
+
+def test_markdown_and_plot_exist(smoke):
+    folder, results = smoke
+    md = (folder / "smoke.md").read_text()
+    assert "| case | impl | ms median" in md and "geomean" in md
+    for impl in {r["impl"] for r in results["rows"] if r["status"] == "ok"}:
+        assert f"| {impl} |" in md
+    png = (folder / "smoke.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_flop_model_matches_the_formula():
+    B, T, I, H = 3, 5, 7, 11
+    for cell, gates in (("lstm", 4), ("gru", 3), ("elman", 1)):
+        fwd = suites.Case(cell, "fwd", B, T, I, H)
+        assert model_flops(fwd, gates) == 2 * B * T * gates * H * (I + H)
+        bwd = suites.Case(cell, "fwdbwd", B, T, I, H)
+        assert model_flops(bwd, gates) == 3 * model_flops(fwd, gates)
+        step = suites.Case(cell, "step", B, 1, I, H)
+        assert model_flops(step, gates) == 2 * B * gates * H * (I + H)
+    # bidirectional 2-layer stack: 2 directions per layer; layer 1 reads 2H features.
+    stack = suites.Case("lstm", "fwd", B, T, I, H, structure="bidir2")
+    want = 2 * (2 * B * T * 4 * H * (I + H)) + 2 * (2 * B * T * 4 * H * (2 * H + H))
+    assert model_flops(stack, 4) == want
+
+
+def test_cudnn_persistent_flag_follows_the_rule():
+    """fp16, one unidirectional layer, H ≤ 1024 and a multiple of 128, batch a
+    multiple of 8 (≤ 128 for PyTorch on sm_90): cuDNN's persistent kernel."""
+    h100 = (9, 0, 132)
+    for dtype in ("float16", "bfloat16", "float32"):
+        for B in (4, 8, 12, 16, 64, 128, 256):
+            for H in (256, 384, 768, 1000, 1024, 1280):
+                for layers, bidir in ((1, False), (2, False), (1, True)):
+                    rule = dtype == "float16" and layers == 1 and not bidir and H <= 1024 and H % 128 == 0
+                    rule = rule and B % 8 == 0 and B <= 128
+                    algo = cudnn_algorithm("lstm", dtype, B, 1024, 768, H, layers, bidir, True, h100)
+                    assert (algo == "PERSIST_STATIC") == rule, (dtype, B, H, layers, bidir, algo)
+    # PyTorch never picks the persistent kernel for GRU; small hidden sizes get the small-H variant.
+    assert cudnn_algorithm("gru", "float16", 16, 1024, 768, 768, 1, False, True, h100) == "STANDARD"
+    assert cudnn_algorithm("lstm", "bfloat16", 16, 1024, 128, 128, 1, False, True, h100) == "PERSIST_STATIC_SMALL_H"
+
+
+def test_interleaved_timing_rotates_and_drops_failures():
+    calls = []
+
+    def make(name, fail_at=None):
+        def run():
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+
+        return run
+
+    runs = {"a": make("a"), "b": make("b"), "c": make("c", fail_at=2)}
+    times, errors = time_interleaved(runs, min_reps=4, max_reps=4, target_s=0.0)
+    assert calls[:3] == ["a", "b", "c"] and calls[3:6] == ["b", "c", "a"]  # round 2 starts one later
+    assert set(errors) == {"c"} and "broke" in str(errors["c"])
+    assert len(times["a"]) == len(times["b"]) == 4 and len(times["c"]) == 1
+    assert calls.count("c") == 2  # dropped after it raised
+
+    calls.clear()
+    times, errors = time_interleaved({"a": make("a"), "b": make("b")}, min_reps=3, max_reps=3, target_s=0.0, rewarm={"a"})
+    assert not errors and calls[:3] == ["a", "a", "b"]  # "a" re-warms right before its timed call
+    assert calls.count("a") == 6 and len(times["a"]) == 3 and len(times["b"]) == 3
+
+    def slow():
+        time.sleep(0.02)
+
+    times, _ = time_interleaved({"fast": make("f"), "slow": slow}, min_reps=5, max_reps=5, target_s=0.0, cap_s=0.03)
+    assert len(times["fast"]) == 5 and len(times["slow"]) == 2  # capped once its calls took 0.03 s
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--suite", "nope"], "nope"),
+        ([], "--suite"),
+        (["--suite", "smoke", "--impls", "bogus"], "bogus"),
+        (["--suite", "smoke", "--modes", "sideways"], "sideways"),
+        (["--suite", "smoke", "--budget-s", "-1"], "--budget-s"),
+        (["--no-such-flag"], "--no-such-flag"),
+    ],
+)
+def test_cli_errors_print_one_line(argv, needle, capsys, tmp_path):
+    code = bench_cli.main(argv + ["--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code != 0
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], captured.err
+    assert not list(tmp_path.iterdir()), "an erroneous command wrote files"
+
+
+def test_jaxrnn_bench_dispatches_here(capsys):
+    from jaxrnn.cli import main as jaxrnn_main
+
+    assert jaxrnn_main(["bench", "--suite", "nope"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0] and "smoke" in err[0]
+    assert jaxrnn_main(["bench", "--list"]) == 0
+    assert "smoke" in capsys.readouterr().out
+
+
+def test_suites_are_well_formed():
+    for suite in suites.SUITES.values():
+        cases = suite.cases()
+        assert cases and len({c.id for c in cases}) == len(cases)
+        for sweep in suite.sweeps:
+            if sweep.axis:
+                values = [getattr(c, sweep.axis) for c in sweep.cases]
+                assert len(set(values)) == len(values) >= 2, (suite.name, sweep.name)
+    with pytest.raises(ValueError, match="cell"):
+        suites.Case("lstmx", "fwd", 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="mode"):
+        suites.Case("lstm", "backward", 1, 1, 1, 1)

@@ -24,6 +24,7 @@ that accumulation dtype; outputs ``y`` take the dtype of ``x``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -219,6 +220,9 @@ class _Cell:
         """
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
             raise ValueError(f"input_size: expected a positive int, got {input_size!r}")
+        return _init(self, key, input_size, jnp.dtype(dtype))
+
+    def _init_params(self, key, input_size, dtype):
         k_in, k_rec = jax.random.split(key)
         H, n, f32 = self.hidden_size, self.num_gates, jnp.float32  # sample in f32 (QR has no bf16), then cast
         w_ih = _input_kernel(self.kernel_init, k_in, input_size, H, n, f32)
@@ -460,6 +464,12 @@ class GRU(_Cell):
 
 
 CELL_TYPES = (Elman, LSTM, GRU)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init(cell, key, input_size, dtype):
+    """``cell._init_params`` compiled once per configuration (eager QR is slow)."""
+    return cell._init_params(key, input_size, dtype)
 
 
 def check_cell(cell, name="cell"):

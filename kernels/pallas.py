@@ -1,0 +1,677 @@
+r"""Fused-gate recurrence in Pallas: the whole time loop inside one kernel.
+
+One ``pallas_call`` runs a recurrent cell over a sequence. Its grid is
+``(batch tiles, time chunks)``: each program owns ``block.batch`` sequences,
+the chunks of a tile run in order, and inside a chunk a ``lax.fori_loop``
+walks ``block.time`` steps (by default the whole sequence is one chunk). Per
+step the kernel does the recurrent matmul, the gate nonlinearities and the
+state update on chip (:func:`jaxrnn.kernels.gates.forward`):
+
+.. math::
+    z_t = x^p_t + h_{t-1} W_{hh}, \qquad (h_t, c_t) = \mathrm{cell}(z_t, c_{t-1})
+
+where ``x^p = x W_{ih} + b`` is hoisted out of the loop by the caller (one
+large matmul, ``cell.input_projection``). The recurrent weight's block has a
+constant ``index_map``, so it is fetched once and stays resident for the
+whole sequence; across chunks the carry lives in the final-carry output
+block, whose ``index_map`` ignores time. The kernel writes only what the
+backward pass needs: ``h_t``, the other carry leaves (an LSTM's ``c_t``) and
+the gate residuals of :func:`~jaxrnn.kernels.gates.forward`.
+
+The backward pass (a :func:`jax.custom_vjp`) is a second kernel that walks
+time the other way, propagates ``(dh, dc)`` with
+:func:`~jaxrnn.kernels.gates.backward` and writes ``dxp_t``, the cotangent
+of the projected input. The recurrent weight's gradient is one large matmul
+over all ``T·B`` rows after the loop
+(:func:`~jaxrnn.kernels.gates.weight_grads`):
+
+.. math::
+    \frac{\partial L}{\partial W_{hh}} = \sum_{t,b} h_{t-1}^\top \bar z_t
+
+and ``W_ih``, ``b`` and ``x`` get theirs from JAX's autodiff of the input
+projection, from ``dxp``.
+
+Semantics are those of :func:`jaxrnn.runner.scan_reference`: with
+``lengths``, steps ``t >= lengths[b]`` keep the carry and output zeros, and
+``reverse`` walks that padding first, so only the valid part is reversed.
+
+Layout: sizes that do not fit the blocks are padded and sliced back: the
+batch to whole tiles (padded rows get length 0), time to whole chunks
+(padded steps are masked out), and each gate's hidden units to a multiple of
+``block.lanes`` (zero weights keep padded units exactly zero). Every block is
+a 2-D ``(rows, lanes)`` tile, with a leading time axis for sequences.
+
+Pallas API used: ``pl.pallas_call`` (``grid``, ``in_specs``/``out_specs``,
+``out_shape``, ``interpret``, ``compiler_params``, ``name``), ``pl.BlockSpec``
+(with ``pipeline_mode=pl.Buffered(1)`` for the resident weight on TPU),
+``pl.program_id``, ``pl.num_programs``, ``pl.when``, ``pl.next_power_of_2``,
+Ref indexing (``ref[j]``, ``ref[...]``) and ``lax.fori_loop`` in kernel
+bodies; compiled, ``pltpu.CompilerParams(dimension_semantics=...)`` on TPU
+and ``pltriton.CompilerParams`` on GPU. All exist in jax 0.7 to 0.11.
+
+Verification status. Tested in interpret mode on CPU only: nothing here has
+run compiled on a TPU or GPU. Lowering (not compiling) is checked on CPU with
+``jax.export``: all cells lower to Mosaic TPU; with Triton only the Elman
+cell does (``gates``' LSTM/GRU math slices gate blocks and builds ``3H``-wide
+arrays, which Triton cannot lower). The Mosaic GPU lowering, the default on
+GPU since jax 0.9, has no rule for a matmul of values, so on GPU the kernels
+request Triton explicitly (deprecated in jax 0.11). :func:`qualifies` keeps
+``impl="auto"`` away from this kernel until a platform is verified.
+
+Example:
+  >>> cell = jaxrnn.LSTM(32)
+  >>> params = cell.init(jax.random.key(0), 16)
+  >>> ys, carry = jaxrnn.rnn(cell, params, jnp.ones((4, 10, 16)), impl="pallas")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxrnn.cells import GRU, acc_dtype
+from jaxrnn.kernels import gates
+from jaxrnn.runner import check_carry, check_lengths, check_params, scan_reference
+
+Array = jax.Array
+
+__all__ = ["BlockSizes", "VERIFIED_PLATFORMS", "qualifies", "reference", "rnn_pallas"]
+
+
+# --------------------------------------------------------------------------
+# Block sizes
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the recurrence kernels (hashable, so static under ``jit``).
+
+    They change performance and on-chip memory use, not the math.
+
+    Attributes:
+      batch: sequences per program (the rows of every tile); the batch is
+        padded to a multiple. TPU wants multiples of 8 (sublanes); compiled
+        for GPU it is rounded up to a power of two, at least 16.
+      time: steps per time chunk (``None``: the whole sequence in one chunk).
+        A chunk of ``x^p``, ``h`` and the residuals must fit on chip next to
+        the resident weight; time is padded to a multiple. GPU: must be
+        ``None`` (one chunk).
+      lanes: each gate's hidden size is padded to a multiple of this (TPU:
+        128; 1: no padding). Compiled for GPU, also to a power of two, at
+        least 16.
+
+    Example:
+      >>> BlockSizes(batch=8, time=64, lanes=128)
+      BlockSizes(batch=8, time=64, lanes=128)
+    """
+
+    batch: int = 8
+    time: Optional[int] = None
+    lanes: int = 1
+
+    def __post_init__(self):
+        for name in ("batch", "time", "lanes"):
+            value = getattr(self, name)
+            if name == "time" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"BlockSizes.{name}: expected a positive int, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"BlockSizes.{name}: expected a positive int, got {value}")
+
+    @classmethod
+    def get_default(cls, platform: str) -> "BlockSizes":
+        """Defaults for ``platform`` (``"cpu"``, ``"gpu"``/``"cuda"``/``"rocm"``, ``"tpu"``).
+
+        CPU (interpret mode): one chunk, no lane padding. TPU: ``(8, 128)``
+        tiles and 32-step chunks. GPU: 16-row tiles, one chunk. The TPU and
+        GPU values are unverified on hardware.
+        """
+        if platform == "tpu":
+            return cls(batch=8, time=32, lanes=128)
+        if _is_gpu(platform):
+            return cls(batch=16, time=None, lanes=16)
+        return cls(batch=8, time=None, lanes=1)
+
+
+def _is_gpu(platform):
+    return platform in ("gpu", "cuda", "rocm")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _padded_sizes(T, B, H, block, platform, interpret):
+    """``(Tp, Bp, Hp, rows per tile, steps per chunk)`` of the padded problem.
+
+    Time is padded to whole chunks, the batch to whole tiles and each gate's
+    hidden units to a multiple of ``block.lanes``. Compiled for GPU (Triton),
+    tiles and gates are rounded up to powers of two, at least 16 (the
+    smallest ``tl.dot``), and time is one chunk: Triton runs grid programs
+    in parallel, so a chunked time axis would lose its order.
+    """
+    bB, Hp = block.batch, _round_up(H, block.lanes)
+    steps = max(1, T if block.time is None else min(block.time, T))
+    if _is_gpu(platform) and not interpret:
+        if block.time is not None and block.time < T:
+            raise ValueError(
+                f"block.time: the GPU (Triton) lowering runs the whole sequence in one chunk; "
+                f"expected None or >= T = {T}, got {block.time}"
+            )
+        bB, Hp = max(16, pl.next_power_of_2(bB)), max(16, pl.next_power_of_2(Hp))
+    return _round_up(max(T, 1), steps), _round_up(B, bB), Hp, bB, steps
+
+
+def _pad_gates(a, n_gates, H, Hp, pad_rows=False):
+    """Pad each of the ``n_gates`` blocks of ``a``'s last axis from ``H`` to
+    ``Hp`` columns (and, with ``pad_rows``, axis 0 from ``H`` to ``Hp``)."""
+    if Hp == H:
+        return a
+    a = a.reshape(*a.shape[:-1], n_gates, H)
+    pads = [(0, 0)] * (a.ndim - 1) + [(0, Hp - H)]
+    if pad_rows:
+        pads[0] = (0, Hp - H)
+    a = jnp.pad(a, pads)
+    return a.reshape(*a.shape[:-2], n_gates * Hp)
+
+
+# --------------------------------------------------------------------------
+# Kernel bodies
+# --------------------------------------------------------------------------
+class _Recurrent(NamedTuple):
+    """The recurrent parameters a kernel body holds (all that ``gates`` reads)."""
+
+    w_hh: Array  # (Hp, Gp), compute dtype
+    b_hn: Optional[Array]  # (Hp,), GRU reset="after" only
+
+
+def _where(valid, new, old):
+    """Leafwise ``where(valid, new, old)`` for carries; ``valid`` is ``(rows, 1)``."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, old)
+
+
+def _load_carry(cell, init_refs, running_refs, chunk, single_chunk):
+    """The carry (or carry cotangent) a chunk starts from.
+
+    With several chunks it lives in the revisited output block
+    ``running_refs``, which the first chunk seeds from ``init_refs``. With
+    one chunk the kernel reads ``init_refs`` directly: no output is written
+    and read back (which a GPU program would not order across its threads).
+    """
+    if single_chunk:
+        return cell.carry_type(*(ref[...] for ref in init_refs))
+
+    @pl.when(chunk == 0)
+    def _():
+        for src, dst in zip(init_refs, running_refs):
+            dst[...] = src[...]
+
+    return cell.carry_type(*(ref[...] for ref in running_refs))
+
+
+def _forward_kernel(
+    lens_ref, xp_ref, w_ref, bhn_ref, carry0_refs, hs_ref, seq_refs, res_refs, carry_refs,
+    *, cell, steps, reverse, masked, keep_res, single_chunk,
+):
+    """One ``(batch tile, time chunk)`` program of the forward pass.
+
+    Refs (``bB`` rows per tile, ``Tc = steps``; "acc" is the accumulation
+    dtype, float32 unless the inputs are float64):
+      lens_ref: ``(bB, 1)`` int32 valid lengths (read only when ``masked``).
+      xp_ref: ``(Tc, bB, Gp)`` acc, projected inputs of this chunk.
+      w_ref: ``(Hp, Gp)`` compute dtype, recurrent weight (resident).
+      bhn_ref: ``(1, Hp)`` acc ``b_hn`` (GRU ``reset="after"``), else ``None``.
+      carry0_refs: ``(bB, Hp)`` acc per carry leaf, the initial carry.
+      hs_ref: out ``(Tc, bB, Hp)`` acc, outputs ``h_t`` (zero at padded steps).
+      seq_refs: out ``(Tc, bB, Hp)`` per carry leaf after ``h`` (LSTM:
+        ``c_t``); empty when no residuals are saved.
+      res_refs: out ``(Tc, bB, ·)`` per residual of ``gates.forward`` with
+        ``keep_res`` set.
+      carry_refs: out ``(bB, Hp)`` per carry leaf: the running carry, final
+        after the last chunk.
+    """
+    chunk, n_chunks = pl.program_id(1), pl.num_programs(1)
+    t0 = ((n_chunks - 1 - chunk) if reverse else chunk) * steps
+    carry = _load_carry(cell, carry0_refs, carry_refs, chunk, single_chunk)
+    rec = _Recurrent(w_ref[...], None if bhn_ref is None else bhn_ref[...][0])
+    lens = lens_ref[...] if masked else None
+
+    def body(s, carry):
+        j = steps - 1 - s if reverse else s
+        new, h, res = gates.forward(cell, rec, carry, xp_ref[j])
+        if masked:
+            valid = t0 + j < lens
+            new = _where(valid, new, carry)
+            h = jnp.where(valid, h, 0.0)
+        hs_ref[j] = h
+        for ref, leaf in zip(seq_refs, new[1:]):
+            ref[j] = leaf
+        for ref, leaf in zip(res_refs, [r for r, keep in zip(res, keep_res) if keep]):
+            ref[j] = leaf
+        return new
+
+    carry = lax.fori_loop(0, steps, body, carry)
+    for ref, leaf in zip(carry_refs, carry):
+        ref[...] = leaf
+
+
+def _backward_kernel(
+    lens_ref, w_ref, dhs_ref, prev_refs, res_refs, dcarry_t_refs, dxp_ref, dcarry_refs,
+    *, cell, steps, reverse, masked, single_chunk,
+):
+    """One ``(batch tile, time chunk)`` program of the backward pass.
+
+    Walks time opposite to the forward pass. At each valid step, with the
+    output's cotangent added to the carry's (``dh += dhs_t``)::
+
+        dxp_t, dcarry, _ = gates.backward(cell, W, carry_{t-1}, res_t, dcarry)
+
+    A padded step passes ``dcarry`` through and gets ``dxp_t = 0``.
+
+    Refs (as in :func:`_forward_kernel`):
+      lens_ref: ``(bB, 1)`` int32 valid lengths (read only when ``masked``).
+      w_ref: ``(Hp, Gp)`` compute dtype, recurrent weight (resident).
+      dhs_ref: ``(Tc, bB, Hp)`` acc, cotangents of the outputs.
+      prev_refs: ``(Tc, bB, Hp)`` per carry leaf: the carry each step started from.
+      res_refs: ``(Tc, bB, ·)`` per residual of ``gates.forward``.
+      dcarry_t_refs: ``(bB, Hp)`` per carry leaf, cotangent of the final carry.
+      dxp_ref: out ``(Tc, bB, Gp)`` acc, cotangents of the projected inputs.
+      dcarry_refs: out ``(bB, Hp)`` per carry leaf: the running carry
+        cotangent, the initial carry's after the last chunk.
+    """
+    chunk, n_chunks = pl.program_id(1), pl.num_programs(1)
+    t0 = (chunk if reverse else n_chunks - 1 - chunk) * steps
+    dcarry = _load_carry(cell, dcarry_t_refs, dcarry_refs, chunk, single_chunk)
+    rec = _Recurrent(w_ref[...], None)
+    lens = lens_ref[...] if masked else None
+
+    def body(s, dcarry):
+        j = s if reverse else steps - 1 - s
+        prev = cell.carry_type(*(ref[j] for ref in prev_refs))
+        res = tuple(ref[j] for ref in res_refs)
+        dxp, dprev, _ = gates.backward(cell, rec, prev, res, dcarry._replace(h=dcarry.h + dhs_ref[j]))
+        if masked:
+            valid = t0 + j < lens
+            dprev = _where(valid, dprev, dcarry)
+            dxp = jnp.where(valid, dxp, 0.0)
+        dxp_ref[j] = dxp
+        return dprev
+
+    dcarry = lax.fori_loop(0, steps, body, dcarry)
+    for ref, leaf in zip(dcarry_refs, dcarry):
+        ref[...] = leaf
+
+
+# --------------------------------------------------------------------------
+# The pallas_calls (on padded arrays: (Tp, Bp, ·), lanes Hp and Gp)
+# --------------------------------------------------------------------------
+class _Config(NamedTuple):
+    """Static configuration of one padded problem (hashable)."""
+
+    cell: Any  # the cell with hidden_size = Hp and compute_dtype resolved
+    reverse: bool
+    masked: bool  # lengths given, or time padded: mask steps t >= lens
+    batch: int  # rows per tile
+    steps: int  # steps per time chunk
+    interpret: bool
+    platform: str
+
+
+def _compiler_params(cfg):
+    """TPU: batch tiles parallel, time chunks sequential ("arbitrary"). GPU:
+    the Triton lowering (Mosaic GPU cannot lower a matmul of values)."""
+    if cfg.interpret:
+        return None
+    if cfg.platform == "tpu":
+        from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+        return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+    if _is_gpu(cfg.platform):
+        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+
+        return pltriton.CompilerParams(num_warps=4, num_stages=1)
+    return None
+
+
+def _specs(cfg, n_chunks):
+    """BlockSpec makers for the grid ``(tile b, chunk c)``."""
+    bB, Tc = cfg.batch, cfg.steps
+    single_buffer = cfg.platform == "tpu" and not cfg.interpret
+
+    def rows(width):  # (Bp, width): a program's tile, the same for all its chunks
+        return pl.BlockSpec((bB, width), lambda b, c: (b, 0))
+
+    def resident(shape):  # constant index_map: fetched once; one VMEM buffer on TPU
+        index = lambda b, c: (0,) * len(shape)  # noqa: E731
+        if single_buffer:
+            return pl.BlockSpec(shape, index, pipeline_mode=pl.Buffered(1))
+        return pl.BlockSpec(shape, index)
+
+    def seq(width, walk_back):  # (Tp, Bp, width): chunk c, or chunk n - 1 - c
+        return pl.BlockSpec((Tc, bB, width), lambda b, c: (n_chunks - 1 - c if walk_back else c, b, 0))
+
+    return rows, resident, seq
+
+
+def _forward_call(cfg, rec, xp, carry0, lens, save_residuals):
+    """Run :func:`_forward_kernel`: ``(hs, carry_seq, res_seq, final_carry)``.
+
+    Without ``save_residuals`` (no gradient needed) only ``hs`` and the final
+    carry are written; ``carry_seq`` and ``res_seq`` are empty.
+    """
+    Tp, Bp, Gp = xp.shape
+    Hp, acc, n_chunks = cfg.cell.hidden_size, xp.dtype, Tp // cfg.steps
+    rows, resident, seq = _specs(cfg, n_chunks)
+    if save_residuals:
+        res_shapes, keep_res = _residual_layout(cfg.cell, cfg.batch, Gp, acc)
+        n_seq = len(carry0) - 1
+    else:
+        res_shapes, keep_res, n_seq = (), (), 0
+    kept = [shape for shape, keep in zip(res_shapes, keep_res) if keep]
+    bhn = None if rec.b_hn is None else rec.b_hn.reshape(1, Hp)
+    kernel = functools.partial(
+        _forward_kernel,
+        cell=cfg.cell,
+        steps=cfg.steps,
+        reverse=cfg.reverse,
+        masked=cfg.masked,
+        keep_res=keep_res,
+        single_chunk=n_chunks == 1,
+    )
+    step_spec = seq(Hp, cfg.reverse)
+    hs, carry_seq, res_kept, carry = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((Tp, Bp, Hp), acc),
+            tuple(jax.ShapeDtypeStruct((Tp, Bp, Hp), acc) for _ in range(n_seq)),
+            tuple(jax.ShapeDtypeStruct((Tp, Bp, r.shape[-1]), r.dtype) for r in kept),
+            tuple(jax.ShapeDtypeStruct((Bp, Hp), acc) for _ in carry0),
+        ),
+        grid=(Bp // cfg.batch, n_chunks),
+        in_specs=(
+            rows(1),
+            seq(Gp, cfg.reverse),
+            resident((Hp, Gp)),
+            None if bhn is None else resident((1, Hp)),
+            tuple(rows(Hp) for _ in carry0),
+        ),
+        out_specs=(
+            step_spec,
+            tuple(step_spec for _ in range(n_seq)),
+            tuple(seq(r.shape[-1], cfg.reverse) for r in kept),
+            tuple(rows(Hp) for _ in carry0),
+        ),
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg),
+        name="rnn_forward",
+    )(lens, xp, rec.w_hh, bhn, tuple(carry0))
+    res_kept = iter(res_kept)
+    res_seq = tuple(next(res_kept) if keep else hs for keep in keep_res)
+    return hs, carry_seq, res_seq, cfg.cell.carry_type(*carry)
+
+
+def _backward_call(cfg, w, dhs, prev, res_seq, dcarry_t, lens):
+    """Run :func:`_backward_kernel`: ``(dxp, dcarry0)``."""
+    Tp, Bp, Hp = dhs.shape
+    Gp, n_chunks = w.shape[1], Tp // cfg.steps
+    rows, resident, seq = _specs(cfg, n_chunks)
+    back = not cfg.reverse  # chunks are visited opposite to the forward pass
+    kernel = functools.partial(
+        _backward_kernel,
+        cell=cfg.cell,
+        steps=cfg.steps,
+        reverse=cfg.reverse,
+        masked=cfg.masked,
+        single_chunk=n_chunks == 1,
+    )
+    dxp, dcarry0 = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((Tp, Bp, Gp), dhs.dtype),
+            tuple(jax.ShapeDtypeStruct((Bp, Hp), dhs.dtype) for _ in dcarry_t),
+        ),
+        grid=(Bp // cfg.batch, n_chunks),
+        in_specs=(
+            rows(1),
+            resident((Hp, Gp)),
+            seq(Hp, back),
+            tuple(seq(Hp, back) for _ in prev),
+            tuple(seq(r.shape[-1], back) for r in res_seq),
+            tuple(rows(Hp) for _ in dcarry_t),
+        ),
+        out_specs=(seq(Gp, back), tuple(rows(Hp) for _ in dcarry_t)),
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg),
+        name="rnn_backward",
+    )(lens, w, dhs, tuple(prev), tuple(res_seq), tuple(dcarry_t))
+    return dxp, cfg.cell.carry_type(*dcarry0)
+
+
+def _residual_layout(cell, rows, Gp, acc):
+    """Shapes of ``gates.forward``'s residuals for one tile, and which to store.
+
+    A residual that *is* the step's output ``h`` (an Elman cell's) is not
+    written twice: the backward pass reads it from ``hs``.
+    """
+    Hp = cell.hidden_size
+    b_hn = jnp.zeros((Hp,), acc) if _has_b_hn(cell) else None
+    same_as_h = []
+
+    def step(carry, xp):
+        _, h, res = gates.forward(cell, _Recurrent(jnp.zeros((Hp, Gp), cell.compute_dtype), b_hn), carry, xp)
+        same_as_h.extend(r is h for r in res)
+        return res
+
+    shapes = jax.eval_shape(step, cell.zero_carry((rows,), acc), jax.ShapeDtypeStruct((rows, Gp), acc))
+    return tuple(shapes), tuple(not same for same in same_as_h)
+
+
+def _has_b_hn(cell):
+    return isinstance(cell, GRU) and cell.reset == "after"
+
+
+def _previous_carries(carry_seq, carry0, lens, reverse):
+    """The carry each step started from, ``(Tp, Bp, Hp)`` per leaf.
+
+    Forward: ``carry_{t-1}``, ``carry0`` at ``t = 0``. Reverse: ``carry_{t+1}``
+    while ``t + 1`` is a valid step, else ``carry0`` (the padding, walked
+    first, kept it). Only valid steps' values are used. ``lens``: ``(Bp, 1)``
+    or ``None``.
+    """
+
+    def shift(seq, c0):
+        if not reverse:
+            return jnp.concatenate([c0[None], seq[:-1]], axis=0)
+        shifted = jnp.concatenate([seq[1:], c0[None]], axis=0)
+        if lens is None:
+            return shifted
+        t = jnp.arange(seq.shape[0], dtype=jnp.int32)[:, None, None]
+        return jnp.where(t + 1 < lens[None], shifted, c0[None])
+
+    return jax.tree_util.tree_map(shift, carry_seq, carry0)
+
+
+# --------------------------------------------------------------------------
+# The custom VJP (on padded arrays)
+# --------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recurrence(cfg, w_hh, b_hn, xp, carry0, lens):
+    """``(hs, final_carry)`` of the padded problem; differentiable in
+    ``w_hh``, ``b_hn``, ``xp`` and ``carry0``."""
+    rec = _recurrent(cfg, w_hh, b_hn, xp.dtype)
+    hs, _, _, carry = _forward_call(cfg, rec, xp, carry0, lens, save_residuals=False)
+    return hs, carry
+
+
+def _recurrent(cfg, w_hh, b_hn, acc):
+    return _Recurrent(w_hh.astype(cfg.cell.compute_dtype), None if b_hn is None else b_hn.astype(acc))
+
+
+def _recurrence_fwd(cfg, w_hh, b_hn, xp, carry0, lens):
+    rec = _recurrent(cfg, w_hh, b_hn, xp.dtype)
+    hs, carry_seq, res_seq, carry = _forward_call(cfg, rec, xp, carry0, lens, save_residuals=True)
+    carry_seq = cfg.cell.carry_type(hs, *carry_seq)
+    return (hs, carry), (w_hh, b_hn, rec.w_hh, carry_seq, res_seq, carry0, lens)
+
+
+def _recurrence_bwd(cfg, residuals, cotangents):
+    w_hh, b_hn, w_compute, carry_seq, res_seq, carry0, lens = residuals
+    dhs, dcarry_t = cotangents
+    prev = _previous_carries(carry_seq, carry0, lens if cfg.masked else None, cfg.reverse)
+    dxp, dcarry0 = _backward_call(cfg, w_compute, dhs, prev, res_seq, dcarry_t, lens)
+    dw, db_hn = gates.weight_grads(cfg.cell, *gates.matmul_operands(cfg.cell, prev, res_seq, dxp))
+    db_hn = None if b_hn is None else db_hn.astype(b_hn.dtype)
+    return dw.astype(w_hh.dtype), db_hn, dxp, dcarry0, None
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+# --------------------------------------------------------------------------
+# The public wrapper
+# --------------------------------------------------------------------------
+def _check_xp(cell, xp):
+    dtype = getattr(xp, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"xp: expected a floating-point array, got {type(xp).__name__} of dtype {dtype}")
+    if xp.ndim != 3 or xp.shape[-1] != cell.gate_size:
+        raise ValueError(
+            f"xp: expected shape (T, B, {cell.gate_size}) (time-major projected inputs, "
+            f"G = gate_size of {cell}), got {tuple(xp.shape)}"
+        )
+
+
+def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, block=None, platform=None):
+    """Run ``cell`` over projected inputs with the fused Pallas kernels.
+
+    The backend contract of :mod:`jaxrnn.runner` (``impl="pallas"``),
+    differentiable in ``params``, ``xp`` and ``carry0`` (custom VJP).
+
+    Args:
+      cell: an Elman, LSTM or GRU cell; ``cell.compute_dtype`` (``None``:
+        ``xp``'s dtype) is the recurrent matmul's operand dtype.
+      params: the cell's parameters; read here: ``w_hh`` ``(H, G)`` and, for
+        GRU ``reset="after"``, ``b_hn`` ``(H,)``.
+      xp: ``(T, B, G)`` time-major projected inputs ``x W_ih + b``, float32
+        (float64 with a float64 compute dtype).
+      carry0: the initial carry, leaves ``(B, H)``.
+      lengths: ``(B,)`` int32 valid lengths in ``[0, T]``, or ``None``.
+      reverse: Python bool; walk each sequence's valid part backwards.
+      interpret: run in Pallas interpret mode (``None``: on CPU only).
+      block: :class:`BlockSizes` (``None``: :meth:`BlockSizes.get_default`).
+      platform: the platform to build the kernels for (``None``:
+        ``jax.default_backend()``); set it to lower for another one, e.g.
+        ``"tpu"`` under ``jax.export``.
+
+    Returns:
+      ``(hs, final_carry)``: ``(T, B, H)`` outputs, zero at padded steps, and
+      the final carry, both in the accumulation dtype (float32; float64 for
+      float64).
+
+    Raises:
+      TypeError, ValueError: a wrong type or shape, naming the argument.
+
+    Example:
+      >>> cell = jaxrnn.GRU(8, compute_dtype=jnp.float32)
+      >>> params = cell.init(jax.random.key(0), 4)
+      >>> xp = cell.input_projection(params, jnp.ones((5, 3, 4)))
+      >>> hs, carry = rnn_pallas(cell, params, xp, cell.zero_carry(3), None, False,
+      ...                        block=BlockSizes(batch=2))
+    """
+    check_params(cell, params)
+    _check_xp(cell, xp)
+    T, B, _ = xp.shape
+    check_carry(cell, carry0, (B,), name="carry0")
+    if lengths is not None:
+        lengths = check_lengths(lengths, (B,), T, name="lengths")
+    platform = jax.default_backend() if platform is None else platform
+    block = BlockSizes.get_default(platform) if block is None else block
+    if not isinstance(block, BlockSizes):
+        raise TypeError(f"block: expected a BlockSizes, got {type(block).__name__}")
+    interpret = platform == "cpu" if interpret is None else bool(interpret)
+
+    H, n_gates = cell.hidden_size, cell.num_gates
+    Tp, Bp, Hp, rows, steps = _padded_sizes(T, B, H, block, platform, interpret)
+    compute_dtype = jnp.dtype(xp.dtype if cell.compute_dtype is None else cell.compute_dtype)
+    acc = acc_dtype(compute_dtype)
+    masked = lengths is not None or Tp != T
+    cfg = _Config(
+        cell=dataclasses.replace(cell, hidden_size=Hp, compute_dtype=compute_dtype),
+        reverse=bool(reverse),
+        masked=masked,
+        batch=rows,
+        steps=steps,
+        interpret=interpret,
+        platform=platform,
+    )
+
+    xp = _pad_gates(xp.astype(acc), n_gates, H, Hp)
+    xp = jnp.pad(xp, ((0, Tp - T), (0, Bp - B), (0, 0)))
+    w_hh = _pad_gates(params.w_hh, n_gates, H, Hp, pad_rows=True)
+    b_hn = _pad_gates(params.b_hn, 1, H, Hp) if _has_b_hn(cell) else None
+    carry0 = jax.tree_util.tree_map(lambda c: jnp.pad(c.astype(acc), ((0, Bp - B), (0, Hp - H))), carry0)
+    if masked:
+        lens = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        lens = jnp.pad(lens, (0, Bp - B))[:, None]  # padded rows: length 0
+    else:
+        lens = jnp.zeros((Bp, 1), jnp.int32)  # never read
+
+    hs, carry = _recurrence(cfg, w_hh, b_hn, xp, carry0, lens)
+    return hs[:T, :B, :H], jax.tree_util.tree_map(lambda c: c[:B, :H], carry)
+
+
+# --------------------------------------------------------------------------
+# When the automatic choice may use it
+# --------------------------------------------------------------------------
+#: Platforms on which the compiled kernels have been run and checked against
+#: :func:`reference`. Empty: developed without a GPU or TPU.
+VERIFIED_PLATFORMS: tuple = ()
+
+
+def qualifies(cell, platform: str) -> bool:
+    """Whether ``impl="auto"`` should run ``cell`` with these kernels on ``platform``.
+
+    Conservative: ``False`` unless ``platform`` is in
+    :data:`VERIFIED_PLATFORMS` (empty: the kernels are verified in interpret
+    mode on CPU only, and only lowered, not run, for TPU and GPU), so GPU
+    and TPU users get the XLA backend from ``"auto"`` and opt in with
+    ``impl="pallas"``. On a verified platform, a cell qualifies when its
+    resident recurrent weight ``(H, G)`` fits in 8 MiB in the compute dtype
+    and, on GPU, when it is an Elman cell (the only one that lowers with
+    Triton).
+
+    Args:
+      cell: the (resolved) cell.
+      platform: ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"rocm"`` or ``"tpu"``.
+
+    Returns:
+      Whether to pick Pallas.
+
+    Example:
+      >>> qualifies(jaxrnn.LSTM(256), "tpu")
+      False
+    """
+    if platform not in VERIFIED_PLATFORMS:
+        return False
+    if _is_gpu(platform) and cell.num_gates != 1:
+        return False
+    itemsize = jnp.dtype(jnp.float32 if cell.compute_dtype is None else cell.compute_dtype).itemsize
+    return cell.hidden_size * cell.gate_size * itemsize <= 8 * 2**20
+
+
+# --------------------------------------------------------------------------
+# The reference
+# --------------------------------------------------------------------------
+def reference(cell, params, xp, carry0, lengths, reverse):
+    """What the kernels are tested against: :func:`jaxrnn.runner.scan_reference`.
+
+    Same contract as :func:`rnn_pallas`: a ``lax.scan`` over
+    ``cell.step_projected``, differentiated by JAX's autodiff.
+    """
+    return scan_reference(cell, params, xp, carry0, lengths, reverse)

@@ -1,0 +1,267 @@
+r"""The ``impl="xla"`` backend: a time loop with a hand-written VJP.
+
+Autodiff of a scanned cell (``impl="reference"``) produces a backward loop
+with many small ops per step, saves every intermediate, and accumulates the
+recurrent weight's gradient step by step. This backend instead
+
+* runs the forward recurrence as a ``fori_loop`` over :func:`gates.forward`,
+  saving the new carries and the gate activations;
+* runs the backward recurrence as a reverse ``fori_loop`` over
+  :func:`gates.backward`: per step a few fused elementwise ops and the
+  transposed recurrent matmul ``dz_t W_hhᵀ`` (against a row-major ``W_hhᵀ``,
+  see :func:`gates.prepare`);
+* forms the recurrent weight's gradient after the loop as one large matmul
+  over all ``T·B`` rows, :math:`\bar W_{hh} = \sum_t h_{t-1}^\top \bar z_t`.
+
+Only ``w_hh`` (and GRU's ``b_hn``) enter the custom VJP; the input
+projection ``xs @ w_ih + b`` happens in :func:`jaxrnn.rnn`, so autodiff
+gives ``w_ih``, ``b`` and ``xs`` their gradients as large matmuls from this
+backend's ``dxp``.
+
+CPU details that matter (XLA, measured on 2 cores; see
+``benchmarks/kernels_cpu.py``):
+
+* An elementwise fusion that reads one ``dynamic-slice`` of a stacked array
+  at several offsets (the gate blocks of ``xp_t`` or of the saved
+  activations) is not vectorised and runs 5-10× slower. Such inputs are
+  copied out one iteration ahead and travel in the loop carry.
+* For the LSTM and Elman cells the forward writes the activations over
+  ``xp`` and the backward writes ``dxp`` over the activations, in place: no
+  zero-filled ``(T, B, G)`` stacks. The backward reads the next step's
+  activations *after* writing ``dxp_t`` so that XLA sees the order and does
+  not copy the buffer.
+* ``unroll > 1`` makes XLA copy the stacked buffers and is several times
+  slower.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxrnn.cells import GRU, LSTM, Elman, check_cell
+from jaxrnn.kernels import gates
+from jaxrnn.runner import scan_reference
+
+Array = jax.Array
+
+__all__ = ["rnn_xla"]
+
+#: ``unroll`` of the forward and backward time loops (on CPU, 2, 4 and 8 were
+#: 4-6× slower than 1 for the LSTM benchmark: XLA then copies the stacks).
+FORWARD_UNROLL = 1
+BACKWARD_UNROLL = 1
+
+
+class _Params(NamedTuple):
+    """The parameters the recurrence reads (``w_ih`` and ``b`` stay outside the custom VJP)."""
+
+    w_hh: Array
+    b_hn: Optional[Array]
+
+
+def _shape(x):
+    return tuple(np.shape(x))
+
+
+def _check(cell, params, xp, carry0, lengths):
+    check_cell(cell)
+    H, G = cell.hidden_size, cell.gate_size
+    if _shape(params.w_hh) != (H, G):
+        raise ValueError(f"params.w_hh: expected shape {(H, G)}, got {_shape(params.w_hh)}")
+    if xp.ndim != 3 or xp.shape[-1] != G:
+        raise ValueError(f"xp: expected shape (T, B, {G}), got {_shape(xp)}")
+    T, B = xp.shape[:2]
+    for field, leaf in zip(cell.carry_type._fields, carry0):
+        if _shape(leaf) != (B, H):
+            raise ValueError(f"carry0.{field}: expected shape {(B, H)}, got {_shape(leaf)}")
+    if lengths is not None and _shape(lengths) != (B,):
+        raise ValueError(f"lengths: expected shape {(B,)}, got {_shape(lengths)}")
+
+
+def rnn_xla(cell, params, xp, carry0, lengths, reverse):
+    """Run ``cell`` over a projected sequence; custom VJP with batched weight gradients.
+
+    The backend contract of :mod:`jaxrnn.runner` (use it through
+    ``jaxrnn.rnn(..., impl="xla")``).
+
+    Args:
+      cell: a resolved Elman, LSTM or GRU cell (``compute_dtype`` is the
+        matmul operand dtype; ``None`` means float32).
+      params: the cell's parameters (``w_hh`` ``(H, G)``; ``b_hn`` ``(H,)`` for
+        GRU with ``reset="after"``; ``w_ih`` and ``b`` are not used).
+      xp: ``(T, B, G)`` float32 projected inputs.
+      carry0: initial carry, float32 leaves ``(B, H)``.
+      lengths: ``(B,)`` int32 valid lengths in ``[0, T]``, or ``None``. Steps
+        ``t >= lengths[b]`` keep the carry and output zeros.
+      reverse: walk time backwards (padding first).
+
+    Returns:
+      ``(hs, final_carry)``: ``(T, B, H)`` float32 outputs and the float32 final
+      carry.
+
+    Example:
+      >>> cell = jaxrnn.LSTM(16).resolve(jnp.float32)
+      >>> params = cell.init(jax.random.key(0), 8)
+      >>> xp = cell.input_projection(params, jnp.ones((10, 4, 8)))
+      >>> hs, carry = rnn_xla(cell, params, xp, cell.zero_carry(4), None, False)
+    """
+    _check(cell, params, xp, carry0, lengths)
+    if xp.shape[0] == 0:  # no steps: nothing to fuse
+        return scan_reference(cell, params, xp, carry0, lengths, reverse)
+    mask = None
+    if lengths is not None:
+        T = xp.shape[0]
+        mask = jnp.arange(T, dtype=jnp.int32)[:, None] < lengths.astype(jnp.int32)[None, :]
+    b_hn = getattr(params, "b_hn", None)
+    return _recurrence(cell, bool(reverse), params.w_hh, b_hn, xp, carry0, mask)
+
+
+def _where(valid, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(valid[:, None], n, o), new, old)
+
+
+def _index(tree, t):
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, t, keepdims=False), tree)
+
+
+def _put(tree, t, values):
+    return jax.tree.map(lambda b, v: lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), t, 0), tree, values)
+
+
+def _reuses_input_buffer(cell):
+    """Whether ``res[0]`` has ``xp``'s shape and is not needed after the backward loop.
+
+    Then the forward loop writes ``res[0]`` over ``xp`` and the backward loop
+    writes ``dxp`` over ``res[0]``: one ``(T, B, G)`` buffer throughout, and no
+    zero-filled stacks to allocate.
+    """
+    return isinstance(cell, (LSTM, Elman))
+
+
+def _forward(cell, reverse, w_hh, b_hn, xp, carry0, mask, save):
+    """The forward recurrence as a ``fori_loop``.
+
+    Returns:
+      ``save=False``: ``(final, hs)``. ``save=True``: ``(final, carries, res)``
+      with the stacked new carries (held through padding; leaves
+      ``(T, B, H)``) and the stacked residuals of :func:`gates.forward`
+      (``res[0]`` written over ``xp`` when :func:`_reuses_input_buffer`).
+    """
+    T = xp.shape[0]
+    weights = gates.prepare(cell, _Params(w_hh, b_hn), xp.dtype)
+    _, h_shape, res_shapes = jax.eval_shape(lambda c, x: gates.forward(cell, weights, c, x), carry0, xp[0])
+    reuse = save and _reuses_input_buffer(cell)
+    # A GRU step reads its projected input at two offsets: load it one step
+    # ahead (see ``load`` in :func:`_recurrence_bwd`).
+    prefetch = isinstance(cell, GRU)
+    zeros = lambda a: jnp.zeros((T, *a.shape), a.dtype)  # noqa: E731
+    if save:
+        outs = (tuple(map(zeros, res_shapes[int(reuse) :])), jax.tree.map(zeros, carry0))
+    else:
+        outs = zeros(h_shape)
+    first, step = (T - 1, -1) if reverse else (0, 1)
+
+    def body(i, state):
+        carry, xp_t, xp_buf, outs = state
+        t = first + step * i
+        if prefetch:
+            xp_t, upcoming = xp_t, _index(xp_buf, jnp.clip(t + step, 0, T - 1))
+        else:
+            xp_t, upcoming = _index(xp_buf, t), xp_t
+        new, h, res = gates.forward(cell, weights, carry, xp_t)
+        valid = None if mask is None else _index(mask, t)
+        if valid is not None:
+            new = _where(valid, new, carry)
+        if not save:
+            return new, upcoming, xp_buf, _put(outs, t, h if valid is None else jnp.where(valid[:, None], h, 0.0))
+        if reuse:
+            xp_buf, res = _put(xp_buf, t, res[0]), res[1:]
+        return new, upcoming, xp_buf, (_put(outs[0], t, tuple(res)), _put(outs[1], t, new))
+
+    pre = _index(xp, first) if prefetch else jnp.zeros((), xp.dtype)
+    final, _, xp_buf, outs = lax.fori_loop(0, T, body, (carry0, pre, xp, outs), unroll=FORWARD_UNROLL)
+    if not save:
+        return final, outs
+    res_bufs, carries = outs
+    return final, carries, ((xp_buf,) if reuse else ()) + res_bufs
+
+
+def _previous(carries, carry0, reverse):
+    """The carry each step started from: ``carries`` shifted one step, ``carry0`` first."""
+    if reverse:
+        return jax.tree.map(lambda s, c: jnp.concatenate([s[1:], c[None]], 0), carries, carry0)
+    return jax.tree.map(lambda s, c: jnp.concatenate([c[None], s[:-1]], 0), carries, carry0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recurrence(cell, reverse, w_hh, b_hn, xp, carry0, mask):
+    final, hs = _forward(cell, reverse, w_hh, b_hn, xp, carry0, mask, save=False)
+    return hs, final
+
+
+def _recurrence_fwd(cell, reverse, w_hh, b_hn, xp, carry0, mask):
+    final, carries, res = _forward(cell, reverse, w_hh, b_hn, xp, carry0, mask, save=True)
+    hs = cell.hidden(carries)
+    if mask is not None:
+        hs = jnp.where(mask[..., None], hs, 0.0)
+    # Without in-place residuals, xp's buffer is free after the forward loop:
+    # the backward writes dxp over it instead of into a fresh zero-filled stack.
+    spare = None if _reuses_input_buffer(cell) else xp
+    return (hs, final), (w_hh, b_hn, carry0, carries, res, mask, spare)
+
+
+def _recurrence_bwd(cell, reverse, saved, cotangents):
+    w_hh, b_hn, carry0, carries, res, mask, spare = saved
+    dhs, dfinal = cotangents
+    T = dhs.shape[0]
+    weights = gates.prepare(cell, _Params(w_hh, b_hn), dhs.dtype)
+    reuse = _reuses_input_buffer(cell)
+    first_f, step_f = (T - 1, -1) if reverse else (0, 1)
+    first, step = (0, 1) if reverse else (T - 1, -1)  # the backward walks the other way
+
+    def load(dxp_buf, t):
+        """Step ``t``'s inputs, copied out of the stacks one iteration ahead.
+
+        On CPU, XLA fuses a ``dynamic-slice`` of a stacked array into each
+        elementwise consumer, and a fusion that reads one such slice at
+        several offsets (the gate blocks) is not vectorised: several times
+        slower than copying the slice into the loop carry first.
+        """
+        carry_prev = jax.tree.map(
+            lambda s, c: jnp.where(t == first_f, c, _index(s, jnp.clip(t - step_f, 0, T - 1))), carries, carry0
+        )
+        res_t = _index(((dxp_buf,) + res[1:]) if reuse else res, t)
+        valid = None if mask is None else _index(mask, t)
+        return _index(dhs, t), carry_prev, res_t, valid
+
+    def body(i, state):
+        dcarry, (dh_t, carry_prev, res_t, valid), dxp_buf = state
+        t = first + step * i
+        total = dcarry._replace(h=dcarry.h + dh_t)
+        dxp_t, dprev, _ = gates.backward(cell, weights, carry_prev, res_t, total)
+        if valid is not None:
+            dxp_t = jnp.where(valid[:, None], dxp_t, 0.0)
+            dprev = _where(valid, dprev, dcarry)
+        # Load the next step's inputs from the updated buffer: reading it after
+        # the write lets XLA update it in place instead of copying it.
+        dxp_buf = _put(dxp_buf, t, dxp_t)
+        return dprev, load(dxp_buf, jnp.clip(t + step, 0, T - 1)), dxp_buf
+
+    dxp_buf = res[0] if reuse else spare
+    state = (dfinal, load(dxp_buf, first), dxp_buf)
+    dcarry0, _, dxp = lax.fori_loop(0, T, body, state, unroll=BACKWARD_UNROLL)
+
+    prev = _previous(carries, carry0, reverse)
+    dw_hh, db_hn = gates.weight_grads(cell, *gates.matmul_operands(cell, prev, res, dxp))
+    dw_hh = dw_hh.astype(w_hh.dtype)
+    db_hn = None if b_hn is None else db_hn.astype(b_hn.dtype)
+    return dw_hh, db_hn, dxp, dcarry0, None
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

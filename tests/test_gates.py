@@ -1,0 +1,128 @@
+"""kernels/gates.py: the hand-written step VJP against ``jax.vjp`` of ``cell.step_projected``."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxrnn
+from jaxrnn.kernels import gates
+from _util import assert_close
+
+B, H, I = 3, 5, 4
+
+CELLS = {
+    "elman_tanh": lambda cd: jaxrnn.Elman(H, compute_dtype=cd),
+    "elman_relu": lambda cd: jaxrnn.Elman(H, activation="relu", compute_dtype=cd),
+    "elman_linear": lambda cd: jaxrnn.Elman(H, activation="linear", compute_dtype=cd),
+    "lstm": lambda cd: jaxrnn.LSTM(H, compute_dtype=cd),
+    "gru_before": lambda cd: jaxrnn.GRU(H, reset="before", compute_dtype=cd),
+    "gru_after": lambda cd: jaxrnn.GRU(H, reset="after", compute_dtype=cd),
+}
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def _setup(name, cd, seed=0, lead=(B,)):
+    cell = CELLS[name](cd)
+    keys = jax.random.split(jax.random.key(seed), 8)
+    params = cell.init(keys[0], I)
+    # Non-zero biases everywhere (b_hn included) so every term is exercised.
+    leaves, tree = jax.tree.flatten(params)
+    leaves = [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys[1:5])]
+    params = jax.tree.unflatten(tree, leaves)
+    carry = cell.carry_type(*(jax.random.normal(k, (*lead, H)) for k in keys[5 : 5 + len(cell.carry_type._fields)]))
+    xp = jax.random.normal(keys[7], (*lead, cell.gate_size))
+    return cell, params, carry, xp
+
+
+def _cotangents(cell, seed, lead=(B,)):
+    k1, k2 = jax.random.split(jax.random.key(seed + 100))
+    fields = cell.carry_type._fields
+    dcarry = cell.carry_type(*(jax.random.normal(k, (*lead, H)) for k in jax.random.split(k1, len(fields))))
+    dh = jax.random.normal(k2, (*lead, H))
+    return dcarry, dh
+
+
+def _expected_grads(cell, params, carry, xp, dcarry, dh):
+    (_, _), vjp = jax.vjp(cell.step_projected, params, carry, xp)
+    return vjp((dcarry, dh))
+
+
+@pytest.mark.parametrize("cd", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("name", list(CELLS))
+def test_forward_matches_step_projected(name, cd):
+    cell, params, carry, xp = _setup(name, cd)
+    new, h, res = gates.forward(cell, params, carry, xp)
+    new_ref, h_ref = cell.step_projected(params, carry, xp)
+    assert type(new) is type(new_ref)
+    assert_close((new, h), (new_ref, h_ref), dtype=jnp.float32)
+    assert all(r.dtype == jnp.float32 and r.shape[0] == B for r in res)
+
+
+@pytest.mark.parametrize("cd", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("name", list(CELLS))
+def test_backward_matches_vjp(name, cd):
+    cell, params, carry, xp = _setup(name, cd, seed=1)
+    dcarry, dh = _cotangents(cell, 1)
+    dparams_ref, dcarry_ref, dxp_ref = _expected_grads(cell, params, carry, xp, dcarry, dh)
+
+    _, _, res = gates.forward(cell, params, carry, xp)
+    total = dcarry._replace(h=dcarry.h + dh)
+    dxp, dcarry_prev, dmm = gates.backward(cell, params, carry, res, total)
+    lhs, dmm_rebuilt = gates.matmul_operands(cell, carry, res, dxp)
+    dw_hh, db_hn = gates.weight_grads(cell, lhs, dmm)
+
+    assert_close(dxp, dxp_ref, dtype=cd)
+    assert_close(dcarry_prev, dcarry_ref, dtype=cd)
+    assert_close(dw_hh, dparams_ref.w_hh, dtype=cd)
+    if getattr(cell, "reset", None) == "after":
+        assert_close(db_hn, dparams_ref.b_hn, dtype=cd)
+    else:
+        assert db_hn is None
+    # The cotangents the backend rebuilds after the loop equal those of the step.
+    assert_close(dmm_rebuilt, dmm, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_weight_grads_sum_over_stacked_steps(name):
+    """Stacked ``(T, B, ·)`` operands give ``Σ_t`` of the per-step weight gradients."""
+    T = 3
+    cell, params, carry, xp = _setup(name, jnp.float32, seed=2, lead=(T, B))
+    dcarry, dh = _cotangents(cell, 2, lead=(T, B))
+    expected_w, expected_b = 0.0, 0.0
+    for t in range(T):
+        at = lambda tree: jax.tree.map(lambda a: a[t], tree)  # noqa: B023, E731
+        dparams, _, _ = _expected_grads(cell, params, at(carry), xp[t], at(dcarry), dh[t])
+        expected_w = expected_w + dparams.w_hh
+        if getattr(dparams, "b_hn", None) is not None:
+            expected_b = expected_b + dparams.b_hn
+
+    _, _, res = gates.forward(cell, params, carry, xp)  # elementwise: works on (T, B, ·)
+    dxp = jax.vmap(lambda c, r, d, g: gates.backward(cell, params, c, r, d._replace(h=d.h + g))[0])(
+        carry, res, dcarry, dh
+    )
+    dw_hh, db_hn = gates.weight_grads(cell, *gates.matmul_operands(cell, carry, res, dxp))
+    assert_close(dw_hh, expected_w, dtype=jnp.float32)
+    if db_hn is not None:
+        assert_close(db_hn, expected_b, dtype=jnp.float32)
+
+
+def test_rejects_non_cells():
+    with pytest.raises(TypeError, match="cell"):
+        gates.forward(object(), None, None, None)
+    with pytest.raises(TypeError, match="cell"):
+        gates.backward(object(), None, None, None, None)
+
+
+@pytest.mark.parametrize("cd", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("name", list(CELLS))
+def test_prepared_weights_match_params(name, cd):
+    """``prepare`` (cast, split, transposed blocks) changes nothing but speed."""
+    cell, params, carry, xp = _setup(name, cd, seed=4)
+    dcarry, _ = _cotangents(cell, 4)
+    weights = gates.prepare(cell, params, jnp.float32)
+    new, h, res = gates.forward(cell, params, carry, xp)
+    new_w, h_w, res_w = gates.forward(cell, weights, carry, xp)
+    assert_close((new_w, h_w, res_w), (new, h, res), dtype=jnp.float32)
+    got = gates.backward(cell, weights, carry, res, dcarry)
+    want = gates.backward(cell, params, carry, res, dcarry)
+    assert_close(got, want, dtype=jnp.float32)

@@ -1,0 +1,369 @@
+"""The Pallas fused recurrence (kernels/pallas.py) against the reference.
+
+The kernel tests live in :class:`_KernelTests`, run by two subclasses: one in
+Pallas interpret mode (CPU, what CI runs) and one compiled on a GPU (marked
+``gpu``; skipped without one). Every cell × dtype is checked through
+``jaxrnn.rnn(..., impl="pallas")`` against ``impl="reference"`` for
+{full length, lengths with 0 and T} × {forward, reverse}: outputs, final
+carries and the VJP w.r.t. ``xs``, every parameter and the initial carry,
+with block sizes that do not divide the problem (batch tiles of 2 for B=3,
+time chunks of 2 for T=5, hidden 5 padded to 8 lanes per gate). Direct calls
+of :func:`rnn_pallas` cover other block sizes. Plus validation errors, the
+interpret-mode warning, tracing, and lowering for TPU / GPU without hardware.
+"""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import jaxrnn
+from _util import assert_close
+from jaxrnn import runner
+from jaxrnn.kernels import gates, pallas
+from jaxrnn.kernels.pallas import BlockSizes, rnn_pallas
+
+B, T, H, I = 3, 5, 5, 4
+LENGTHS = np.array([0, T, 2], np.int32)
+VARIANTS = [(lengths, reverse) for lengths in (None, LENGTHS) for reverse in (False, True)]
+SMALL = BlockSizes(batch=2, time=2, lanes=4)  # nothing divides: B=3, T=5, H=5
+DEFAULTS = {platform: BlockSizes.get_default(platform) for platform in ("cpu", "gpu")}  # before patching
+
+CELLS = {
+    "elman": lambda: jaxrnn.Elman(H),
+    "lstm": lambda: jaxrnn.LSTM(H),
+    "gru_before": lambda: jaxrnn.GRU(H, reset="before"),
+    "gru_after": lambda: jaxrnn.GRU(H, reset="after"),
+}
+
+# Equivalence, not speed, is tested: skip LLVM's optimisations (compile time).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+pytestmark = pytest.mark.filterwarnings("ignore:impl='pallas' on CPU:UserWarning")
+
+
+def _randomize(tree, key, scale=0.3):
+    """Perturb every leaf (biases, ``b_hn``) so that every term matters."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [a + scale * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+def _problem(name, dtype=jnp.float32, seed=0):
+    cell = CELLS[name]()
+    k = jax.random.split(jax.random.key(seed), 4)
+    params = _randomize(cell.init(k[0], I), k[1])
+    xs = jax.random.normal(k[2], (B, T, I)).astype(dtype)
+    carry0 = _randomize(cell.zero_carry(B), k[3], scale=1.0)
+    return cell, params, xs, carry0
+
+
+def _vjp_all(run, variants=VARIANTS):
+    """A function of ``(params, xs, carry0, key)`` returning, per variant,
+    ``(ys, final, (dparams, dxs, dcarry0), plain)`` under random cotangents,
+    ``plain`` the outputs without differentiation (the kernel that saves no
+    residuals); ``run(p, x, c, lengths, reverse)`` is the implementation. All
+    variants share one jit (one compilation)."""
+
+    def f(params, xs, carry0, key):
+        out = {}
+        for lengths, reverse in variants:
+            (ys, final), vjp = jax.vjp(lambda p, x, c: run(p, x, c, lengths, reverse), params, xs, carry0)  # noqa: B023
+            k1, k2 = jax.random.split(key)
+            dys = jax.random.normal(k1, ys.shape).astype(ys.dtype)
+            dfinal = _randomize(jax.tree.map(jnp.zeros_like, final), k2, scale=1.0)
+            plain = run(params, xs, carry0, lengths, reverse)
+            out[lengths is not None, reverse] = (ys, final, vjp((dys, dfinal)), plain)
+        return out
+
+    return f
+
+
+def _compile_run(f, *args):
+    return jax.jit(f).lower(*args).compile(FAST_COMPILE)(*args)
+
+
+def _via_rnn(cell, impl):
+    def run(p, x, c, lengths, reverse):
+        return jaxrnn.rnn(cell, p, x, initial_carry=c, seq_lengths=lengths, reverse=reverse, impl=impl)
+
+    return run
+
+
+def _via_backend(cell, backend):
+    """The runner's data flow (input projection, then the backend), time-major."""
+
+    def run(p, x, c, lengths, reverse):
+        resolved = cell.resolve(x.dtype)
+        xp = resolved.input_projection(p, jnp.swapaxes(x, 0, 1))
+        lens = None if lengths is None else jnp.asarray(lengths)
+        return backend(resolved, p, xp, c, lens, reverse)
+
+    return run
+
+
+def _assert_variants_close(got, want, dtype):
+    for variant in want:
+        assert_close(got[variant], want[variant], dtype=dtype, err_msg=f"(lengths, reverse) = {variant}")
+
+
+# --------------------------------------------------------------------------
+# The kernel, in interpret mode (CPU) and compiled (GPU)
+# --------------------------------------------------------------------------
+class _KernelTests:
+    """Kernel equivalence tests; subclasses choose the mode and the block sizes."""
+
+    INTERPRET = True
+    PLATFORM = "cpu"
+    BLOCK = SMALL  # the runner's block sizes (None: the platform's defaults)
+    CELLS = tuple(CELLS)  # the cells this mode supports
+    PRECISION = None  # matmul precision of kernel and reference
+
+    @pytest.fixture(autouse=True)
+    def _mode(self, request, monkeypatch):
+        if jax.default_backend() != self.PLATFORM:
+            pytest.skip(f"needs the {self.PLATFORM} backend, running on {jax.default_backend()}")
+        name = getattr(request.node, "callspec", None) and request.node.callspec.params.get("name")
+        if name and name not in self.CELLS:
+            pytest.skip(f"{name} is not supported in this mode")
+        if self.BLOCK is not None:
+            monkeypatch.setattr(BlockSizes, "get_default", classmethod(lambda cls, platform: self.BLOCK))
+        runner._rnn.clear_cache()  # traces made with other block sizes must not be reused
+        with jax.default_matmul_precision(self.PRECISION):
+            yield
+        runner._rnn.clear_cache()
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+    @pytest.mark.parametrize("name", list(CELLS))
+    def test_rnn_matches_reference(self, name, dtype):
+        """Outputs, final carry and VJP (xs, every parameter, initial carry)
+        of ``impl="pallas"`` equal ``impl="reference"``, for every variant."""
+        cell, params, xs, carry0 = _problem(name, dtype)
+        args = (params, xs, carry0, jax.random.key(7))
+        got = _compile_run(_vjp_all(_via_rnn(cell, "pallas")), *args)
+        want = _compile_run(_vjp_all(_via_rnn(cell, "reference")), *args)
+        _assert_variants_close(got, want, dtype)
+
+    @pytest.mark.parametrize(
+        "name, block",
+        [
+            ("lstm", None),  # the platform's default: one time chunk, one batch tile
+            ("gru_before", BlockSizes(batch=1, time=1)),  # one row per tile, one step per chunk
+            ("gru_after", BlockSizes(batch=4, time=3, lanes=8)),  # padded rows, steps, lanes
+        ],
+        ids=["lstm-default", "gru_before-b1-t1", "gru_after-b4-t3-l8"],
+    )
+    def test_block_sizes(self, name, block):
+        """Direct calls of ``rnn_pallas`` with other tilings agree with the reference backend."""
+        cell, params, xs, carry0 = _problem(name, seed=3)
+        block = DEFAULTS[self.PLATFORM] if block is None else block
+        kernel = functools.partial(rnn_pallas, interpret=self.INTERPRET, block=block)
+        variants = [(LENGTHS, False), (None, True)]
+        args = (params, xs, carry0, jax.random.key(8))
+        got = _compile_run(_vjp_all(_via_backend(cell, kernel), variants), *args)
+        want = _compile_run(_vjp_all(_via_backend(cell, pallas.reference), variants), *args)
+        _assert_variants_close(got, want, jnp.float32)
+
+    def test_no_retrace(self, monkeypatch):
+        """A second call with the same shapes reuses the trace: the kernel body
+        (which calls ``gates.forward``) is not traced again."""
+        traced = []
+        original = gates.forward
+        monkeypatch.setattr(gates, "forward", lambda *a: (traced.append(1), original(*a))[1])
+        cell, params, xs, _ = _problem("elman")
+        run = jax.jit(lambda p, x: jaxrnn.rnn(cell, p, x, impl="pallas"))
+        run(params, xs)
+        first = len(traced)
+        run(params, xs + 1.0)
+        assert first > 0 and len(traced) == first
+        jaxrnn.rnn(cell, params, xs, seq_lengths=LENGTHS, impl="pallas")
+        second = len(traced)
+        jaxrnn.rnn(cell, params, xs + 1.0, seq_lengths=LENGTHS[::-1].copy(), impl="pallas")
+        assert len(traced) == second
+        jaxrnn.rnn(cell, params, xs[:2], impl="pallas")  # a new shape does trace
+        assert len(traced) > second
+
+
+class TestInterpret(_KernelTests):
+    """Pallas interpret mode on CPU: the kernel bodies run as XLA loops."""
+
+
+@pytest.mark.gpu
+class TestGPU(_KernelTests):
+    """Compiled on a GPU (Triton lowering) with the GPU's default block sizes.
+
+    Unverified so far: no GPU was available where this was written. Only the
+    Elman cell: the LSTM and GRU step math of ``gates`` does not lower with
+    Triton (see ``test_lowers_for_gpu``). Float32 matmuls at full precision
+    (not TF32) in kernel and reference, for the float32 tolerance.
+    """
+
+    INTERPRET = False
+    PLATFORM = "gpu"
+    BLOCK = None
+    CELLS = ("elman",)
+    PRECISION = "highest"
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(batch=0), ValueError, r"BlockSizes.batch: expected a positive int, got 0"),
+        (dict(time=-2), ValueError, r"BlockSizes.time: expected a positive int, got -2"),
+        (dict(lanes=0), ValueError, r"BlockSizes.lanes"),
+        (dict(batch=2.0), TypeError, r"BlockSizes.batch: expected a positive int, got 2.0"),
+        (dict(lanes=True), TypeError, r"BlockSizes.lanes"),
+        (dict(time="8"), TypeError, r"BlockSizes.time"),
+    ],
+)
+def test_block_sizes_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BlockSizes(**kwargs)
+
+
+def test_block_sizes_hashable_and_valid_defaults():
+    for platform in ("cpu", "gpu", "tpu"):
+        block = BlockSizes.get_default(platform)
+        assert hash(block) == hash(BlockSizes(block.batch, block.time, block.lanes))
+
+
+def _wrapper_inputs(name="lstm"):
+    cell, params, xs, carry0 = _problem(name)
+    cell = cell.resolve(jnp.float32)
+    xp = cell.input_projection(params, jnp.swapaxes(xs, 0, 1))
+    return cell, params, xp, carry0
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: {**a, "xp": a["xp"][0]}, ValueError, r"xp: expected shape \(T, B, 20\).*got \(3, 20\)"),
+        (lambda a: {**a, "xp": a["xp"][..., :-1]}, ValueError, r"xp: expected shape \(T, B, 20\).*got \(5, 3, 19\)"),
+        (lambda a: {**a, "xp": a["xp"].astype(jnp.int32)}, TypeError, r"xp: expected a floating-point array"),
+        (
+            lambda a: {**a, "carry0": a["carry0"]._replace(c=a["carry0"].c[:2])},
+            ValueError,
+            r"carry0.c: expected shape \(3, 5\), got \(2, 5\)",
+        ),
+        (lambda a: {**a, "carry0": jaxrnn.Carry(a["carry0"].h)}, TypeError, r"carry0: expected LSTMCarry"),
+        (lambda a: {**a, "lengths": LENGTHS[:2]}, ValueError, r"lengths: expected shape \(3,\), got \(2,\)"),
+        (lambda a: {**a, "lengths": LENGTHS.astype(np.float32)}, TypeError, r"lengths: expected an integer array"),
+        (lambda a: {**a, "lengths": LENGTHS + T}, ValueError, r"lengths: expected values in \[0, 5\]"),
+        (
+            lambda a: {**a, "params": a["params"]._replace(w_hh=a["params"].w_hh[:, :8])},
+            ValueError,
+            r"params.w_hh: expected shape \(5, 20\)",
+        ),
+        (lambda a: {**a, "block": (2, 2)}, TypeError, r"block: expected a BlockSizes, got tuple"),
+    ],
+    ids=["xp-rank", "xp-gates", "xp-dtype", "carry-shape", "carry-type", "len-shape", "len-dtype", "len-range",
+         "w_hh", "block"],
+)
+def test_wrapper_errors(change, error, match):
+    cell, params, xp, carry0 = _wrapper_inputs()
+    args = change(dict(params=params, xp=xp, carry0=carry0, lengths=LENGTHS, block=None))
+    with pytest.raises(error, match=match):
+        rnn_pallas(cell, args["params"], args["xp"], args["carry0"], args["lengths"], False, block=args["block"])
+
+
+def _is_power_of_2(n):
+    return n > 0 and n & (n - 1) == 0
+
+
+@pytest.mark.parametrize("T_, B_, H_", [(5, 3, 20), (1, 17, 5), (9, 8, 128)])
+def test_padding_rules(T_, B_, H_):
+    """Padded sizes: whole tiles, chunks and lane multiples, each less than
+    one block more than needed; compiled for GPU also powers of two (at least
+    16) and a single time chunk."""
+    block = BlockSizes(batch=2, time=2, lanes=8)
+    Tp, Bp, Hp, rows, steps = pallas._padded_sizes(T_, B_, H_, block, "tpu", False)
+    assert (rows, steps) == (2, min(2, T_))
+    assert Tp % steps == 0 and T_ <= Tp < T_ + steps
+    assert Bp % rows == 0 and B_ <= Bp < B_ + rows
+    assert Hp % 8 == 0 and H_ <= Hp < H_ + 8
+    block = BlockSizes(batch=2, lanes=8)
+    Tp, Bp, Hp, rows, steps = pallas._padded_sizes(T_, B_, H_, block, "gpu", False)
+    assert _is_power_of_2(rows) and rows >= 16 and Bp % rows == 0 and B_ <= Bp < B_ + rows
+    lanes = -(-H_ // 8) * 8
+    assert _is_power_of_2(Hp) and Hp >= max(16, lanes) and Hp // 2 < max(16, lanes)
+    assert Tp == steps == T_
+    interpreted = pallas._padded_sizes(T_, B_, H_, block, "gpu", True)  # interpret mode: no GPU rules
+    assert interpreted == pallas._padded_sizes(T_, B_, H_, block, "cpu", True)
+
+
+def test_gpu_rejects_time_chunks():
+    with pytest.raises(ValueError, match=r"block.time: the GPU \(Triton\) lowering runs the whole sequence"):
+        pallas._padded_sizes(5, 3, 20, BlockSizes(time=2), "gpu", False)
+
+
+# --------------------------------------------------------------------------
+# Runner integration
+# --------------------------------------------------------------------------
+def test_cpu_warns_once():
+    message = "impl='pallas' on CPU runs the kernel in Pallas interpret mode (slow; for testing)."
+    runner.warn_once.__defaults__[0].discard(message)  # forget earlier tests' warning
+    cell, params, xs, _ = _problem("elman")
+    with pytest.warns(UserWarning, match="interpret mode"):
+        jaxrnn.rnn(cell, params, xs[:, :3], impl="pallas")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jaxrnn.rnn(cell, params, xs[:, :4], impl="pallas")  # a new trace, no second warning
+    assert not [w for w in caught if "interpret mode" in str(w.message)]
+
+
+def test_auto_does_not_pick_unverified_kernel():
+    """``qualifies`` is False until a platform is verified on hardware, so
+    ``impl="auto"`` keeps the XLA backend on GPU and TPU."""
+    assert pallas.VERIFIED_PLATFORMS == ()
+    for platform in ("cpu", "gpu", "cuda", "tpu"):
+        assert not pallas.qualifies(jaxrnn.LSTM(128), platform)
+    name, _ = jaxrnn.kernels.resolve("auto", jaxrnn.LSTM(128), "tpu")
+    assert name == "xla"
+
+
+# --------------------------------------------------------------------------
+# Lowering for accelerators, checked on CPU with jax.export
+# --------------------------------------------------------------------------
+def _export_fwd_bwd(name, platform, dtype=jnp.float32):
+    """Export forward + VJP of the compiled (non-interpret) kernels for ``platform``."""
+    cell = CELLS[name]().resolve(dtype)
+    params = cell.init(jax.random.key(0), I)
+    xp = jax.ShapeDtypeStruct((8, 16, cell.gate_size), jnp.float32)
+    carry0 = cell.zero_carry(16)
+    lengths = jnp.full((16,), 8, jnp.int32)
+
+    def f(params, xp, carry0):
+        run = functools.partial(rnn_pallas, cell, interpret=False, platform=platform)
+        out, vjp = jax.vjp(lambda p, x, c: run(p, x, c, lengths, True), params, xp, carry0)
+        return out, vjp(out)
+
+    target = "cuda" if platform == "gpu" else platform
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exported = export.export(jax.jit(f), platforms=[target], disabled_checks=checks)(params, xp, carry0)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_lowers_for_tpu(name):
+    """The kernels lower to Mosaic TPU (compiling and running them needs a TPU)."""
+    module = _export_fwd_bwd(name, "tpu", jnp.bfloat16)
+    assert module.count("tpu_custom_call") == 2  # the forward and the backward kernel
+
+
+def test_lowers_for_gpu():
+    """The Elman kernels lower with Triton (compiling and running them needs a GPU).
+
+    Only Elman: Triton tensors must have power-of-two sizes and Triton has no
+    ``slice`` rule, so the LSTM/GRU step math of ``gates`` (static gate
+    slices, ``(B, 3H)`` arrays) does not lower with it yet.
+    """
+    module = _export_fwd_bwd("elman", "gpu")
+    assert module.count("__gpu$xla.gpu.triton") == 2

@@ -1,0 +1,199 @@
+"""The ``impl="xla"`` backend (kernels/xla.py) against ``impl="reference"``.
+
+Every cell × input dtype × {full length, lengths with 0 and T} × {forward,
+reverse}: outputs, final carries and the VJP w.r.t. ``xs``, every parameter
+and the initial carry. Plus finite differences, tracing and validation.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxrnn
+from _util import assert_close
+from jaxrnn.kernels import xla
+
+B, T, H, I = 3, 7, 5, 4
+LENGTHS = np.array([0, T, 3], np.int32)
+CONFIGS = [(lengths, reverse) for lengths in (None, LENGTHS) for reverse in (False, True)]
+
+CELLS = {
+    "elman_tanh": lambda: jaxrnn.Elman(H),
+    "elman_relu": lambda: jaxrnn.Elman(H, activation="relu"),
+    "lstm": lambda: jaxrnn.LSTM(H),
+    "gru_before": lambda: jaxrnn.GRU(H, reset="before"),
+    "gru_after": lambda: jaxrnn.GRU(H, reset="after"),
+}
+
+
+def _randomize(tree, key, scale=0.3):
+    """Perturb every leaf (biases and ``b_hn`` included) so every term matters."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [a + scale * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+def _problem(name, dtype, seed=0, param_dtype=jnp.float32):
+    cell = CELLS[name]()
+    k = jax.random.split(jax.random.key(seed), 4)
+    params = _randomize(cell.init(k[0], I, dtype=param_dtype), k[1])
+    xs = jax.random.normal(k[2], (B, T, I)).astype(dtype)
+    carry0 = _randomize(cell.zero_carry(B), k[3], scale=1.0)
+    return cell, params, xs, carry0
+
+
+def _all_configs(impl):
+    """``{config: (ys, final, (dparams, dxs, dcarry0), ys_no_grad)}`` for every config, in one jit."""
+
+    def run(cell, params, xs, carry0, cot_key):
+        out = {}
+        for lengths, reverse in CONFIGS:
+
+            def f(p, x, c, lengths=lengths, reverse=reverse):
+                return jaxrnn.rnn(cell, p, x, initial_carry=c, seq_lengths=lengths, reverse=reverse, impl=impl)
+
+            (ys, final), vjp = jax.vjp(f, params, xs, carry0)
+            k1, k2 = jax.random.split(cot_key)
+            dys = jax.random.normal(k1, ys.shape).astype(ys.dtype)
+            dfinal = _randomize(jax.tree.map(jnp.zeros_like, final), k2, scale=1.0)
+            plain, _ = f(params, xs, carry0)
+            out[(lengths is not None, reverse)] = (ys, final, vjp((dys, dfinal)), plain)
+        return out
+
+    return run
+
+
+# Equivalence, not speed, is tested here: skip LLVM's optimisations (the HLO
+# passes still run), which cuts compile time about threefold.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _run_all(impl, cell, *args):
+    return jax.jit(_all_configs(impl), static_argnums=0).lower(cell, *args).compile(FAST_COMPILE)(*args)
+
+
+def _normalized(tree, ref):
+    """``tree / max(1, max|ref|)`` leafwise, for sums that cancel at low precision."""
+
+    def scaled(a, r):
+        r = np.asarray(r, np.float64)
+        return np.asarray(a, np.float64) / max(1.0, float(np.max(np.abs(r))))
+
+    return jax.tree.map(scaled, tree, ref)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("name", list(CELLS))
+def test_matches_reference(name, dtype):
+    cell, params, xs, carry0 = _problem(name, dtype)
+    cot_key = jax.random.key(7)
+    got = _run_all("xla", cell, params, xs, carry0, cot_key)
+    want = _run_all("reference", cell, params, xs, carry0, cot_key)
+    for config, (ys, final, grads, plain) in got.items():
+        ys_r, final_r, grads_r, plain_r = want[config]
+        msg = f"{name} {jnp.dtype(dtype).name} lengths={config[0]} reverse={config[1]}"
+        dtypes = lambda tree: jax.tree.map(lambda a: a.dtype, tree)  # noqa: E731
+        assert ys.dtype == ys_r.dtype and dtypes(grads) == dtypes(grads_r)
+        assert_close(ys, ys_r, dtype=dtype, err_msg=msg + " ys")
+        assert_close(plain, plain_r, dtype=dtype, err_msg=msg + " ys (no grad)")
+        assert_close(final, final_r, dtype=dtype, err_msg=msg + " final carry")
+        for part, g, g_r in zip(("params", "xs", "carry0"), grads, grads_r):
+            if dtype != jnp.float32:
+                # In bfloat16 both sides round differently (the reference rounds
+                # each step's weight gradient to bfloat16; xla accumulates all
+                # steps in float32): compare relative to each array's scale.
+                g, g_r = _normalized(g, g_r), _normalized(g_r, g_r)
+            assert_close(g, g_r, dtype=dtype, err_msg=f"{msg} d{part}")
+        if config[0]:  # padded steps output exact zeros
+            mask = np.arange(T)[None, :] < LENGTHS[:, None]
+            assert not np.any(np.asarray(ys, np.float32)[~mask])
+
+
+def test_low_precision_params():
+    """bfloat16 parameters get bfloat16 gradients matching the reference."""
+    cell, params, xs, carry0 = _problem("lstm", jnp.float32, param_dtype=jnp.bfloat16)
+    loss = lambda impl: lambda p, x: jnp.sum(jnp.sin(jaxrnn.rnn(cell, p, x, impl=impl)[0]))  # noqa: E731
+    got = jax.grad(loss("xla"), argnums=(0, 1))(params, xs)
+    want = jax.grad(loss("reference"), argnums=(0, 1))(params, xs)
+    assert jax.tree.map(lambda a: a.dtype, got) == jax.tree.map(lambda a: a.dtype, want)
+    assert_close(got, want, dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_check_grads_float64(name):
+    """Finite differences of the whole map (params, xs, carry0) -> (ys, carry), in float64."""
+    with jax.enable_x64(True):
+        cell, params, xs, carry0 = _problem(name, jnp.float32, seed=3)
+        to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
+        lengths = np.array([0, 2, 4], np.int32)
+
+        def f(p, x, c):
+            fwd = jaxrnn.rnn(cell, p, x, initial_carry=c, impl="xla")
+            bwd = jaxrnn.rnn(cell, p, x, initial_carry=c, seq_lengths=lengths, reverse=True, impl="xla")
+            return fwd, bwd
+
+        check_grads(f, (to64(params), to64(xs[:, :4]), to64(carry0)), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+def test_no_retrace(monkeypatch):
+    """A second call with equal shapes (and an equal, freshly built cell) does not trace again."""
+    traces = []
+    original = xla._forward
+
+    def counting(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(xla, "_forward", counting)
+
+    @jax.jit
+    def grad(params, xs):
+        loss = lambda p, x: jnp.sum(jaxrnn.rnn(jaxrnn.LSTM(H), p, x, impl="xla")[0])  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1))(params, xs)
+
+    _, params, xs, _ = _problem("lstm", jnp.float32)
+    jax.block_until_ready(grad(params, xs))
+    first = len(traces)
+    assert first >= 1
+    jax.block_until_ready(grad(_randomize(params, jax.random.key(9)), xs + 1.0))
+    assert len(traces) == first, "the jitted gradient was traced again"
+    jax.block_until_ready(jaxrnn.rnn(jaxrnn.LSTM(H), params, xs, impl="xla"))
+    second = len(traces)
+    jax.block_until_ready(jaxrnn.rnn(jaxrnn.LSTM(H), params, xs * 2.0, impl="xla"))
+    assert len(traces) == second, "an equal cell with equal shapes retraced the forward"
+
+
+def test_empty_sequence():
+    """``T = 0``: zero outputs, the initial carry back, and its gradient passed through."""
+    cell, params, xs, carry0 = _problem("lstm", jnp.float32)
+
+    def loss(impl):
+        def f(c):
+            ys, final = jaxrnn.rnn(cell, params, xs[:, :0], initial_carry=c, impl=impl)
+            return jnp.sum(ys) + jnp.sum(jnp.sin(final.h)) + jnp.sum(final.c)
+
+        return f
+
+    assert_close(jax.value_and_grad(loss("xla"))(carry0), jax.value_and_grad(loss("reference"))(carry0))
+
+
+def test_validation():
+    cell = jaxrnn.LSTM(H).resolve(jnp.float32)
+    params = cell.init(jax.random.key(0), I)
+    xp = jnp.zeros((T, B, 4 * H))
+    carry0 = cell.zero_carry(B)
+    with pytest.raises(TypeError, match="cell"):
+        xla.rnn_xla(object(), params, xp, carry0, None, False)
+    with pytest.raises(ValueError, match=r"xp: expected shape \(T, B, 20\), got \(7, 3, 19\)"):
+        xla.rnn_xla(cell, params, xp[..., :-1], carry0, None, False)
+    with pytest.raises(ValueError, match=r"xp: expected shape"):
+        xla.rnn_xla(cell, params, xp[0], carry0, None, False)
+    with pytest.raises(ValueError, match=r"carry0.c: expected shape \(3, 5\), got \(2, 5\)"):
+        xla.rnn_xla(cell, params, xp, carry0._replace(c=carry0.c[:2]), None, False)
+    with pytest.raises(ValueError, match=r"lengths: expected shape \(3,\), got \(4,\)"):
+        xla.rnn_xla(cell, params, xp, carry0, jnp.zeros((4,), jnp.int32), False)
+    with pytest.raises(ValueError, match=r"params.w_hh: expected shape \(5, 20\), got \(5, 16\)"):
+        xla.rnn_xla(cell, params._replace(w_hh=params.w_hh[:, :16]), xp, carry0, None, False)

@@ -99,7 +99,7 @@ def sum_of_outputs(y: Array) -> Array:
 # Validation
 # --------------------------------------------------------------------------
 def _check_model(model, name="cell_or_stack"):
-    if not isinstance(model, (Stack, _cells._Cell)):
+    if not isinstance(model, (Stack, _cells.Cell)):
         raise TypeError(
             f"{name}: expected a jaxrnn cell (Elman, LSTM, GRU) or a jaxrnn.Stack, got {type(model).__name__}"
         )
@@ -203,7 +203,7 @@ def _forward(model, params, xs_tm, carry0, deltas, lengths):
             y = jnp.concatenate([y_f, y_b], axis=-1)
         else:
             y = _scan_layer(model.cell, p.fwd, inputs, carry0[layer], deltas[layer], lengths, False)[0]
-        out = model._connect(p, inputs, y)
+        out = model.connect(p, inputs, y)
         if mask is not None:
             out = jnp.where(mask, out, jnp.zeros((), out.dtype))
         last = layer == len(params) - 1
@@ -769,15 +769,15 @@ def _tanh_sites(cell, params, carry, xp_t, new):
     if isinstance(cell, Elman):
         return {"h": new.h}
     if isinstance(cell, LSTM):
-        z_g = xp_t[..., 2 * H : 3 * H] + cell._dot(carry.h, params.w_hh[:, 2 * H : 3 * H])
+        z_g = xp_t[..., 2 * H : 3 * H] + cell.dot(carry.h, params.w_hh[:, 2 * H : 3 * H])
         return {"g": jnp.tanh(z_g), "c": jnp.tanh(new.c)}
     xr, xn = xp_t[..., :H], xp_t[..., 2 * H :]
     if cell.reset == "after":
-        hr, hn = cell._dot(carry.h, params.w_hh[:, :H]), cell._dot(carry.h, params.w_hh[:, 2 * H :])
+        hr, hn = cell.dot(carry.h, params.w_hh[:, :H]), cell.dot(carry.h, params.w_hh[:, 2 * H :])
         r = jax.nn.sigmoid(xr + hr)
         return {"n": jnp.tanh(xn + r * (hn + expand_bias(params.b_hn, hn)))}
-    r = jax.nn.sigmoid(xr + cell._dot(carry.h, params.w_hh[:, :H]))
-    return {"n": jnp.tanh(xn + cell._dot(r * carry.h, params.w_hh[:, 2 * H :]))}
+    r = jax.nn.sigmoid(xr + cell.dot(carry.h, params.w_hh[:, :H]))
+    return {"n": jnp.tanh(xn + cell.dot(r * carry.h, params.w_hh[:, 2 * H :]))}
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -976,7 +976,7 @@ def _cell_path(cell, params, xs, carry0, start, stop):
             return lax.scan(body, LSTMCarry(carry.h, c_start), window)[0].c
 
         def gates(carry, xp_t):  # the forget gate along the real trajectory
-            z_f = xp_t[..., H : 2 * H] + c._dot(carry.h, params.w_hh[:, H : 2 * H])
+            z_f = xp_t[..., H : 2 * H] + c.dot(carry.h, params.w_hh[:, H : 2 * H])
             return c.step_projected(params, carry, xp_t)[0], jax.nn.sigmoid(z_f)
 
         forgets = lax.scan(gates, carry, window)[1]

@@ -43,6 +43,7 @@ def acc_dtype(dtype) -> jnp.dtype:
 
 __all__ = [
     "Carry",
+    "Cell",
     "Elman",
     "ElmanParams",
     "GRU",
@@ -174,8 +175,12 @@ def _check_choice(name, value, choices, allow_callable=False):
 # Shared machinery
 # --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class _Cell:
-    """Base class: configuration validation, initialisation and the step split."""
+class Cell:
+    """Base class of the cells: configuration validation, initialisation and the step split.
+
+    Subclasses set ``num_gates`` and ``carry_type`` and implement
+    ``_make_params`` and :meth:`step_projected`.
+    """
 
     hidden_size: int
     compute_dtype: Any = None
@@ -252,7 +257,16 @@ class _Cell:
             return self
         return dataclasses.replace(self, compute_dtype=jnp.dtype(input_dtype))
 
-    def _dot(self, a, w):
+    def dot(self, a: Array, w: Array) -> Array:
+        """``a @ w`` with operands in the compute dtype, accumulated in float32 (float64 for float64).
+
+        Args:
+          a: ``(..., K)``.
+          w: ``(K, N)``.
+
+        Returns:
+          ``(..., N)`` in the accumulation dtype.
+        """
         cd = a.dtype if self.compute_dtype is None else self.compute_dtype
         return jnp.matmul(a.astype(cd), w.astype(cd), preferred_element_type=acc_dtype(cd))
 
@@ -269,7 +283,7 @@ class _Cell:
         cell = self.resolve(xs.dtype)
         # One 2-D matmul over all leading axes: XLA's CPU dot (and its gradient) is
         # much faster on (T·B, I) than on a 3-D operand.
-        z = cell._dot(xs.reshape(-1, xs.shape[-1]), params.w_ih)
+        z = cell.dot(xs.reshape(-1, xs.shape[-1]), params.w_ih)
         z = z + expand_bias(params.b, z)
         return z.reshape(*xs.shape[:-1], z.shape[-1])
 
@@ -314,7 +328,7 @@ _ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "linear": lambda z: z}
 
 
 @dataclasses.dataclass(frozen=True)
-class Elman(_Cell):
+class Elman(Cell):
     r"""Elman ("vanilla") RNN cell.
 
     .. math::
@@ -353,12 +367,12 @@ class Elman(_Cell):
         return ElmanParams(w_ih, w_hh, b)
 
     def step_projected(self, params, carry, xp):
-        h = _ACTIVATIONS[self.activation](xp + self._dot(carry.h, params.w_hh))
+        h = _ACTIVATIONS[self.activation](xp + self.dot(carry.h, params.w_hh))
         return Carry(h), h
 
 
 @dataclasses.dataclass(frozen=True)
-class LSTM(_Cell):
+class LSTM(Cell):
     r"""Long short-term memory cell (Hochreiter & Schmidhuber 1997, forget gate of Gers et al. 2000).
 
     Gates are stacked in PyTorch/cuDNN order ``i, f, g, o``:
@@ -399,7 +413,7 @@ class LSTM(_Cell):
         return LSTMParams(w_ih, w_hh, b)
 
     def step_projected(self, params, carry, xp):
-        z = xp + self._dot(carry.h, params.w_hh)
+        z = xp + self.dot(carry.h, params.w_hh)
         i, f, g, o = jnp.split(z, 4, axis=-1)
         c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
@@ -407,7 +421,7 @@ class LSTM(_Cell):
 
 
 @dataclasses.dataclass(frozen=True)
-class GRU(_Cell):
+class GRU(Cell):
     r"""Gated recurrent unit (Cho et al. 2014).
 
     Gates are stacked ``r`` (reset), ``u`` (update), ``n`` (candidate):
@@ -455,13 +469,13 @@ class GRU(_Cell):
         h_prev = carry.h
         xr, xu, xn = jnp.split(xp, 3, axis=-1)
         if self.reset == "after":
-            hr, hu, hn = jnp.split(self._dot(h_prev, params.w_hh), 3, axis=-1)
+            hr, hu, hn = jnp.split(self.dot(h_prev, params.w_hh), 3, axis=-1)
             r, u = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xu + hu)
             n = jnp.tanh(xn + r * (hn + expand_bias(params.b_hn, hn)))
         else:
-            hr, hu = jnp.split(self._dot(h_prev, params.w_hh[:, : 2 * H]), 2, axis=-1)
+            hr, hu = jnp.split(self.dot(h_prev, params.w_hh[:, : 2 * H]), 2, axis=-1)
             r, u = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xu + hu)
-            n = jnp.tanh(xn + self._dot(r * h_prev, params.w_hh[:, 2 * H :]))
+            n = jnp.tanh(xn + self.dot(r * h_prev, params.w_hh[:, 2 * H :]))
         h = h_prev + u * (n - h_prev)  # = (1 - u) ⊙ h_prev + u ⊙ n
         return Carry(h), h
 
@@ -477,6 +491,6 @@ def _init(cell, key, input_size, dtype):
 
 def check_cell(cell, name="cell"):
     """Raise ``TypeError`` unless ``cell`` is one of jaxrnn's cells."""
-    if not isinstance(cell, _Cell):
+    if not isinstance(cell, Cell):
         raise TypeError(f"{name}: expected a jaxrnn cell (Elman, LSTM or GRU), got {type(cell).__name__}")
 

@@ -223,7 +223,7 @@ class Stack:
             else:
                 y, final = rnn(self.cell, p.fwd, inputs, initial_carry=carry, **run)
             finals.append(final)
-            out = self._connect(p, inputs, y)
+            out = self.connect(p, inputs, y)
             if mask is not None:
                 out = jnp.where(mask, out, jnp.zeros((), out.dtype))
             last = layer == self.num_layers - 1
@@ -236,7 +236,19 @@ class Stack:
                 inputs = out
         return inputs, tuple(finals)
 
-    def _connect(self, p: LayerParams, inputs: Array, y: Array) -> Array:
+    def connect(self, p: LayerParams, inputs: Array, y: Array) -> Array:
+        """Join a layer's input and its recurrent output per ``self.connection``.
+
+        Args:
+          p: the layer's parameters (``p.highway`` for highway connections).
+          inputs: ``(..., D_in)`` the layer's input.
+          y: ``(..., D)`` the layer's recurrent output.
+
+        Returns:
+          ``(..., D)``: ``y`` itself, ``y + inputs`` (residual) or
+          ``T ⊙ y + (1 - T) ⊙ inputs`` (highway), the latter two only where
+          ``D_in == D``. Dense connections concatenate in :meth:`apply` instead.
+        """
         if not self._joins(inputs.shape[-1]):
             return y
         if self.connection == "residual":

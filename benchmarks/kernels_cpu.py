@@ -47,22 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxrnn
+from benchmarks.measure import _cpu_model
 
 T, B, I, H = 256, 32, 128, 256
 TORCH_THREADS = 2
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "cpu", "kernels_xla.json")
 GATES = {"lstm": 4, "gru": 3, "elman": 1}
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # --------------------------------------------------------------------------

@@ -207,6 +207,18 @@ def _cpu():
     )
 
 
+#: Timing settings shared by the GPU suites (each fits one 10-minute device call).
+GPU_TIMING = dict(
+    warmup=3,
+    min_reps=10,
+    max_reps=200,
+    target_s=0.3,
+    matmul_sizes=(2048, 8192),
+    budget_s=480.0,
+    platform="gpu",
+)
+
+
 def _flashrnn():
     base = Case("lstm", "fwd", 16, 1024, 768, 768, "bfloat16")
     sweeps = [
@@ -237,13 +249,7 @@ def _flashrnn():
         "flashrnn",
         "FlashRNN's grid (GPU): LSTM bf16 B=16 T=1024 H=768; batch 2-256; length 256-2048",
         tuple(sweeps),
-        warmup=3,
-        min_reps=10,
-        max_reps=200,
-        target_s=0.3,
-        matmul_sizes=(2048, 8192),
-        budget_s=480.0,
-        platform="gpu",
+        **GPU_TIMING,
     )
 
 
@@ -269,13 +275,7 @@ def _haste():
         "haste",
         "HASTE's grid (GPU): f32, T=50, batch 1-128, hidden 128-2048, input 64-512",
         tuple(sweeps),
-        warmup=3,
-        min_reps=10,
-        max_reps=200,
-        target_s=0.3,
-        matmul_sizes=(2048, 8192),
-        budget_s=480.0,
-        platform="gpu",
+        **GPU_TIMING,
     )
 
 
@@ -299,13 +299,7 @@ def _small_batch():
         "small_batch",
         "small-batch grid (GPU): bf16, batch 1-8, hidden 512-1536, T=512",
         tuple(sweeps),
-        warmup=3,
-        min_reps=10,
-        max_reps=200,
-        target_s=0.3,
-        matmul_sizes=(2048, 8192),
-        budget_s=480.0,
-        platform="gpu",
+        **GPU_TIMING,
     )
 
 

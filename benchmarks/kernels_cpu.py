@@ -10,8 +10,9 @@ For each cell (LSTM, GRU, Elman) at the issue's size (``T=256, B=32``, input
   process (see :func:`torch_times`);
 * ``reference`` and ``xla``: ``jaxrnn.rnn(..., impl=...)`` (batch-major, the
   default layout, like Flax);
-* ``xla_2d_projection``: the xla backend behind a 2-D input projection, the
-  change proposed for ``jaxrnn.cells`` (see :func:`xla_2d_projection_impl`).
+* ``xla_hoisted``: the xla backend with its forward-only pass projecting all
+  steps before the loop (see :func:`xla_hoisted_impl`), to measure the
+  in-loop projection that ``xla`` uses on CPU.
 
 Two workloads: ``forward`` (the outputs) and ``fwd+bwd`` (loss = sum of the
 outputs; gradients w.r.t. all parameters and the inputs). Every function is
@@ -26,8 +27,8 @@ FLOP/s as a fraction of it. FLOPs count the matmuls only:
 
 Usage::
 
-    python benchmarks/kernels_cpu.py                 # all cells, writes the JSON
-    python benchmarks/kernels_cpu.py --cells lstm --rounds 5 --out /tmp/x.json
+    python -m benchmarks.kernels_cpu                 # all cells, writes the JSON
+    python -m benchmarks.kernels_cpu --cells lstm --rounds 5 --out /tmp/x.json
 
 Results: ``benchmarks/results/cpu/kernels_xla.json``.
 """
@@ -71,13 +72,12 @@ def jaxrnn_impl(name, impl, xs):
     return _jax_pair(lambda p, x: jaxrnn.rnn(cell, p, x, impl=impl)[0], params, xs)
 
 
-def xla_2d_projection_impl(name, xs):
-    """``impl="xla"`` behind a runner whose input projection flattens ``(T, B)`` first.
+def xla_hoisted_impl(name, xs):
+    """``impl="xla"`` with ``projection="hoisted"``: the forward projects all steps before the loop.
 
-    Not the library path: it measures the change proposed for
-    ``cells.input_projection`` (``xs.reshape(-1, I) @ w_ih``; XLA then
-    differentiates a 2-D matmul instead of contracting two batch axes, which
-    on CPU it lowers to a transposed copy of ``dxp`` and a slow matmul).
+    What ``impl="xla"`` did before the forward-only pass learnt to project
+    inside the loop on CPU (``jaxrnn.kernels.xla.IN_LOOP_MIN_BATCH``);
+    fwd+bwd is the same computation as ``xla``.
     """
     from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
 
@@ -86,9 +86,7 @@ def xla_2d_projection_impl(name, xs):
     cell = cell.resolve(xs.dtype)
 
     def forward(p, x):
-        x = jnp.swapaxes(x, 0, 1)
-        xp = (x.reshape(-1, I) @ p.w_ih + p.b).reshape(T, B, -1)
-        hs, _ = rnn_xla(cell, p, xp, cell.zero_carry(B), None, False)
+        hs, _ = rnn_xla(cell, p, jnp.swapaxes(x, 0, 1), cell.zero_carry(B), None, False, projection="hoisted")
         return jnp.swapaxes(hs, 0, 1)
 
     return _jax_pair(forward, params, xs)
@@ -149,8 +147,9 @@ def torch_times(name, rounds):
     making OpenMP wait passively instead slows PyTorch by about 30%. So
     PyTorch runs alone, with its default settings, in a child process.
     """
-    cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", name, "--rounds", str(rounds)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    cmd = [sys.executable, "-m", "benchmarks.kernels_cpu", "--torch-worker", name, "--rounds", str(rounds)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=root).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -181,7 +180,7 @@ def run_cell(name, rounds, proposal=True):
         "xla": jaxrnn_impl(name, "xla", xs),
     }
     if proposal:
-        impls["xla_2d_projection"] = xla_2d_projection_impl(name, xs)
+        impls["xla_hoisted"] = xla_hoisted_impl(name, xs)
     before = torch_times(name, (rounds + 1) // 2)
     times = _time(impls, rounds)
     after = torch_times(name, rounds // 2)
@@ -213,7 +212,7 @@ def main(argv=None):
     parser.add_argument("--cells", nargs="+", default=list(GATES), choices=list(GATES))
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per implementation")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON output path ('' to skip)")
-    parser.add_argument("--no-proposal", action="store_true", help="skip the xla_2d_projection variant")
+    parser.add_argument("--no-proposal", action="store_true", help="skip the xla_hoisted variant")
     parser.add_argument("--torch-worker", metavar="CELL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.torch_worker:
@@ -227,7 +226,7 @@ def main(argv=None):
     rate_after = matmul_rate(args.rounds)
     rate = max(rate_before, rate_after)  # the less disturbed of the two
     report = {
-        "benchmark": "benchmarks/kernels_cpu.py",
+        "benchmark": "python -m benchmarks.kernels_cpu",
         "config": {"T": T, "B": B, "input": I, "hidden": H, "dtype": "float32", "rounds": args.rounds,
                    "torch_threads": TORCH_THREADS,
                    "torch_process": "separate worker process, run before and after the JAX rounds",

@@ -2,12 +2,14 @@
 
 :func:`rnn` handles layout (batch- or time-major, unbatched), variable
 lengths, direction, initial carries, validation and the choice of
-implementation. Implementations ("backends") only run the recurrence over a
-time-major projected input; they all share one signature::
+implementation. Implementations ("backends") only compute: the input
+projection and the recurrence over time-major inputs. They all share one
+signature::
 
-    backend(cell, params, xp, carry0, lengths, reverse) -> (hs, final_carry)
+    backend(cell, params, xs, carry0, lengths, reverse) -> (hs, final_carry)
 
-    xp:       (T, B, G) float32, the input projection of every step
+    cell:     the cell resolved for the dtype of xs (cell.resolve)
+    xs:       (T, B, I) time-major inputs
     carry0:   carry with float32 leaves (B, H)
     lengths:  (B,) int32 in [0, T], or None for full-length sequences
     reverse:  Python bool
@@ -29,7 +31,7 @@ from jaxrnn.cells import acc_dtype, check_cell
 
 Array = jax.Array
 
-__all__ = ["IMPLS", "rnn", "scan_reference"]
+__all__ = ["IMPLS", "rnn", "rnn_reference", "scan_reference"]
 
 #: Names accepted by ``impl=``.
 IMPLS = ("auto", "reference", "xla", "pallas")
@@ -41,6 +43,11 @@ IMPLS = ("auto", "reference", "xla", "pallas")
 def mask_step(valid, new, old):
     """Keep ``old`` where ``valid`` (``(B,)`` bool) is False, leaf by leaf."""
     return jax.tree_util.tree_map(lambda n, o: jnp.where(valid[:, None], n, o), new, old)
+
+
+def rnn_reference(cell, params, xs, carry0, lengths, reverse):
+    """The ``impl="reference"`` backend: :meth:`~jaxrnn.Cell.input_projection`, then :func:`scan_reference`."""
+    return scan_reference(cell, params, cell.input_projection(params, xs), carry0, lengths, reverse)
 
 
 def scan_reference(cell, params, xp, carry0, lengths, reverse):
@@ -79,7 +86,7 @@ def resolve_backend(impl: str, cell, platform: Optional[str] = None):
     """Return ``(name, backend_fn)`` for ``impl`` on ``platform`` (trace time)."""
     check_impl(impl)
     if impl == "reference":
-        return "reference", scan_reference
+        return "reference", rnn_reference
     from jaxrnn import kernels  # noqa: PLC0415  (kernels import Pallas lazily)
 
     return kernels.resolve(impl, cell, platform or jax.default_backend())
@@ -247,8 +254,7 @@ def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl
 
     cell = cell.resolve(out_dtype)
     name, backend = resolve_backend(impl, cell)
-    xp = cell.input_projection(params, xs)
-    hs, final = backend(cell, params, xp, carry0, lengths, reverse)
+    hs, final = backend(cell, params, xs, carry0, lengths, reverse)
     ys = hs.astype(out_dtype)
 
     if unbatched:

@@ -2,15 +2,18 @@
 
 Every backend has the signature documented in :mod:`jaxrnn.runner`::
 
-    backend(cell, params, xp, carry0, lengths, reverse) -> (hs, final_carry)
+    backend(cell, params, xs, carry0, lengths, reverse) -> (hs, final_carry)
 
-* ``xla``: :func:`jaxrnn.kernels.xla.rnn_xla`, a ``lax.scan`` with a
+* ``xla``: :func:`jaxrnn.kernels.xla.rnn_xla`, a time loop with a
   hand-written custom VJP (stored gates, batched weight gradients).
-* ``pallas``: :func:`jaxrnn.kernels.pallas.rnn_pallas`, a fused-gate Pallas
-  kernel that loops over time on chip (interpret mode on CPU).
+* ``pallas``: the input projection (one large matmul), then
+  :func:`jaxrnn.kernels.pallas.rnn_pallas`, a fused-gate Pallas kernel that
+  loops over time on chip (interpret mode on CPU).
 
 ``impl`` is resolved here, at trace time.
 """
+
+import functools
 
 from jaxrnn.runner import warn_once
 
@@ -32,14 +35,24 @@ def resolve(impl, cell, platform):
 
         if platform == "cpu":
             warn_once("impl='pallas' on CPU runs the kernel in Pallas interpret mode (slow; for testing).")
-        return "pallas", pallas.rnn_pallas
+        return "pallas", _projecting(pallas.rnn_pallas)
     if impl == "auto":
         if platform != "cpu":
             from jaxrnn.kernels import pallas  # noqa: PLC0415
 
             if pallas.qualifies(cell, platform):
-                return "pallas", pallas.rnn_pallas
+                return "pallas", _projecting(pallas.rnn_pallas)
         from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
 
         return "xla", rnn_xla
     raise ValueError(f"impl: unknown implementation {impl!r}")
+
+
+def _projecting(kernel):
+    """The backend that projects ``xs`` with one large matmul, then runs ``kernel`` on ``xp``."""
+
+    @functools.wraps(kernel)
+    def backend(cell, params, xs, carry0, lengths, reverse):
+        return kernel(cell, params, cell.input_projection(params, xs), carry0, lengths, reverse)
+
+    return backend

@@ -269,10 +269,10 @@ def test_errors_are_raised_under_jit_at_trace_time():
 
 
 def test_impl_resolution():
-    from jaxrnn.runner import resolve_backend, scan_reference
+    from jaxrnn.runner import resolve_backend, rnn_reference
 
     cell = jaxrnn.LSTM(H)
-    assert resolve_backend("reference", cell, "cpu") == ("reference", scan_reference)
+    assert resolve_backend("reference", cell, "cpu") == ("reference", rnn_reference)
     assert resolve_backend("auto", cell, "cpu")[0] == "xla"
     assert resolve_backend("xla", cell, "gpu")[0] == "xla"
     params, xs = _params(cell), _xs()

@@ -5,6 +5,8 @@ reverse}: outputs, final carries and the VJP w.r.t. ``xs``, every parameter
 and the initial carry. Plus finite differences, tracing and validation.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from jax.test_util import check_grads
 import jaxrnn
 from _util import assert_close
 from jaxrnn.kernels import xla
+from jaxrnn.runner import rnn_reference
 
 B, T, H, I = 3, 7, 5, 4
 LENGTHS = np.array([0, T, 3], np.int32)
@@ -180,20 +183,86 @@ def test_empty_sequence():
     assert_close(jax.value_and_grad(loss("xla"))(carry0), jax.value_and_grad(loss("reference"))(carry0))
 
 
+def _projection_configs(projection):
+    """Every config through ``rnn_xla(projection=...)`` directly: ``{config: (hs, final, vjp)}``."""
+    backend = functools.partial(xla.rnn_xla, projection=projection)
+
+    def run(cell, params, xs, carry0, cot_key):
+        xs = jnp.swapaxes(xs, 0, 1)
+        out = {}
+        for lengths, reverse in CONFIGS:
+            lens = None if lengths is None else jnp.asarray(lengths)
+
+            def f(p, x, c, lens=lens, reverse=reverse):
+                return (rnn_reference if projection is None else backend)(cell, p, x, c, lens, reverse)
+
+            hs, final = f(params, xs, carry0)  # forward only: the projection under test
+            (_, _), vjp = jax.vjp(f, params, xs, carry0)
+            dhs = jax.random.normal(cot_key, hs.shape, hs.dtype)
+            out[(lengths is not None, reverse)] = (hs, final, vjp((dhs, jax.tree.map(jnp.zeros_like, final))))
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("projection", ["hoisted", "in_loop"])
+@pytest.mark.parametrize("name", ["elman_tanh", "lstm", "gru_before", "gru_after"])
+def test_projection_modes_match_reference(name, projection, dtype):
+    """Both places of the forward-only input projection agree with the reference, every config."""
+    cell, params, xs, carry0 = _problem(name, dtype)
+    cell = cell.resolve(dtype)
+    args = (params, xs, carry0, jax.random.key(3))
+    compile_run = lambda f: jax.jit(f, static_argnums=0).lower(cell, *args).compile(FAST_COMPILE)(*args)  # noqa: E731
+    got, want = compile_run(_projection_configs(projection)), compile_run(_projection_configs(None))
+    for config, value in got.items():
+        assert_close(value, want[config], dtype=dtype, err_msg=f"{name} {projection} {config}")
+
+
+def test_projection_auto(monkeypatch):
+    """``"auto"`` projects inside the loop on CPU for large projections and batches, hoisted otherwise."""
+    used = []
+    original = xla._forward_in_loop
+    monkeypatch.setattr(xla, "_forward_in_loop", lambda *a: used.append(True) or original(*a))
+    cell = jaxrnn.LSTM(H).resolve(jnp.float32)
+    params = cell.init(jax.random.key(0), I)
+
+    def in_loop(steps, batch, platform="cpu"):
+        used.clear()
+        xs = jax.ShapeDtypeStruct((steps, batch, I), jnp.float32)
+        jax.eval_shape(lambda x: xla.rnn_xla(cell, params, x, cell.zero_carry(batch), None, False, platform=platform), xs)
+        return bool(used)
+
+    n, row_bytes = xla.IN_LOOP_MIN_BATCH, 4 * H * 4  # float32 bytes of one (b, t) projection
+    steps = -(-xla.IN_LOOP_MIN_BYTES // (n * row_bytes))  # just enough steps at n rows
+    assert in_loop(steps, n) and not in_loop(steps - 1, n)
+    assert not in_loop(4 * steps, n - 1) and not in_loop(steps, n, platform="gpu")
+    # Differentiated, the projection is hoisted whatever the choice.
+    used.clear()
+    xs = jnp.ones((steps, n, I))
+    loss = lambda p: jnp.sum(xla.rnn_xla(cell, p, xs, cell.zero_carry(n), None, False)[0])  # noqa: E731
+    jax.eval_shape(jax.grad(loss), params)
+    assert not used
+
+
 def test_validation():
     cell = jaxrnn.LSTM(H).resolve(jnp.float32)
     params = cell.init(jax.random.key(0), I)
-    xp = jnp.zeros((T, B, 4 * H))
+    xs = jnp.zeros((T, B, I))
     carry0 = cell.zero_carry(B)
     with pytest.raises(TypeError, match="cell"):
-        xla.rnn_xla(object(), params, xp, carry0, None, False)
-    with pytest.raises(ValueError, match=r"xp: expected shape \(T, B, 20\), got \(7, 3, 19\)"):
-        xla.rnn_xla(cell, params, xp[..., :-1], carry0, None, False)
-    with pytest.raises(ValueError, match=r"xp: expected shape"):
-        xla.rnn_xla(cell, params, xp[0], carry0, None, False)
+        xla.rnn_xla(object(), params, xs, carry0, None, False)
+    with pytest.raises(ValueError, match=r"xs: expected shape \(T, B, 4\) \(time-major inputs\), got \(7, 3, 3\)"):
+        xla.rnn_xla(cell, params, xs[..., :-1], carry0, None, False)
+    with pytest.raises(ValueError, match=r"xs: expected shape"):
+        xla.rnn_xla(cell, params, xs[0], carry0, None, False)
     with pytest.raises(ValueError, match=r"carry0.c: expected shape \(3, 5\), got \(2, 5\)"):
-        xla.rnn_xla(cell, params, xp, carry0._replace(c=carry0.c[:2]), None, False)
+        xla.rnn_xla(cell, params, xs, carry0._replace(c=carry0.c[:2]), None, False)
     with pytest.raises(ValueError, match=r"lengths: expected shape \(3,\), got \(4,\)"):
-        xla.rnn_xla(cell, params, xp, carry0, jnp.zeros((4,), jnp.int32), False)
+        xla.rnn_xla(cell, params, xs, carry0, jnp.zeros((4,), jnp.int32), False)
     with pytest.raises(ValueError, match=r"params.w_hh: expected shape \(5, 20\), got \(5, 16\)"):
-        xla.rnn_xla(cell, params._replace(w_hh=params.w_hh[:, :16]), xp, carry0, None, False)
+        xla.rnn_xla(cell, params._replace(w_hh=params.w_hh[:, :16]), xs, carry0, None, False)
+    with pytest.raises(ValueError, match=r"params.w_ih: expected shape \(input_size, 20\), got \(4, 16\)"):
+        xla.rnn_xla(cell, params._replace(w_ih=params.w_ih[:, :16]), xs, carry0, None, False)
+    with pytest.raises(ValueError, match=r"projection: expected one of \('auto', 'hoisted', 'in_loop'\), got 'x'"):
+        xla.rnn_xla(cell, params, xs, carry0, None, False, projection="x")

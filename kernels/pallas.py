@@ -49,9 +49,11 @@ Ref indexing (``ref[j]``, ``ref[...]``) and ``lax.fori_loop`` in kernel
 bodies; compiled, ``pltpu.CompilerParams(dimension_semantics=...)`` on TPU
 and ``pltriton.CompilerParams`` on GPU. All exist in jax 0.7 to 0.11.
 
-Verification status. Tested in interpret mode on CPU only: nothing here has
-run compiled on a TPU or GPU. Lowering (not compiling) is checked on CPU with
-``jax.export``: all cells lower to Mosaic TPU; with Triton only the Elman
+Verification status. Tested in interpret mode on CPU only, with jax 0.10.2
+(Python 3.11) and jax 0.11.2 (Python 3.12): nothing here has run compiled on
+a TPU or GPU. Lowering (not compiling) is checked on CPU with ``jax.export``:
+all cells lower to Mosaic TPU (both versions); with Triton (jax 0.10 only:
+from 0.11 the Triton lowering reads the GPU's properties) only the Elman
 cell does (``gates``' LSTM/GRU math slices gate blocks and builds ``3H``-wide
 arrays, which Triton cannot lower). The Mosaic GPU lowering, the default on
 GPU since jax 0.9, has no rule for a matmul of values, so on GPU the kernels

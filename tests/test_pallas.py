@@ -365,5 +365,10 @@ def test_lowers_for_gpu():
     ``slice`` rule, so the LSTM/GRU step math of ``gates`` (static gate
     slices, ``(B, 3H)`` arrays) does not lower with it yet.
     """
-    module = _export_fwd_bwd("elman", "gpu")
+    try:
+        module = _export_fwd_bwd("elman", "gpu")
+    except RuntimeError as e:  # jax >= 0.11 reads the GPU's properties while lowering
+        if "No supported GPU devices found" not in str(e):
+            raise
+        pytest.skip(f"jax {jax.__version__} needs a GPU to lower with Triton")
     assert module.count("__gpu$xla.gpu.triton") == 2

@@ -67,7 +67,18 @@ from jax import lax
 
 from jaxrnn.cells import GRU, LSTM, Carry, Elman, LSTMCarry, acc_dtype, check_cell
 
-__all__ = ["Weights", "backward", "forward", "matmul_operands", "prepare", "weight_grads"]
+__all__ = [
+    "Weights",
+    "backward",
+    "backward_gates",
+    "flat_residuals",
+    "forward",
+    "forward_gates",
+    "matmul_operands",
+    "prepare",
+    "split_gates",
+    "weight_grads",
+]
 
 
 # --------------------------------------------------------------------------
@@ -295,6 +306,123 @@ def backward(cell, params, carry_prev, res, dcarry):
         dz = dcarry.h * _elman_deriv(cell.activation, h)
         return dz, Carry(_dot_t(cell, dz, params)), (dz,)
     raise TypeError(f"cell: expected an Elman, LSTM or GRU cell, got {type(cell).__name__}")
+
+
+# --------------------------------------------------------------------------
+# The same step, gate by gate (for kernels that cannot slice values)
+# --------------------------------------------------------------------------
+def split_gates(cell, a):
+    """``a``'s last axis ``(..., n·H)`` as a tuple of ``n`` per-gate ``(..., H)`` arrays."""
+    H = a.shape[-1] // cell.num_gates
+    return tuple(a[..., k * H : (k + 1) * H] for k in range(cell.num_gates))
+
+
+def _dot_nt(cell, a, w):
+    """``a @ wᵀ`` for a per-gate block ``w`` ``(H, H)``, accumulated as in :func:`_dot`."""
+    cd = _cd(cell, a)
+    dims = (((a.ndim - 1,), (1,)), ((), ()))
+    return lax.dot_general(a.astype(cd), w.astype(cd), dims, preferred_element_type=acc_dtype(cd))
+
+
+def forward_gates(cell, w, b_hn, carry, xp):
+    """:func:`forward` with every gate in its own array: no slices, no concatenation.
+
+    The form for kernels whose compilers cannot slice or concatenate values
+    (Triton), and whose per-gate tiles are then each a power of two wide.
+
+    Args:
+      cell: an Elman, LSTM or GRU cell.
+      w: tuple of the ``num_gates`` column blocks of ``w_hh``, each ``(H, H)``
+        (``split_gates(cell, w_hh)``), in the compute dtype.
+      b_hn: ``(H,)`` for GRU with ``reset="after"``, else ``None``.
+      carry: carry with float32 leaves ``(B, H)``.
+      xp: tuple of ``num_gates`` float32 ``(B, H)`` projected inputs.
+
+    Returns:
+      ``(new_carry, h, res)`` with ``res`` a tuple of float32 ``(B, H)``
+      arrays: Elman ``(h,)``; LSTM ``(i, f, g, o)``; GRU ``(r, u, n)``, plus
+      ``m = h_{t-1} W_hn + b_hn`` for ``reset="after"``. Concatenated
+      (:func:`flat_residuals`) they are :func:`forward`'s ``res``.
+    """
+    check_cell(cell)
+    h_prev = carry.h
+    if isinstance(cell, LSTM):
+        z = [x + _dot(cell, h_prev, wk) for x, wk in zip(xp, w)]
+        i, f, o = jax.nn.sigmoid(z[0]), jax.nn.sigmoid(z[1]), jax.nn.sigmoid(z[3])
+        g = jnp.tanh(z[2])
+        c = f * carry.c + i * g
+        h = o * jnp.tanh(c)
+        return LSTMCarry(h, c), h, (i, f, g, o)
+    if isinstance(cell, GRU):
+        r = jax.nn.sigmoid(xp[0] + _dot(cell, h_prev, w[0]))
+        u = jax.nn.sigmoid(xp[1] + _dot(cell, h_prev, w[1]))
+        if cell.reset == "after":
+            m = _dot(cell, h_prev, w[2]) + _row(b_hn, h_prev)
+            n = jnp.tanh(xp[2] + r * m)
+            res = (r, u, n, m)
+        else:
+            n = jnp.tanh(xp[2] + _dot(cell, r * h_prev, w[2]))
+            res = (r, u, n)
+        h = h_prev + u * (n - h_prev)
+        return Carry(h), h, res
+    if isinstance(cell, Elman):
+        z = xp[0] + _dot(cell, h_prev, w[0])
+        h = {"tanh": jnp.tanh, "relu": jax.nn.relu, "linear": lambda v: v}[cell.activation](z)
+        return Carry(h), h, (h,)
+    raise TypeError(f"cell: expected an Elman, LSTM or GRU cell, got {type(cell).__name__}")
+
+
+def backward_gates(cell, w, carry_prev, res, dcarry):
+    """:func:`backward` with every gate in its own array (see :func:`forward_gates`).
+
+    Args:
+      cell: an Elman, LSTM or GRU cell.
+      w: the per-gate blocks of ``w_hh`` as for :func:`forward_gates`.
+      carry_prev: the carry the step started from, float32 leaves ``(B, H)``.
+      res: the residuals :func:`forward_gates` returned for this step.
+      dcarry: cotangent of the new carry, the output's already in ``dcarry.h``.
+
+    Returns:
+      ``(dxp, dcarry_prev)``: a tuple of ``num_gates`` float32 ``(B, H)``
+      cotangents of the projected inputs, and of the previous carry.
+    """
+    check_cell(cell)
+    dh = dcarry.h
+    if isinstance(cell, LSTM):
+        i, f, g, o = res
+        tc = jnp.tanh(f * carry_prev.c + i * g)
+        dc = dcarry.c + dh * o * (1.0 - tc * tc)
+        dz = (dc * g * i * (1.0 - i), dc * carry_prev.c * f * (1.0 - f), dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o))
+        dh_prev = sum(_dot_nt(cell, d, wk) for d, wk in zip(dz, w))
+        return dz, LSTMCarry(dh_prev, dc * f)
+    if isinstance(cell, GRU):
+        h_prev = carry_prev.h
+        r, u, n = res[0], res[1], res[2]
+        dn = dh * u * (1.0 - n * n)
+        du = dh * (n - h_prev) * u * (1.0 - u)
+        if cell.reset == "after":
+            dr = dn * res[3] * r * (1.0 - r)
+            rec = _dot_nt(cell, dn * r, w[2])
+        else:
+            drh = _dot_nt(cell, dn, w[2])
+            dr = drh * h_prev * r * (1.0 - r)
+            rec = drh * r
+        dh_prev = dh * (1.0 - u) + rec + _dot_nt(cell, dr, w[0]) + _dot_nt(cell, du, w[1])
+        return (dr, du, dn), Carry(dh_prev)
+    if isinstance(cell, Elman):
+        (h,) = res
+        dz = dh * _elman_deriv(cell.activation, h)
+        return (dz,), Carry(_dot_nt(cell, dz, w[0]))
+    raise TypeError(f"cell: expected an Elman, LSTM or GRU cell, got {type(cell).__name__}")
+
+
+def flat_residuals(cell, res):
+    """:func:`forward_gates`' per-gate residuals in :func:`forward`'s layout (any leading shape)."""
+    if isinstance(cell, LSTM):
+        return (jnp.concatenate(res, axis=-1),)
+    if isinstance(cell, GRU):
+        return (jnp.concatenate(res[:2], axis=-1),) + tuple(res[2:])
+    return tuple(res)
 
 
 # --------------------------------------------------------------------------

@@ -5,7 +5,7 @@ One ``pallas_call`` runs a recurrent cell over a sequence. Its grid is
 the chunks of a tile run in order, and inside a chunk a ``lax.fori_loop``
 walks ``block.time`` steps (by default the whole sequence is one chunk). Per
 step the kernel does the recurrent matmul, the gate nonlinearities and the
-state update on chip (:func:`jaxrnn.kernels.gates.forward`):
+state update on chip (:func:`jaxrnn.kernels.gates.forward_gates`):
 
 .. math::
     z_t = x^p_t + h_{t-1} W_{hh}, \qquad (h_t, c_t) = \mathrm{cell}(z_t, c_{t-1})
@@ -16,11 +16,11 @@ constant ``index_map``, so it is fetched once and stays resident for the
 whole sequence; across chunks the carry lives in the final-carry output
 block, whose ``index_map`` ignores time. The kernel writes only what the
 backward pass needs: ``h_t``, the other carry leaves (an LSTM's ``c_t``) and
-the gate residuals of :func:`~jaxrnn.kernels.gates.forward`.
+the gate residuals of :func:`~jaxrnn.kernels.gates.forward_gates`.
 
 The backward pass (a :func:`jax.custom_vjp`) is a second kernel that walks
 time the other way, propagates ``(dh, dc)`` with
-:func:`~jaxrnn.kernels.gates.backward` and writes ``dxp_t``, the cotangent
+:func:`~jaxrnn.kernels.gates.backward_gates` and writes ``dxp_t``, the cotangent
 of the projected input. The recurrent weight's gradient is one large matmul
 over all ``T·B`` rows after the loop
 (:func:`~jaxrnn.kernels.gates.weight_grads`):
@@ -52,10 +52,14 @@ and ``pltriton.CompilerParams`` on GPU. All exist in jax 0.7 to 0.11.
 Verification status. Tested in interpret mode on CPU only, with jax 0.10.2
 (Python 3.11) and jax 0.11.2 (Python 3.12): nothing here has run compiled on
 a TPU or GPU. Lowering (not compiling) is checked on CPU with ``jax.export``:
-all cells lower to Mosaic TPU (both versions); with Triton (jax 0.10 only:
-from 0.11 the Triton lowering reads the GPU's properties) only the Elman
-cell does (``gates``' LSTM/GRU math slices gate blocks and builds ``3H``-wide
-arrays, which Triton cannot lower). The Mosaic GPU lowering, the default on
+all cells lower to Mosaic TPU (both versions), and all cells, f32 and bf16,
+lower with Triton (checked with jax 0.10: from 0.11 the Triton lowering
+reads the GPU's properties, so it needs a GPU). Triton can neither slice nor
+concatenate values and wants power-of-two tiles, so the kernel bodies run
+the per-gate step (:func:`~jaxrnn.kernels.gates.forward_gates`,
+:func:`~jaxrnn.kernels.gates.backward_gates`): every gate-stacked array is
+passed once per gate with that gate's column block as its ``BlockSpec``,
+and each gate's tile is ``(rows, Hp)``. The Mosaic GPU lowering, the default on
 GPU since jax 0.9, has no rule for a matmul of values, so on GPU the kernels
 request Triton explicitly (deprecated in jax 0.11). :func:`qualifies` keeps
 ``impl="auto"`` away from this kernel until a platform is verified.
@@ -189,7 +193,7 @@ def _pad_gates(a, n_gates, H, Hp, pad_rows=False):
 class _Recurrent(NamedTuple):
     """The recurrent parameters a kernel body holds (all that ``gates`` reads)."""
 
-    w_hh: Array  # (Hp, Gp), compute dtype
+    w_hh: Array  # (Hp, Gp), compute dtype; kernels see it per gate, (Hp, Hp) blocks
     b_hn: Optional[Array]  # (Hp,), GRU reset="after" only
 
 
@@ -218,7 +222,7 @@ def _load_carry(cell, init_refs, running_refs, chunk, single_chunk):
 
 
 def _forward_kernel(
-    lens_ref, xp_ref, w_ref, bhn_ref, carry0_refs, hs_ref, seq_refs, res_refs, carry_refs,
+    lens_ref, xp_refs, w_refs, bhn_ref, carry0_refs, hs_ref, seq_refs, res_refs, carry_refs,
     *, cell, steps, reverse, masked, keep_res, single_chunk,
 ):
     """One ``(batch tile, time chunk)`` program of the forward pass.
@@ -226,27 +230,29 @@ def _forward_kernel(
     Refs (``bB`` rows per tile, ``Tc = steps``; "acc" is the accumulation
     dtype, float32 unless the inputs are float64):
       lens_ref: ``(bB, 1)`` int32 valid lengths (read only when ``masked``).
-      xp_ref: ``(Tc, bB, Gp)`` acc, projected inputs of this chunk.
-      w_ref: ``(Hp, Gp)`` compute dtype, recurrent weight (resident).
+      xp_refs: per gate ``(Tc, bB, Hp)`` acc, projected inputs of this chunk.
+      w_refs: per gate ``(Hp, Hp)`` compute dtype, that gate's columns of the
+        recurrent weight (resident).
       bhn_ref: ``(1, Hp)`` acc ``b_hn`` (GRU ``reset="after"``), else ``None``.
       carry0_refs: ``(bB, Hp)`` acc per carry leaf, the initial carry.
       hs_ref: out ``(Tc, bB, Hp)`` acc, outputs ``h_t`` (zero at padded steps).
       seq_refs: out ``(Tc, bB, Hp)`` per carry leaf after ``h`` (LSTM:
         ``c_t``); empty when no residuals are saved.
-      res_refs: out ``(Tc, bB, ·)`` per residual of ``gates.forward`` with
-        ``keep_res`` set.
+      res_refs: out ``(Tc, bB, Hp)`` per residual of ``gates.forward_gates``
+        with ``keep_res`` set.
       carry_refs: out ``(bB, Hp)`` per carry leaf: the running carry, final
         after the last chunk.
     """
     chunk, n_chunks = pl.program_id(1), pl.num_programs(1)
     t0 = ((n_chunks - 1 - chunk) if reverse else chunk) * steps
     carry = _load_carry(cell, carry0_refs, carry_refs, chunk, single_chunk)
-    rec = _Recurrent(w_ref[...], None if bhn_ref is None else bhn_ref[...][0])
+    w = tuple(ref[...] for ref in w_refs)
+    b_hn = None if bhn_ref is None else bhn_ref[...][0]
     lens = lens_ref[...] if masked else None
 
     def body(s, carry):
         j = steps - 1 - s if reverse else s
-        new, h, res = gates.forward(cell, rec, carry, xp_ref[j])
+        new, h, res = gates.forward_gates(cell, w, b_hn, carry, tuple(ref[j] for ref in xp_refs))
         if masked:
             valid = t0 + j < lens
             new = _where(valid, new, carry)
@@ -264,7 +270,7 @@ def _forward_kernel(
 
 
 def _backward_kernel(
-    lens_ref, w_ref, dhs_ref, prev_refs, res_refs, dcarry_t_refs, dxp_ref, dcarry_refs,
+    lens_ref, w_refs, dhs_ref, prev_refs, res_refs, dcarry_t_refs, dxp_refs, dcarry_refs,
     *, cell, steps, reverse, masked, single_chunk,
 ):
     """One ``(batch tile, time chunk)`` program of the backward pass.
@@ -272,37 +278,38 @@ def _backward_kernel(
     Walks time opposite to the forward pass. At each valid step, with the
     output's cotangent added to the carry's (``dh += dhs_t``)::
 
-        dxp_t, dcarry, _ = gates.backward(cell, W, carry_{t-1}, res_t, dcarry)
+        dxp_t, dcarry = gates.backward_gates(cell, W, carry_{t-1}, res_t, dcarry)
 
     A padded step passes ``dcarry`` through and gets ``dxp_t = 0``.
 
     Refs (as in :func:`_forward_kernel`):
       lens_ref: ``(bB, 1)`` int32 valid lengths (read only when ``masked``).
-      w_ref: ``(Hp, Gp)`` compute dtype, recurrent weight (resident).
+      w_refs: per gate ``(Hp, Hp)`` compute dtype, recurrent weight blocks (resident).
       dhs_ref: ``(Tc, bB, Hp)`` acc, cotangents of the outputs.
       prev_refs: ``(Tc, bB, Hp)`` per carry leaf: the carry each step started from.
-      res_refs: ``(Tc, bB, ·)`` per residual of ``gates.forward``.
+      res_refs: ``(Tc, bB, Hp)`` per residual of ``gates.forward_gates``.
       dcarry_t_refs: ``(bB, Hp)`` per carry leaf, cotangent of the final carry.
-      dxp_ref: out ``(Tc, bB, Gp)`` acc, cotangents of the projected inputs.
+      dxp_refs: out per gate ``(Tc, bB, Hp)`` acc, cotangents of the projected inputs.
       dcarry_refs: out ``(bB, Hp)`` per carry leaf: the running carry
         cotangent, the initial carry's after the last chunk.
     """
     chunk, n_chunks = pl.program_id(1), pl.num_programs(1)
     t0 = (chunk if reverse else n_chunks - 1 - chunk) * steps
     dcarry = _load_carry(cell, dcarry_t_refs, dcarry_refs, chunk, single_chunk)
-    rec = _Recurrent(w_ref[...], None)
+    w = tuple(ref[...] for ref in w_refs)
     lens = lens_ref[...] if masked else None
 
     def body(s, dcarry):
         j = s if reverse else steps - 1 - s
         prev = cell.carry_type(*(ref[j] for ref in prev_refs))
         res = tuple(ref[j] for ref in res_refs)
-        dxp, dprev, _ = gates.backward(cell, rec, prev, res, dcarry._replace(h=dcarry.h + dhs_ref[j]))
+        dxp, dprev = gates.backward_gates(cell, w, prev, res, dcarry._replace(h=dcarry.h + dhs_ref[j]))
         if masked:
             valid = t0 + j < lens
             dprev = _where(valid, dprev, dcarry)
-            dxp = jnp.where(valid, dxp, 0.0)
-        dxp_ref[j] = dxp
+            dxp = tuple(jnp.where(valid, d, 0.0) for d in dxp)
+        for ref, d in zip(dxp_refs, dxp):
+            ref[j] = d
         return dprev
 
     dcarry = lax.fori_loop(0, steps, body, dcarry)
@@ -342,21 +349,26 @@ def _compiler_params(cfg):
 
 
 def _specs(cfg, n_chunks):
-    """BlockSpec makers for the grid ``(tile b, chunk c)``."""
+    """BlockSpec makers for the grid ``(tile b, chunk c)``.
+
+    A gate-stacked array (``xp``, ``w_hh``) is passed once per gate, each time
+    with the block index ``k`` of that gate's ``Hp`` columns: the kernel gets
+    one ref per gate, and no value is ever sliced on chip.
+    """
     bB, Tc = cfg.batch, cfg.steps
     single_buffer = cfg.platform == "tpu" and not cfg.interpret
 
     def rows(width):  # (Bp, width): a program's tile, the same for all its chunks
         return pl.BlockSpec((bB, width), lambda b, c: (b, 0))
 
-    def resident(shape):  # constant index_map: fetched once; one VMEM buffer on TPU
-        index = lambda b, c: (0,) * len(shape)  # noqa: E731
+    def resident(shape, k=0):  # constant index_map: fetched once; one VMEM buffer on TPU
+        index = lambda b, c: (0,) * (len(shape) - 1) + (k,)  # noqa: E731
         if single_buffer:
             return pl.BlockSpec(shape, index, pipeline_mode=pl.Buffered(1))
         return pl.BlockSpec(shape, index)
 
-    def seq(width, walk_back):  # (Tp, Bp, width): chunk c, or chunk n - 1 - c
-        return pl.BlockSpec((Tc, bB, width), lambda b, c: (n_chunks - 1 - c if walk_back else c, b, 0))
+    def seq(width, walk_back, k=0):  # (Tp, Bp, ·): chunk c (or n - 1 - c), column block k
+        return pl.BlockSpec((Tc, bB, width), lambda b, c: (n_chunks - 1 - c if walk_back else c, b, k))
 
     return rows, resident, seq
 
@@ -369,9 +381,10 @@ def _forward_call(cfg, rec, xp, carry0, lens, save_residuals):
     """
     Tp, Bp, Gp = xp.shape
     Hp, acc, n_chunks = cfg.cell.hidden_size, xp.dtype, Tp // cfg.steps
+    n_gates = cfg.cell.num_gates
     rows, resident, seq = _specs(cfg, n_chunks)
     if save_residuals:
-        res_shapes, keep_res = _residual_layout(cfg.cell, cfg.batch, Gp, acc)
+        res_shapes, keep_res = _residual_layout(cfg.cell, cfg.batch, acc)
         n_seq = len(carry0) - 1
     else:
         res_shapes, keep_res, n_seq = (), (), 0
@@ -398,8 +411,8 @@ def _forward_call(cfg, rec, xp, carry0, lens, save_residuals):
         grid=(Bp // cfg.batch, n_chunks),
         in_specs=(
             rows(1),
-            seq(Gp, cfg.reverse),
-            resident((Hp, Gp)),
+            tuple(seq(Hp, cfg.reverse, k) for k in range(n_gates)),
+            tuple(resident((Hp, Hp), k) for k in range(n_gates)),
             None if bhn is None else resident((1, Hp)),
             tuple(rows(Hp) for _ in carry0),
         ),
@@ -412,16 +425,16 @@ def _forward_call(cfg, rec, xp, carry0, lens, save_residuals):
         interpret=cfg.interpret,
         compiler_params=_compiler_params(cfg),
         name="rnn_forward",
-    )(lens, xp, rec.w_hh, bhn, tuple(carry0))
+    )(lens, (xp,) * n_gates, (rec.w_hh,) * n_gates, bhn, tuple(carry0))
     res_kept = iter(res_kept)
     res_seq = tuple(next(res_kept) if keep else hs for keep in keep_res)
     return hs, carry_seq, res_seq, cfg.cell.carry_type(*carry)
 
 
 def _backward_call(cfg, w, dhs, prev, res_seq, dcarry_t, lens):
-    """Run :func:`_backward_kernel`: ``(dxp, dcarry0)``."""
+    """Run :func:`_backward_kernel`: ``(dxp, dcarry0)``, ``dxp`` ``(Tp, Bp, Gp)``."""
     Tp, Bp, Hp = dhs.shape
-    Gp, n_chunks = w.shape[1], Tp // cfg.steps
+    n_gates, n_chunks = cfg.cell.num_gates, Tp // cfg.steps
     rows, resident, seq = _specs(cfg, n_chunks)
     back = not cfg.reverse  # chunks are visited opposite to the forward pass
     kernel = functools.partial(
@@ -435,28 +448,29 @@ def _backward_call(cfg, w, dhs, prev, res_seq, dcarry_t, lens):
     dxp, dcarry0 = pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((Tp, Bp, Gp), dhs.dtype),
+            tuple(jax.ShapeDtypeStruct((Tp, Bp, Hp), dhs.dtype) for _ in range(n_gates)),
             tuple(jax.ShapeDtypeStruct((Bp, Hp), dhs.dtype) for _ in dcarry_t),
         ),
         grid=(Bp // cfg.batch, n_chunks),
         in_specs=(
             rows(1),
-            resident((Hp, Gp)),
+            tuple(resident((Hp, Hp), k) for k in range(n_gates)),
             seq(Hp, back),
             tuple(seq(Hp, back) for _ in prev),
             tuple(seq(r.shape[-1], back) for r in res_seq),
             tuple(rows(Hp) for _ in dcarry_t),
         ),
-        out_specs=(seq(Gp, back), tuple(rows(Hp) for _ in dcarry_t)),
+        out_specs=(tuple(seq(Hp, back) for _ in range(n_gates)), tuple(rows(Hp) for _ in dcarry_t)),
         interpret=cfg.interpret,
         compiler_params=_compiler_params(cfg),
         name="rnn_backward",
-    )(lens, w, dhs, tuple(prev), tuple(res_seq), tuple(dcarry_t))
+    )(lens, (w,) * n_gates, dhs, tuple(prev), tuple(res_seq), tuple(dcarry_t))
+    dxp = dxp[0] if n_gates == 1 else jnp.concatenate(dxp, axis=-1)
     return dxp, cfg.cell.carry_type(*dcarry0)
 
 
-def _residual_layout(cell, rows, Gp, acc):
-    """Shapes of ``gates.forward``'s residuals for one tile, and which to store.
+def _residual_layout(cell, rows, acc):
+    """Shapes of ``gates.forward_gates``' residuals for one tile, and which to store.
 
     A residual that *is* the step's output ``h`` (an Elman cell's) is not
     written twice: the backward pass reads it from ``hs``.
@@ -465,12 +479,15 @@ def _residual_layout(cell, rows, Gp, acc):
     b_hn = jnp.zeros((Hp,), acc) if _has_b_hn(cell) else None
     same_as_h = []
 
+    w = (jnp.zeros((Hp, Hp), cell.compute_dtype),) * cell.num_gates
+
     def step(carry, xp):
-        _, h, res = gates.forward(cell, _Recurrent(jnp.zeros((Hp, Gp), cell.compute_dtype), b_hn), carry, xp)
+        _, h, res = gates.forward_gates(cell, w, b_hn, carry, xp)
         same_as_h.extend(r is h for r in res)
         return res
 
-    shapes = jax.eval_shape(step, cell.zero_carry((rows,), acc), jax.ShapeDtypeStruct((rows, Gp), acc))
+    xp = (jax.ShapeDtypeStruct((rows, Hp), acc),) * cell.num_gates
+    shapes = jax.eval_shape(step, cell.zero_carry((rows,), acc), xp)
     return tuple(shapes), tuple(not same for same in same_as_h)
 
 
@@ -527,7 +544,8 @@ def _recurrence_bwd(cfg, residuals, cotangents):
     dhs, dcarry_t = cotangents
     prev = _previous_carries(carry_seq, carry0, lens if cfg.masked else None, cfg.reverse)
     dxp, dcarry0 = _backward_call(cfg, w_compute, dhs, prev, res_seq, dcarry_t, lens)
-    dw, db_hn = gates.weight_grads(cfg.cell, *gates.matmul_operands(cfg.cell, prev, res_seq, dxp))
+    res_flat = gates.flat_residuals(cfg.cell, res_seq)
+    dw, db_hn = gates.weight_grads(cfg.cell, *gates.matmul_operands(cfg.cell, prev, res_flat, dxp))
     db_hn = None if b_hn is None else db_hn.astype(b_hn.dtype)
     return dw.astype(w_hh.dtype), db_hn, dxp, dcarry0, None
 
@@ -635,6 +653,10 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
 #: :func:`reference`. Empty: developed without a GPU or TPU.
 VERIFIED_PLATFORMS: tuple = ()
 
+#: The largest recurrent weight (bytes, compute dtype) that ``qualifies`` on
+#: GPU: a quarter of an SM's on-chip memory, leaving room for the tiles.
+GPU_RESIDENT_BYTES = 128 * 2**10
+
 
 def qualifies(cell, platform: str) -> bool:
     """Whether ``impl="auto"`` should run ``cell`` with these kernels on ``platform``.
@@ -644,9 +666,10 @@ def qualifies(cell, platform: str) -> bool:
     mode on CPU only, and only lowered, not run, for TPU and GPU), so GPU
     and TPU users get the XLA backend from ``"auto"`` and opt in with
     ``impl="pallas"``. On a verified platform, a cell qualifies when its
-    resident recurrent weight ``(H, G)`` fits in 8 MiB in the compute dtype
-    and, on GPU, when it is an Elman cell (the only one that lowers with
-    Triton).
+    resident recurrent weight ``(H, G)`` fits on chip in the compute dtype:
+    8 MiB on TPU (VMEM), and on GPU :data:`GPU_RESIDENT_BYTES`, since one
+    Triton program holds the whole weight in registers and shared memory
+    (a Hopper SM has 228 KiB of shared memory and 256 KiB of registers).
 
     Args:
       cell: the (resolved) cell.
@@ -661,10 +684,9 @@ def qualifies(cell, platform: str) -> bool:
     """
     if platform not in VERIFIED_PLATFORMS:
         return False
-    if _is_gpu(platform) and cell.num_gates != 1:
-        return False
     itemsize = jnp.dtype(jnp.float32 if cell.compute_dtype is None else cell.compute_dtype).itemsize
-    return cell.hidden_size * cell.gate_size * itemsize <= 8 * 2**20
+    limit = GPU_RESIDENT_BYTES if _is_gpu(platform) else 8 * 2**20
+    return cell.hidden_size * cell.gate_size * itemsize <= limit
 
 
 # --------------------------------------------------------------------------

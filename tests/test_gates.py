@@ -126,3 +126,23 @@ def test_prepared_weights_match_params(name, cd):
     got = gates.backward(cell, weights, carry, res, dcarry)
     want = gates.backward(cell, params, carry, res, dcarry)
     assert_close(got, want, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("cd", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("name", list(CELLS))
+def test_per_gate_form_matches(name, cd):
+    """``forward_gates``/``backward_gates`` (no slices, for Triton) equal the sliced forms."""
+    cell, params, carry, xp = _setup(name, cd)
+    w = gates.split_gates(cell, params.w_hh)
+    b_hn = getattr(params, "b_hn", None)
+    new, h, res = gates.forward_gates(cell, w, b_hn, carry, gates.split_gates(cell, xp))
+    new_ref, h_ref, res_ref = gates.forward(cell, params, carry, xp)
+    assert_close((new, h, gates.flat_residuals(cell, res)), (new_ref, h_ref, res_ref), dtype=jnp.float32)
+    dcarry, dh = _cotangents(cell, 1)
+    total = dcarry._replace(h=dcarry.h + dh)
+    dxp, dprev = gates.backward_gates(cell, w, carry, res, total)
+    dxp_ref, dprev_ref, _ = gates.backward(cell, params, carry, res_ref, total)
+    assert_close((jnp.concatenate(dxp, axis=-1), dprev), (dxp_ref, dprev_ref), dtype=jnp.float32)
+    # and against autodiff of the cell itself
+    _, dcarry_ad, dxp_ad = _expected_grads(cell, params, carry, xp, dcarry, dh)
+    assert_close((jnp.concatenate(dxp, axis=-1), dprev), (dxp_ad, dcarry_ad), dtype=cd)

@@ -171,10 +171,10 @@ class _KernelTests:
 
     def test_no_retrace(self, monkeypatch):
         """A second call with the same shapes reuses the trace: the kernel body
-        (which calls ``gates.forward``) is not traced again."""
+        (which calls ``gates.forward_gates``) is not traced again."""
         traced = []
-        original = gates.forward
-        monkeypatch.setattr(gates, "forward", lambda *a: (traced.append(1), original(*a))[1])
+        original = gates.forward_gates
+        monkeypatch.setattr(gates, "forward_gates", lambda *a: (traced.append(1), original(*a))[1])
         cell, params, xs, _ = _problem("elman")
         run = jax.jit(lambda p, x: jaxrnn.rnn(cell, p, x, impl="pallas"))
         run(params, xs)
@@ -319,6 +319,16 @@ def test_cpu_warns_once():
     assert not [w for w in caught if "interpret mode" in str(w.message)]
 
 
+def test_qualifies_on_a_verified_platform(monkeypatch):
+    """Once a platform is verified, ``qualifies`` admits the cells whose weight fits on chip."""
+    monkeypatch.setattr(pallas, "VERIFIED_PLATFORMS", ("gpu", "tpu"))
+    small, large = jaxrnn.LSTM(64, compute_dtype=jnp.bfloat16), jaxrnn.LSTM(768, compute_dtype=jnp.bfloat16)
+    assert pallas.qualifies(small, "gpu") and pallas.qualifies(small, "tpu")
+    assert not pallas.qualifies(large, "gpu")  # 4.5 MiB: more than one GPU program holds
+    assert pallas.qualifies(large, "tpu") and not pallas.qualifies(jaxrnn.LSTM(2048), "tpu")
+    assert not pallas.qualifies(small, "cpu")
+
+
 def test_auto_does_not_pick_unverified_kernel():
     """``qualifies`` is False until a platform is verified on hardware, so
     ``impl="auto"`` keeps the XLA backend on GPU and TPU."""
@@ -358,15 +368,17 @@ def test_lowers_for_tpu(name):
     assert module.count("tpu_custom_call") == 2  # the forward and the backward kernel
 
 
-def test_lowers_for_gpu():
-    """The Elman kernels lower with Triton (compiling and running them needs a GPU).
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("name", list(CELLS))
+def test_lowers_for_gpu(name, dtype):
+    """Every cell's kernels lower with Triton (compiling and running them needs a GPU).
 
-    Only Elman: Triton tensors must have power-of-two sizes and Triton has no
-    ``slice`` rule, so the LSTM/GRU step math of ``gates`` (static gate
-    slices, ``(B, 3H)`` arrays) does not lower with it yet.
+    Triton has no rule for slicing or concatenating values and wants
+    power-of-two tiles: the kernels run the per-gate step of ``gates`` with
+    one ``(rows, Hp)`` tile per gate.
     """
     try:
-        module = _export_fwd_bwd("elman", "gpu")
+        module = _export_fwd_bwd(name, "gpu", dtype)
     except RuntimeError as e:  # jax >= 0.11 reads the GPU's properties while lowering
         if "No supported GPU devices found" not in str(e):
             raise

@@ -98,7 +98,7 @@ class LanguageModel:
     cell: Any
     num_layers: int = 1
     embed_size: int = 32
-    impl: str = "auto"
+    impl: Any = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "embed_size"):

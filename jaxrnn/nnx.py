@@ -97,7 +97,7 @@ class RNN(nnx.Module):
         params: Any = None,
         param_dtype=jnp.float32,
         time_major: bool = False,
-        impl: str = "auto",
+        impl: Any = "auto",
     ):
         check_cell(cell)
         check_impl(impl)
@@ -195,7 +195,7 @@ class StackRNN(nnx.Module):
         param_dtype=jnp.float32,
         deterministic: bool = False,
         time_major: bool = False,
-        impl: str = "auto",
+        impl: Any = "auto",
     ):
         if not isinstance(stack, Stack):
             raise TypeError(f"stack: expected a jaxrnn.Stack, got {type(stack).__name__}")

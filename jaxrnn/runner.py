@@ -78,11 +78,21 @@ def scan_reference(cell, params, xp, carry0, lengths, reverse):
 # Choosing a backend
 # --------------------------------------------------------------------------
 def check_impl(impl):
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    """Check ``impl`` is a name in :data:`IMPLS` or a backend configuration
+    (:class:`jaxrnn.kernels.XLA`, :class:`jaxrnn.kernels.Pallas`)."""
+    if isinstance(impl, str) and impl in IMPLS:
+        return
+    if not isinstance(impl, str):
+        from jaxrnn import kernels  # noqa: PLC0415
+
+        if isinstance(impl, (kernels.XLA, kernels.Pallas)):
+            return
+    raise ValueError(
+        f"impl: expected one of {IMPLS} or a jaxrnn.kernels.XLA / jaxrnn.kernels.Pallas configuration, got {impl!r}"
+    )
 
 
-def resolve_backend(impl: str, cell, platform: Optional[str] = None):
+def resolve_backend(impl, cell, platform: Optional[str] = None):
     """Return ``(name, backend_fn)`` for ``impl`` on ``platform`` (trace time)."""
     check_impl(impl)
     if impl == "reference":
@@ -179,7 +189,7 @@ def rnn(
     seq_lengths: Optional[Array] = None,
     reverse: bool = False,
     time_major: bool = False,
-    impl: str = "auto",
+    impl: Any = "auto",
 ):
     """Run ``cell`` over a sequence.
 
@@ -202,8 +212,10 @@ def rnn(
         and a reverse run concatenate into a correct bidirectional layer.
       time_major: inputs and outputs are ``(T, B, ·)``.
       impl: ``"auto"`` (the fastest available), ``"reference"`` (``lax.scan``
-        + autodiff, the ground truth), ``"xla"`` (fused custom-VJP scan) or
-        ``"pallas"`` (fused-gate kernel; interpret mode on CPU).
+        + autodiff, the ground truth), ``"xla"`` (fused custom-VJP loop) or
+        ``"pallas"`` (fused-gate kernel; interpret mode on CPU); or a backend
+        with options, :class:`jaxrnn.kernels.XLA` or
+        :class:`jaxrnn.kernels.Pallas` (e.g. the kernels' block sizes).
 
     Returns:
       ``(ys, final_carry)``: outputs ``(B, T, H)`` (layout and batching as

@@ -148,7 +148,7 @@ class Stack:
         initial_carry: Any = None,
         dropout_key: Optional[Array] = None,
         time_major: bool = False,
-        impl: str = "auto",
+        impl: Any = "auto",
     ):
         """Run the stack.
 

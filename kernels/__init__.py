@@ -10,49 +10,109 @@ Every backend has the signature documented in :mod:`jaxrnn.runner`::
   :func:`jaxrnn.kernels.pallas.rnn_pallas`, a fused-gate Pallas kernel that
   loops over time on chip (interpret mode on CPU).
 
-``impl`` is resolved here, at trace time.
+``impl`` is resolved here, at trace time. Besides the names, ``impl`` takes
+a backend with options, :class:`XLA` or :class:`Pallas`: frozen, hashable
+configurations (static under ``jit``), e.g.
+``jaxrnn.rnn(cell, params, xs, impl=Pallas(block=BlockSizes(batch=16)))``.
 """
 
-import functools
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional
 
 from jaxrnn.runner import warn_once
 
-__all__ = ["resolve"]
+__all__ = ["XLA", "Pallas", "resolve"]
+
+_PALLAS_ON_CPU = "impl='pallas' on CPU runs the kernel in Pallas interpret mode (slow; for testing)."
+
+
+@dataclasses.dataclass(frozen=True)
+class XLA:
+    """The ``"xla"`` backend with options (``impl=XLA()`` is ``impl="xla"``).
+
+    Attributes:
+      projection: where the forward-only pass computes ``xs @ w_ih + b``:
+        ``"auto"``, ``"hoisted"`` or ``"in_loop"``; see
+        :func:`jaxrnn.kernels.xla.rnn_xla`.
+
+    Example:
+      >>> ys, carry = jaxrnn.rnn(cell, params, xs, impl=XLA(projection="hoisted"))
+    """
+
+    projection: str = "auto"
+    name: ClassVar[str] = "xla"
+
+    def __post_init__(self):
+        from jaxrnn.kernels.xla import PROJECTIONS  # noqa: PLC0415
+
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"XLA.projection: expected one of {PROJECTIONS}, got {self.projection!r}")
+
+    def __call__(self, cell, params, xs, carry0, lengths, reverse):
+        from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
+
+        return rnn_xla(cell, params, xs, carry0, lengths, reverse, projection=self.projection)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pallas:
+    """The ``"pallas"`` backend with options (``impl=Pallas()`` is ``impl="pallas"``).
+
+    Attributes:
+      block: the kernels' :class:`~jaxrnn.kernels.pallas.BlockSizes`
+        (``None``: ``BlockSizes.get_default(platform)``).
+      interpret: run in Pallas interpret mode (``None``: on CPU only).
+
+    Example:
+      >>> from jaxrnn.kernels.pallas import BlockSizes
+      >>> ys, carry = jaxrnn.rnn(cell, params, xs, impl=Pallas(block=BlockSizes(batch=16)))
+    """
+
+    block: Optional[Any] = None
+    interpret: Optional[bool] = None
+    name: ClassVar[str] = "pallas"
+
+    def __post_init__(self):
+        from jaxrnn.kernels.pallas import BlockSizes  # noqa: PLC0415
+
+        if self.block is not None and not isinstance(self.block, BlockSizes):
+            raise TypeError(f"Pallas.block: expected a BlockSizes or None, got {type(self.block).__name__}")
+        if self.interpret is not None and not isinstance(self.interpret, bool):
+            raise TypeError(f"Pallas.interpret: expected a bool or None, got {type(self.interpret).__name__}")
+
+    def __call__(self, cell, params, xs, carry0, lengths, reverse):
+        """Project all steps with one large matmul, then run the kernels on ``xp``."""
+        from jaxrnn.kernels.pallas import rnn_pallas  # noqa: PLC0415
+
+        xp = cell.input_projection(params, xs)
+        return rnn_pallas(cell, params, xp, carry0, lengths, reverse, block=self.block, interpret=self.interpret)
 
 
 def resolve(impl, cell, platform):
     """Return ``(name, backend)`` for ``impl`` on ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``).
 
-    ``"auto"`` picks Pallas on GPU/TPU when the cell qualifies, the XLA path
-    otherwise; ``"pallas"`` on CPU runs in interpret mode and warns once.
+    ``impl`` is ``"xla"``, ``"pallas"``, ``"auto"`` or an :class:`XLA` /
+    :class:`Pallas` configuration. ``"auto"`` picks Pallas on GPU/TPU when
+    the cell qualifies, the XLA path otherwise; Pallas on CPU runs in
+    interpret mode and warns once (unless ``interpret`` was asked for).
     """
     if impl == "xla":
-        from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
-
-        return "xla", rnn_xla
-    if impl == "pallas":
-        from jaxrnn.kernels import pallas  # noqa: PLC0415
-
-        if platform == "cpu":
-            warn_once("impl='pallas' on CPU runs the kernel in Pallas interpret mode (slow; for testing).")
-        return "pallas", _projecting(pallas.rnn_pallas)
-    if impl == "auto":
+        impl = XLA()
+    elif impl == "pallas":
+        impl = Pallas()
+    elif impl == "auto":
+        impl = XLA()
         if platform != "cpu":
             from jaxrnn.kernels import pallas  # noqa: PLC0415
 
             if pallas.qualifies(cell, platform):
-                return "pallas", _projecting(pallas.rnn_pallas)
-        from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
-
-        return "xla", rnn_xla
+                impl = Pallas()
+    if isinstance(impl, Pallas):
+        if platform == "cpu" and impl.interpret is None:
+            warn_once(_PALLAS_ON_CPU)
+        return impl.name, impl
+    if isinstance(impl, XLA):
+        return impl.name, impl
     raise ValueError(f"impl: unknown implementation {impl!r}")
-
-
-def _projecting(kernel):
-    """The backend that projects ``xs`` with one large matmul, then runs ``kernel`` on ``xp``."""
-
-    @functools.wraps(kernel)
-    def backend(cell, params, xs, carry0, lengths, reverse):
-        return kernel(cell, params, cell.input_projection(params, xs), carry0, lengths, reverse)
-
-    return backend

@@ -3,7 +3,7 @@
 The kernel tests live in :class:`_KernelTests`, run by two subclasses: one in
 Pallas interpret mode (CPU, what CI runs) and one compiled on a GPU (marked
 ``gpu``; skipped without one). Every cell × dtype is checked through
-``jaxrnn.rnn(..., impl="pallas")`` against ``impl="reference"`` for
+``jaxrnn.rnn(..., impl=Pallas(block=..., interpret=...))`` against ``impl="reference"`` for
 {full length, lengths with 0 and T} × {forward, reverse}: outputs, final
 carries and the VJP w.r.t. ``xs``, every parameter and the initial carry,
 with block sizes that do not divide the problem (batch tiles of 2 for B=3,
@@ -24,7 +24,7 @@ from jax import export
 import jaxrnn
 from _util import assert_close
 from jaxrnn import runner
-from jaxrnn.kernels import gates, pallas
+from jaxrnn.kernels import Pallas, gates, pallas
 from jaxrnn.kernels.pallas import BlockSizes, rnn_pallas
 
 B, T, H, I = 3, 5, 5, 4
@@ -131,12 +131,13 @@ class _KernelTests:
         name = getattr(request.node, "callspec", None) and request.node.callspec.params.get("name")
         if name and name not in self.CELLS:
             pytest.skip(f"{name} is not supported in this mode")
-        if self.BLOCK is not None:
-            monkeypatch.setattr(BlockSizes, "get_default", classmethod(lambda cls, platform: self.BLOCK))
-        runner._rnn.clear_cache()  # traces made with other block sizes must not be reused
         with jax.default_matmul_precision(self.PRECISION):
             yield
-        runner._rnn.clear_cache()
+
+    @property
+    def impl(self):
+        """The runner's ``impl``: this mode's block sizes and interpret flag."""
+        return Pallas(block=self.BLOCK, interpret=self.INTERPRET)
 
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
     @pytest.mark.parametrize("name", list(CELLS))
@@ -145,7 +146,7 @@ class _KernelTests:
         of ``impl="pallas"`` equal ``impl="reference"``, for every variant."""
         cell, params, xs, carry0 = _problem(name, dtype)
         args = (params, xs, carry0, jax.random.key(7))
-        got = _compile_run(_vjp_all(_via_rnn(cell, "pallas")), *args)
+        got = _compile_run(_vjp_all(_via_rnn(cell, self.impl)), *args)
         want = _compile_run(_vjp_all(_via_rnn(cell, "reference")), *args)
         _assert_variants_close(got, want, dtype)
 
@@ -176,16 +177,16 @@ class _KernelTests:
         original = gates.forward_gates
         monkeypatch.setattr(gates, "forward_gates", lambda *a: (traced.append(1), original(*a))[1])
         cell, params, xs, _ = _problem("elman")
-        run = jax.jit(lambda p, x: jaxrnn.rnn(cell, p, x, impl="pallas"))
+        run = jax.jit(lambda p, x: jaxrnn.rnn(cell, p, x, impl=self.impl))
         run(params, xs)
         first = len(traced)
         run(params, xs + 1.0)
         assert first > 0 and len(traced) == first
-        jaxrnn.rnn(cell, params, xs, seq_lengths=LENGTHS, impl="pallas")
+        jaxrnn.rnn(cell, params, xs, seq_lengths=LENGTHS, impl=self.impl)
         second = len(traced)
-        jaxrnn.rnn(cell, params, xs + 1.0, seq_lengths=LENGTHS[::-1].copy(), impl="pallas")
+        jaxrnn.rnn(cell, params, xs + 1.0, seq_lengths=LENGTHS[::-1].copy(), impl=self.impl)
         assert len(traced) == second
-        jaxrnn.rnn(cell, params, xs[:2], impl="pallas")  # a new shape does trace
+        jaxrnn.rnn(cell, params, xs[:2], impl=self.impl)  # a new shape does trace
         assert len(traced) > second
 
 
@@ -197,16 +198,14 @@ class TestInterpret(_KernelTests):
 class TestGPU(_KernelTests):
     """Compiled on a GPU (Triton lowering) with the GPU's default block sizes.
 
-    Unverified so far: no GPU was available where this was written. Only the
-    Elman cell: the LSTM and GRU step math of ``gates`` does not lower with
-    Triton (see ``test_lowers_for_gpu``). Float32 matmuls at full precision
-    (not TF32) in kernel and reference, for the float32 tolerance.
+    Unverified so far: no GPU was available where this was written; every
+    cell lowers (see ``test_lowers_for_gpu``). Float32 matmuls at full
+    precision (not TF32) in kernel and reference, for the float32 tolerance.
     """
 
     INTERPRET = False
     PLATFORM = "gpu"
     BLOCK = None
-    CELLS = ("elman",)
     PRECISION = "highest"
 
 

@@ -255,7 +255,7 @@ def test_error_params():
 
 
 def test_error_unknown_impl_and_cell():
-    _expect(ValueError, r"impl: expected one of \('auto', 'reference', 'xla', 'pallas'\), got 'cudnn'", impl="cudnn")
+    _expect(ValueError, r"impl: expected one of \('auto', 'reference', 'xla', 'pallas'\) or a jaxrnn.kernels.XLA .*, got 'cudnn'", impl="cudnn")
     with pytest.raises(TypeError, match="cell: expected a jaxrnn cell"):
         jaxrnn.rnn("lstm", None, _xs())
 
@@ -277,3 +277,42 @@ def test_impl_resolution():
     assert resolve_backend("xla", cell, "gpu")[0] == "xla"
     params, xs = _params(cell), _xs()
     assert_close(jaxrnn.rnn(cell, params, xs, impl="auto"), jaxrnn.rnn(cell, params, xs, impl="reference"))
+
+
+def test_backend_configurations():
+    """``impl`` takes configured backends: same results as the reference, static and hashable."""
+    from jaxrnn.kernels import XLA, Pallas
+    from jaxrnn.kernels.pallas import BlockSizes
+
+    cell = jaxrnn.GRU(H, reset="after")
+    params, xs = _params(cell), _xs()
+    lengths = jnp.array([T, 1][:B] + [T] * max(0, B - 2), jnp.int32)[:B]
+    want = jaxrnn.rnn(cell, params, xs, seq_lengths=lengths, reverse=True, impl="reference")
+    grad = lambda impl: jax.grad(lambda p: jnp.sum(jaxrnn.rnn(cell, p, xs, seq_lengths=lengths, impl=impl)[0] ** 2))  # noqa: E731
+    for impl in (XLA(projection="in_loop"), XLA(projection="hoisted"), Pallas(block=BlockSizes(batch=2), interpret=True)):
+        assert_close(jaxrnn.rnn(cell, params, xs, seq_lengths=lengths, reverse=True, impl=impl), want, err_msg=str(impl))
+        assert_close(grad(impl)(params), grad("reference")(params), err_msg=str(impl))
+    # Equal configurations are equal static arguments: no new compilation.
+    before = jaxrnn.runner._rnn._cache_size()
+    jaxrnn.rnn(cell, params, xs + 1.0, seq_lengths=lengths, reverse=True, impl=XLA(projection="in_loop"))
+    assert jaxrnn.runner._rnn._cache_size() == before
+    # A stack passes the configuration to every layer.
+    stack = jaxrnn.Stack(cell, num_layers=2, bidirectional=True)
+    sp = stack.init(jax.random.key(1), I)
+    assert_close(stack.apply(sp, xs, impl=XLA(projection="in_loop")), stack.apply(sp, xs, impl="reference"))
+
+
+def test_backend_configuration_errors():
+    from jaxrnn.kernels import XLA, Pallas
+
+    with pytest.raises(ValueError, match=r"XLA.projection: expected one of \('auto', 'hoisted', 'in_loop'\), got 'x'"):
+        XLA(projection="x")
+    with pytest.raises(TypeError, match="Pallas.block: expected a BlockSizes or None, got int"):
+        Pallas(block=8)
+    with pytest.raises(TypeError, match="Pallas.interpret: expected a bool or None, got str"):
+        Pallas(interpret="yes")
+    cell = jaxrnn.LSTM(H)
+    with pytest.raises(ValueError, match=r"impl: expected one of .* or a jaxrnn.kernels.XLA / jaxrnn.kernels.Pallas"):
+        jaxrnn.rnn(cell, _params(cell), _xs(), impl=object())
+    with pytest.raises(ValueError, match=r"impl: expected one of"):
+        jaxrnn.rnn(cell, _params(cell), _xs(), impl="cudnn")

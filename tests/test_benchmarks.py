@@ -7,6 +7,7 @@ The smoke suite runs once per module (about 15-30 s on 2 cores).
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -231,3 +232,11 @@ def test_suites_are_well_formed():
         suites.Case("lstmx", "fwd", 1, 1, 1, 1)
     with pytest.raises(ValueError, match="mode"):
         suites.Case("lstm", "backward", 1, 1, 1, 1)
+
+
+def test_gpu_session_script_usage():
+    """The device-session script parses and refuses to run without its arguments."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_session.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    out = subprocess.run(["bash", script], capture_output=True, text=True)
+    assert out.returncode != 0 and "usage: gpu_session.sh tests|SUITE OUT" in out.stderr

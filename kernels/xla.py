@@ -60,7 +60,7 @@ from jax import lax
 
 from jaxrnn.cells import GRU, LSTM, Elman, acc_dtype, check_cell
 from jaxrnn.kernels import gates
-from jaxrnn.runner import scan_reference
+from jaxrnn.runner import rnn_reference
 
 Array = jax.Array
 
@@ -153,7 +153,7 @@ def rnn_xla(cell, params, xs, carry0, lengths, reverse, *, projection="auto", pl
     _check(cell, params, xs, carry0, lengths, projection)
     T, B = xs.shape[:2]
     if T == 0:  # no steps: nothing to fuse
-        return scan_reference(cell, params, cell.input_projection(params, xs), carry0, lengths, reverse)
+        return rnn_reference(cell, params, xs, carry0, lengths, reverse)
     if projection == "auto":
         platform = jax.default_backend() if platform is None else platform
         big = T * B * cell.gate_size * 4 >= IN_LOOP_MIN_BYTES and B >= IN_LOOP_MIN_BATCH

@@ -316,3 +316,22 @@ def test_backend_configuration_errors():
         jaxrnn.rnn(cell, _params(cell), _xs(), impl=object())
     with pytest.raises(ValueError, match=r"impl: expected one of"):
         jaxrnn.rnn(cell, _params(cell), _xs(), impl="cudnn")
+
+
+def test_backend_configurations_reach_the_kernels(monkeypatch):
+    """The options of ``XLA``/``Pallas`` are what the backends receive."""
+    from jaxrnn.kernels import XLA, Pallas
+    from jaxrnn.kernels import pallas as kp
+    from jaxrnn.kernels import xla as kx
+    from jaxrnn.kernels.pallas import BlockSizes
+
+    seen = []
+    real_xla, real_pallas = kx.rnn_xla, kp.rnn_pallas
+    monkeypatch.setattr(kx, "rnn_xla", lambda *a, **k: seen.append(k) or real_xla(*a, **k))
+    monkeypatch.setattr(kp, "rnn_pallas", lambda *a, **k: seen.append(k) or real_pallas(*a, **k))
+    cell = jaxrnn.LSTM(H)
+    params, xs = _params(cell), _xs()
+    block = BlockSizes(batch=2, time=3)
+    jaxrnn.rnn(cell, params, xs, impl=XLA(projection="in_loop"))
+    jaxrnn.rnn(cell, params, xs, impl=Pallas(block=block, interpret=True))
+    assert seen == [{"projection": "in_loop"}, {"block": block, "interpret": True}]

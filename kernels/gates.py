@@ -71,11 +71,13 @@ __all__ = [
     "Weights",
     "backward",
     "backward_gates",
+    "backward_gates_local",
     "flat_residuals",
     "forward",
     "forward_gates",
     "matmul_operands",
     "prepare",
+    "recurrent_vjp",
     "split_gates",
     "weight_grads",
 ]
@@ -324,49 +326,67 @@ def _dot_nt(cell, a, w):
     return lax.dot_general(a.astype(cd), w.astype(cd), dims, preferred_element_type=acc_dtype(cd))
 
 
-def forward_gates(cell, w, b_hn, carry, xp):
+def forward_gates(cell, w, b_hn, carry, xp, h_tile=None):
     """:func:`forward` with every gate in its own array: no slices, no concatenation.
 
     The form for kernels whose compilers cannot slice or concatenate values
     (Triton), and whose per-gate tiles are then each a power of two wide.
 
+    It also computes a column tile of the step: with ``w`` holding only the
+    columns ``J`` of each gate's block, every output is the ``J`` columns of
+    the full step's. ``carry.h`` stays the whole ``h_{t-1}`` (the matmul's
+    left operand); the other carry leaves, ``xp``, ``b_hn`` and ``h_tile``
+    are the ``J`` columns. A GRU with ``reset="before"`` cannot be tiled:
+    its candidate multiplies ``r ⊙ h_{t-1}``, which needs ``r`` for every unit.
+
     Args:
       cell: an Elman, LSTM or GRU cell.
       w: tuple of the ``num_gates`` column blocks of ``w_hh``, each ``(H, H)``
-        (``split_gates(cell, w_hh)``), in the compute dtype.
-      b_hn: ``(H,)`` for GRU with ``reset="after"``, else ``None``.
-      carry: carry with float32 leaves ``(B, H)``.
-      xp: tuple of ``num_gates`` float32 ``(B, H)`` projected inputs.
+        (``split_gates(cell, w_hh)``; a tile: ``(H, |J|)``), in the compute dtype.
+      b_hn: ``(H,)`` (a tile: ``(|J|,)``) for GRU with ``reset="after"``, else ``None``.
+      carry: carry with float32 leaves ``(B, H)`` (a tile: ``h`` ``(B, H)``,
+        the others ``(B, |J|)``).
+      xp: tuple of ``num_gates`` float32 ``(B, H)`` (a tile: ``(B, |J|)``)
+        projected inputs.
+      h_tile: ``None``, or the ``J`` columns of ``carry.h``, ``(B, |J|)``,
+        where a tile's gates read ``h_{t-1}`` elementwise (the GRU update).
 
     Returns:
       ``(new_carry, h, res)`` with ``res`` a tuple of float32 ``(B, H)``
-      arrays: Elman ``(h,)``; LSTM ``(i, f, g, o)``; GRU ``(r, u, n)``, plus
-      ``m = h_{t-1} W_hn + b_hn`` for ``reset="after"``. Concatenated
-      (:func:`flat_residuals`) they are :func:`forward`'s ``res``.
+      (a tile: ``(B, |J|)``) arrays: Elman ``(h,)``; LSTM ``(i, f, g, o)``;
+      GRU ``(r, u, n)``, plus ``m = h_{t-1} W_hn + b_hn`` for
+      ``reset="after"``. Concatenated (:func:`flat_residuals`) they are
+      :func:`forward`'s ``res``.
     """
     check_cell(cell)
-    h_prev = carry.h
+    h_mm = carry.h
+    h_prev = h_mm if h_tile is None else h_tile
     if isinstance(cell, LSTM):
-        z = [x + _dot(cell, h_prev, wk) for x, wk in zip(xp, w)]
+        z = [x + _dot(cell, h_mm, wk) for x, wk in zip(xp, w)]
         i, f, o = jax.nn.sigmoid(z[0]), jax.nn.sigmoid(z[1]), jax.nn.sigmoid(z[3])
         g = jnp.tanh(z[2])
         c = f * carry.c + i * g
         h = o * jnp.tanh(c)
         return LSTMCarry(h, c), h, (i, f, g, o)
     if isinstance(cell, GRU):
-        r = jax.nn.sigmoid(xp[0] + _dot(cell, h_prev, w[0]))
-        u = jax.nn.sigmoid(xp[1] + _dot(cell, h_prev, w[1]))
+        r = jax.nn.sigmoid(xp[0] + _dot(cell, h_mm, w[0]))
+        u = jax.nn.sigmoid(xp[1] + _dot(cell, h_mm, w[1]))
         if cell.reset == "after":
-            m = _dot(cell, h_prev, w[2]) + _row(b_hn, h_prev)
+            m = _dot(cell, h_mm, w[2]) + _row(b_hn, h_mm)
             n = jnp.tanh(xp[2] + r * m)
             res = (r, u, n, m)
         else:
+            if h_tile is not None:
+                raise ValueError(
+                    "h_tile: a GRU with reset='before' cannot be computed in column tiles "
+                    "(its candidate's matmul reads r ⊙ h_{t-1} for every unit)"
+                )
             n = jnp.tanh(xp[2] + _dot(cell, r * h_prev, w[2]))
             res = (r, u, n)
         h = h_prev + u * (n - h_prev)
         return Carry(h), h, res
     if isinstance(cell, Elman):
-        z = xp[0] + _dot(cell, h_prev, w[0])
+        z = xp[0] + _dot(cell, h_mm, w[0])
         h = {"tanh": jnp.tanh, "relu": jax.nn.relu, "linear": lambda v: v}[cell.activation](z)
         return Carry(h), h, (h,)
     raise TypeError(f"cell: expected an Elman, LSTM or GRU cell, got {type(cell).__name__}")
@@ -387,33 +407,79 @@ def backward_gates(cell, w, carry_prev, res, dcarry):
       cotangents of the projected inputs, and of the previous carry.
     """
     check_cell(cell)
+    if isinstance(cell, GRU) and cell.reset == "before":
+        h_prev, dh = carry_prev.h, dcarry.h
+        r, u, n = res
+        dn = dh * u * (1.0 - n * n)
+        du = dh * (n - h_prev) * u * (1.0 - u)
+        drh = _dot_nt(cell, dn, w[2])
+        dr = drh * h_prev * r * (1.0 - r)
+        dh_prev = dh * (1.0 - u) + drh * r + _dot_nt(cell, dr, w[0]) + _dot_nt(cell, du, w[1])
+        return (dr, du, dn), Carry(dh_prev)
+    dxp, dmm, dprev = backward_gates_local(cell, carry_prev, res, dcarry)
+    return dxp, dprev._replace(h=dprev.h + recurrent_vjp(cell, w, dmm))
+
+
+def backward_gates_local(cell, carry_prev, res, dcarry):
+    """:func:`backward_gates` without the recurrent matmul's transpose.
+
+    Everything here is elementwise, so it also runs on a column tile of the
+    step (as :func:`forward_gates` does). The previous carry's full cotangent
+    is ``dprev`` plus, for ``h``, ``recurrent_vjp(cell, w, dmm)``: a matmul
+    that needs ``dmm`` for every hidden unit. Not for a GRU with
+    ``reset="before"`` (its candidate's input ``r ⊙ h_{t-1}`` puts a matmul
+    inside the step's backward).
+
+    Args:
+      cell: an Elman, LSTM or GRU (``reset="after"``) cell.
+      carry_prev: the carry the step started from, float32 leaves ``(B, H)``
+        (or ``(B, |J|)``, a tile).
+      res: the residuals :func:`forward_gates` returned for this step.
+      dcarry: cotangent of the new carry, the output's already in ``dcarry.h``.
+
+    Returns:
+      ``(dxp, dmm, dprev)``: tuples of ``num_gates`` float32 arrays, the
+      cotangents of the projected inputs and of the recurrent matmul's
+      outputs (the same arrays, except a GRU's candidate: ``r ⊙ dz_n``), and
+      the previous carry's cotangent without the matmul's part.
+    """
+    check_cell(cell)
     dh = dcarry.h
     if isinstance(cell, LSTM):
         i, f, g, o = res
         tc = jnp.tanh(f * carry_prev.c + i * g)
         dc = dcarry.c + dh * o * (1.0 - tc * tc)
         dz = (dc * g * i * (1.0 - i), dc * carry_prev.c * f * (1.0 - f), dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o))
-        dh_prev = sum(_dot_nt(cell, d, wk) for d, wk in zip(dz, w))
-        return dz, LSTMCarry(dh_prev, dc * f)
+        return dz, dz, LSTMCarry(jnp.zeros_like(dh), dc * f)
     if isinstance(cell, GRU):
+        if cell.reset == "before":
+            raise ValueError("cell: backward_gates_local needs a GRU with reset='after' (see backward_gates)")
         h_prev = carry_prev.h
-        r, u, n = res[0], res[1], res[2]
+        r, u, n, m = res
         dn = dh * u * (1.0 - n * n)
         du = dh * (n - h_prev) * u * (1.0 - u)
-        if cell.reset == "after":
-            dr = dn * res[3] * r * (1.0 - r)
-            rec = _dot_nt(cell, dn * r, w[2])
-        else:
-            drh = _dot_nt(cell, dn, w[2])
-            dr = drh * h_prev * r * (1.0 - r)
-            rec = drh * r
-        dh_prev = dh * (1.0 - u) + rec + _dot_nt(cell, dr, w[0]) + _dot_nt(cell, du, w[1])
-        return (dr, du, dn), Carry(dh_prev)
+        dr = dn * m * r * (1.0 - r)
+        return (dr, du, dn), (dr, du, dn * r), Carry(dh * (1.0 - u))
     if isinstance(cell, Elman):
         (h,) = res
         dz = dh * _elman_deriv(cell.activation, h)
-        return (dz,), Carry(_dot_nt(cell, dz, w[0]))
+        return (dz,), (dz,), Carry(jnp.zeros_like(dh))
     raise TypeError(f"cell: expected an Elman, LSTM or GRU cell, got {type(cell).__name__}")
+
+
+def recurrent_vjp(cell, w, dmm):
+    """``Σ_k dmm_k @ w_kᵀ``: the recurrent matmul's transpose, gate by gate.
+
+    Args:
+      cell: the cell (its ``compute_dtype`` is the operand dtype).
+      w: the per-gate blocks of ``w_hh``, each ``(H, H)``, or a row tile of
+        each, ``(|J|, H)``, for the ``J`` columns of the result.
+      dmm: the ``dmm`` of :func:`backward_gates_local`, ``num_gates`` arrays ``(B, H)``.
+
+    Returns:
+      float32 ``(B, H)`` (a tile: ``(B, |J|)``).
+    """
+    return sum(_dot_nt(cell, d, wk) for d, wk in zip(dmm, w))
 
 
 def flat_residuals(cell, res):

@@ -146,3 +146,40 @@ def test_per_gate_form_matches(name, cd):
     # and against autodiff of the cell itself
     _, dcarry_ad, dxp_ad = _expected_grads(cell, params, carry, xp, dcarry, dh)
     assert_close((jnp.concatenate(dxp, axis=-1), dprev), (dxp_ad, dcarry_ad), dtype=cd)
+
+
+@pytest.mark.parametrize("name", [n for n in CELLS if n != "gru_before"])
+def test_column_tiles_compose_the_step(name):
+    """The step on column tiles ``J`` (what one program of the split Pallas
+    kernels computes) gives the ``J`` columns of the whole step, forward and
+    backward; the matmul's transpose on row tiles of ``w_hh`` gives the ``J``
+    columns of the previous ``dh``."""
+    cell, params, carry, xp = _setup(name, jnp.float32, seed=6)
+    w, xps = gates.split_gates(cell, params.w_hh), gates.split_gates(cell, xp)
+    b_hn = getattr(params, "b_hn", None)
+    new, h, res = gates.forward_gates(cell, w, b_hn, carry, xps)
+    dcarry, dh = _cotangents(cell, 6)
+    total = dcarry._replace(h=dcarry.h + dh)
+    dxp, dprev = gates.backward_gates(cell, w, carry, res, total)
+    dxp_l, dmm, dprev_l = gates.backward_gates_local(cell, carry, res, total)
+    for J in (slice(0, 2), slice(2, 5)):
+        cols = lambda tree: jax.tree.map(lambda a: a[..., J], tree)  # noqa: B023, E731
+        tile = cols(carry)._replace(h=carry.h)
+        b_tile = None if b_hn is None else b_hn[J]
+        got = gates.forward_gates(cell, cols(w), b_tile, tile, cols(xps), h_tile=carry.h[..., J])
+        assert_close(got, (cols(new), h[..., J], cols(res)), dtype=jnp.float32)
+        got_l = gates.backward_gates_local(cell, cols(carry), cols(res), cols(total))
+        assert_close(got_l, (cols(dxp_l), cols(dmm), cols(dprev_l)), dtype=jnp.float32)
+        rows = tuple(wk[J] for wk in w)
+        dh_prev = got_l[2].h + gates.recurrent_vjp(cell, rows, dmm)
+        assert_close((got_l[0], dh_prev), (cols(dxp), dprev.h[..., J]), dtype=jnp.float32)
+
+
+def test_gru_before_cannot_be_tiled():
+    cell, params, carry, xp = _setup("gru_before", jnp.float32)
+    w, xps = gates.split_gates(cell, params.w_hh), gates.split_gates(cell, xp)
+    with pytest.raises(ValueError, match=r"h_tile: a GRU with reset='before' cannot be computed in column tiles"):
+        gates.forward_gates(cell, w, None, carry, xps, h_tile=carry.h)
+    _, _, res = gates.forward_gates(cell, w, None, carry, xps)
+    with pytest.raises(ValueError, match=r"backward_gates_local needs a GRU with reset='after'"):
+        gates.backward_gates_local(cell, carry, res, carry)

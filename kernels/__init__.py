@@ -8,7 +8,10 @@ Every backend has the signature documented in :mod:`jaxrnn.runner`::
   hand-written custom VJP (stored gates, batched weight gradients).
 * ``pallas``: the input projection (one large matmul), then
   :func:`jaxrnn.kernels.pallas.rnn_pallas`, a fused-gate Pallas kernel that
-  loops over time on chip (interpret mode on CPU).
+  loops over time on chip (interpret mode on CPU); with ``BlockSizes(hidden=...)``
+  (the GPU default for weights over 128 KiB) the weight is split across
+  programs, one fused step kernel per time step
+  (:mod:`jaxrnn.kernels.pallas_split`).
 
 ``impl`` is resolved here, at trace time. Besides the names, ``impl`` takes
 a backend with options, :class:`XLA` or :class:`Pallas`: frozen, hashable

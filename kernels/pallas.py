@@ -35,6 +35,11 @@ Semantics are those of :func:`jaxrnn.runner.scan_reference`: with
 ``lengths``, steps ``t >= lengths[b]`` keep the carry and output zeros, and
 ``reverse`` walks that padding first, so only the valid part is reversed.
 
+A recurrent weight too large for one program (``BlockSizes(hidden=...)``,
+and on GPU by default above :data:`GPU_RESIDENT_BYTES`) is split across
+programs by hidden units instead: :mod:`jaxrnn.kernels.pallas_split` runs one
+fused kernel per step under the same custom VJP (:func:`_loops`).
+
 Layout: sizes that do not fit the blocks are padded and sliced back: the
 batch to whole tiles (padded rows get length 0), time to whole chunks
 (padded steps are masked out), and each gate's hidden units to a multiple of
@@ -74,6 +79,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -87,7 +93,7 @@ from jaxrnn.runner import check_carry, check_lengths, check_params, scan_referen
 
 Array = jax.Array
 
-__all__ = ["BlockSizes", "VERIFIED_PLATFORMS", "qualifies", "reference", "rnn_pallas"]
+__all__ = ["BlockSizes", "GPU_RESIDENT_BYTES", "VERIFIED_PLATFORMS", "gpu_hidden_tile", "qualifies", "reference", "rnn_pallas"]
 
 
 # --------------------------------------------------------------------------
@@ -106,24 +112,31 @@ class BlockSizes:
       time: steps per time chunk (``None``: the whole sequence in one chunk).
         A chunk of ``x^p``, ``h`` and the residuals must fit on chip next to
         the resident weight; time is padded to a multiple. GPU: must be
-        ``None`` (one chunk).
+        ``None`` (one chunk). Unused when ``hidden`` splits the weight.
       lanes: each gate's hidden size is padded to a multiple of this (TPU:
         128; 1: no padding). Compiled for GPU, also to a power of two, at
         least 16.
+      hidden: ``None``: one program holds the whole recurrent weight and the
+        time loop runs inside the kernel. An int splits the weight across
+        programs (:mod:`jaxrnn.kernels.pallas_split`): each owns this many
+        hidden units of every gate, and each time step is one kernel call.
+        Each gate's hidden size is padded to a multiple (compiled for GPU:
+        a power of two, at least 16). Not for a GRU with ``reset="before"``.
 
     Example:
       >>> BlockSizes(batch=8, time=64, lanes=128)
-      BlockSizes(batch=8, time=64, lanes=128)
+      BlockSizes(batch=8, time=64, lanes=128, hidden=None)
     """
 
     batch: int = 8
     time: Optional[int] = None
     lanes: int = 1
+    hidden: Optional[int] = None
 
     def __post_init__(self):
-        for name in ("batch", "time", "lanes"):
+        for name in ("batch", "time", "lanes", "hidden"):
             value = getattr(self, name)
-            if name == "time" and value is None:
+            if name in ("time", "hidden") and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"BlockSizes.{name}: expected a positive int, got {value!r}")
@@ -135,8 +148,9 @@ class BlockSizes:
         """Defaults for ``platform`` (``"cpu"``, ``"gpu"``/``"cuda"``/``"rocm"``, ``"tpu"``).
 
         CPU (interpret mode): one chunk, no lane padding. TPU: ``(8, 128)``
-        tiles and 32-step chunks. GPU: 16-row tiles, one chunk. The TPU and
-        GPU values are unverified on hardware.
+        tiles and 32-step chunks. GPU: 16-row tiles, one chunk. None of
+        them splits the weight (see :func:`rnn_pallas` for the GPU's
+        automatic split). The TPU and GPU values are unverified on hardware.
         """
         if platform == "tpu":
             return cls(batch=8, time=32, lanes=128)
@@ -153,25 +167,51 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+class _Sizes(NamedTuple):
+    """The padded problem: ``(Tp, Bp, Hp)``, rows per tile, steps per chunk,
+    hidden units per program (``None``: all, the weight resident)."""
+
+    Tp: int
+    Bp: int
+    Hp: int
+    rows: int
+    steps: int
+    tile: Optional[int]
+
+
 def _padded_sizes(T, B, H, block, platform, interpret):
-    """``(Tp, Bp, Hp, rows per tile, steps per chunk)`` of the padded problem.
+    """The :class:`_Sizes` of the padded problem.
 
     Time is padded to whole chunks, the batch to whole tiles and each gate's
-    hidden units to a multiple of ``block.lanes``. Compiled for GPU (Triton),
-    tiles and gates are rounded up to powers of two, at least 16 (the
-    smallest ``tl.dot``), and time is one chunk: Triton runs grid programs
-    in parallel, so a chunked time axis would lose its order.
+    hidden units to a multiple of ``block.lanes`` (and of ``block.hidden``
+    when it splits the weight; a tile wider than the padded units is all of
+    them). Compiled for GPU (Triton), tiles and gates are rounded up to
+    powers of two, at least 16 (the smallest ``tl.dot``), and time is one
+    chunk: Triton runs grid programs in parallel, so a chunked time axis
+    would lose its order. With ``block.hidden`` the time loop is outside
+    the kernels: one chunk, no time padding.
     """
-    bB, Hp = block.batch, _round_up(H, block.lanes)
+    bB, tile = block.batch, block.hidden
+    if tile is not None:
+        block = dataclasses.replace(block, time=None)
     steps = max(1, T if block.time is None else min(block.time, T))
-    if _is_gpu(platform) and not interpret:
+    gpu = _is_gpu(platform) and not interpret
+    if gpu:
         if block.time is not None and block.time < T:
             raise ValueError(
                 f"block.time: the GPU (Triton) lowering runs the whole sequence in one chunk; "
                 f"expected None or >= T = {T}, got {block.time}"
             )
-        bB, Hp = max(16, pl.next_power_of_2(bB)), max(16, pl.next_power_of_2(Hp))
-    return _round_up(max(T, 1), steps), _round_up(B, bB), Hp, bB, steps
+        bB = max(16, pl.next_power_of_2(bB))
+        Hp = max(16, pl.next_power_of_2(_round_up(H, block.lanes)))
+        if tile is not None:
+            tile = min(max(16, pl.next_power_of_2(tile)), Hp)
+    else:
+        Hp = _round_up(H, block.lanes)
+        if tile is not None:
+            tile = min(tile, Hp)
+            Hp = _round_up(H, math.lcm(block.lanes, tile))
+    return _Sizes(_round_up(max(T, 1), steps), _round_up(B, bB), Hp, bB, steps, tile)
 
 
 def _pad_gates(a, n_gates, H, Hp, pad_rows=False):
@@ -330,6 +370,17 @@ class _Config(NamedTuple):
     steps: int  # steps per time chunk
     interpret: bool
     platform: str
+    hidden: Optional[int] = None  # hidden units per program; None: the weight resident in one
+
+
+def _loops(cfg):
+    """``(forward, backward)``: the single kernels, or per-step kernels when
+    ``cfg.hidden`` splits the weight (:mod:`jaxrnn.kernels.pallas_split`)."""
+    if cfg.hidden is None:
+        return _forward_call, _backward_call
+    from jaxrnn.kernels import pallas_split  # noqa: PLC0415 (it imports this module)
+
+    return pallas_split.forward_scan, pallas_split.backward_scan
 
 
 def _compiler_params(cfg):
@@ -524,7 +575,7 @@ def _recurrence(cfg, w_hh, b_hn, xp, carry0, lens):
     """``(hs, final_carry)`` of the padded problem; differentiable in
     ``w_hh``, ``b_hn``, ``xp`` and ``carry0``."""
     rec = _recurrent(cfg, w_hh, b_hn, xp.dtype)
-    hs, _, _, carry = _forward_call(cfg, rec, xp, carry0, lens, save_residuals=False)
+    hs, _, _, carry = _loops(cfg)[0](cfg, rec, xp, carry0, lens, save_residuals=False)
     return hs, carry
 
 
@@ -534,7 +585,7 @@ def _recurrent(cfg, w_hh, b_hn, acc):
 
 def _recurrence_fwd(cfg, w_hh, b_hn, xp, carry0, lens):
     rec = _recurrent(cfg, w_hh, b_hn, xp.dtype)
-    hs, carry_seq, res_seq, carry = _forward_call(cfg, rec, xp, carry0, lens, save_residuals=True)
+    hs, carry_seq, res_seq, carry = _loops(cfg)[0](cfg, rec, xp, carry0, lens, save_residuals=True)
     carry_seq = cfg.cell.carry_type(hs, *carry_seq)
     return (hs, carry), (w_hh, b_hn, rec.w_hh, carry_seq, res_seq, carry0, lens)
 
@@ -543,7 +594,7 @@ def _recurrence_bwd(cfg, residuals, cotangents):
     w_hh, b_hn, w_compute, carry_seq, res_seq, carry0, lens = residuals
     dhs, dcarry_t = cotangents
     prev = _previous_carries(carry_seq, carry0, lens if cfg.masked else None, cfg.reverse)
-    dxp, dcarry0 = _backward_call(cfg, w_compute, dhs, prev, res_seq, dcarry_t, lens)
+    dxp, dcarry0 = _loops(cfg)[1](cfg, w_compute, dhs, prev, res_seq, dcarry_t, lens)
     res_flat = gates.flat_residuals(cfg.cell, res_seq)
     dw, db_hn = gates.weight_grads(cfg.cell, *gates.matmul_operands(cfg.cell, prev, res_flat, dxp))
     db_hn = None if b_hn is None else db_hn.astype(b_hn.dtype)
@@ -584,7 +635,12 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
       lengths: ``(B,)`` int32 valid lengths in ``[0, T]``, or ``None``.
       reverse: Python bool; walk each sequence's valid part backwards.
       interpret: run in Pallas interpret mode (``None``: on CPU only).
-      block: :class:`BlockSizes` (``None``: :meth:`BlockSizes.get_default`).
+      block: :class:`BlockSizes` (``None``: :meth:`BlockSizes.get_default`;
+        compiled for GPU, a recurrent weight larger than
+        :data:`GPU_RESIDENT_BYTES` is then split across programs, each with
+        the widest power-of-two tile of hidden units whose weight columns
+        fit :data:`GPU_RESIDENT_BYTES`; a GRU with ``reset="before"`` stays
+        resident).
       platform: the platform to build the kernels for (``None``:
         ``jax.default_backend()``); set it to lower for another one, e.g.
         ``"tpu"`` under ``jax.export``.
@@ -595,7 +651,8 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
       float64).
 
     Raises:
-      TypeError, ValueError: a wrong type or shape, naming the argument.
+      TypeError, ValueError: a wrong type or shape, naming the argument;
+        ``block.hidden`` with a GRU whose ``reset="before"``.
 
     Example:
       >>> cell = jaxrnn.GRU(8, compute_dtype=jnp.float32)
@@ -611,14 +668,23 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
     if lengths is not None:
         lengths = check_lengths(lengths, (B,), T, name="lengths")
     platform = jax.default_backend() if platform is None else platform
-    block = BlockSizes.get_default(platform) if block is None else block
+    interpret = platform == "cpu" if interpret is None else bool(interpret)
+    compute_dtype = jnp.dtype(xp.dtype if cell.compute_dtype is None else cell.compute_dtype)
+    if block is None:
+        block = BlockSizes.get_default(platform)
+        if _is_gpu(platform) and not interpret:
+            block = dataclasses.replace(block, hidden=gpu_hidden_tile(cell, compute_dtype))
     if not isinstance(block, BlockSizes):
         raise TypeError(f"block: expected a BlockSizes, got {type(block).__name__}")
-    interpret = platform == "cpu" if interpret is None else bool(interpret)
+    if block.hidden is not None and isinstance(cell, GRU) and cell.reset == "before":
+        raise ValueError(
+            f"block.hidden: a GRU with reset='before' cannot split its recurrent weight across programs "
+            f"(its candidate multiplies r ⊙ h_(t-1), and r needs every unit); got hidden={block.hidden}. "
+            f"Use block.hidden=None, GRU(reset='after') or impl='xla'"
+        )
 
     H, n_gates = cell.hidden_size, cell.num_gates
-    Tp, Bp, Hp, rows, steps = _padded_sizes(T, B, H, block, platform, interpret)
-    compute_dtype = jnp.dtype(xp.dtype if cell.compute_dtype is None else cell.compute_dtype)
+    Tp, Bp, Hp, rows, steps, tile = _padded_sizes(T, B, H, block, platform, interpret)
     acc = acc_dtype(compute_dtype)
     masked = lengths is not None or Tp != T
     cfg = _Config(
@@ -629,6 +695,7 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
         steps=steps,
         interpret=interpret,
         platform=platform,
+        hidden=tile,
     )
 
     xp = _pad_gates(xp.astype(acc), n_gates, H, Hp)
@@ -655,7 +722,34 @@ VERIFIED_PLATFORMS: tuple = ()
 
 #: The largest recurrent weight (bytes, compute dtype) that ``qualifies`` on
 #: GPU: a quarter of an SM's on-chip memory, leaving room for the tiles.
+#: Larger weights are split across programs by default (see :func:`rnn_pallas`).
 GPU_RESIDENT_BYTES = 128 * 2**10
+
+
+def gpu_hidden_tile(cell, compute_dtype) -> Optional[int]:
+    """The GPU's default ``block.hidden`` for ``cell``: ``None`` (resident) when
+    the recurrent weight fits :data:`GPU_RESIDENT_BYTES` or the cell is a GRU
+    with ``reset="before"`` (which cannot split), else the widest power-of-two
+    tile, at least 16, whose columns of every gate fit it.
+
+    Args:
+      cell: an Elman, LSTM or GRU cell.
+      compute_dtype: the recurrent matmul's operand dtype.
+
+    Example:
+      >>> gpu_hidden_tile(jaxrnn.LSTM(768), jnp.bfloat16)  # Hp = 1024: 1024·4·16·2 B = 128 KiB
+      16
+    """
+    itemsize = jnp.dtype(compute_dtype).itemsize
+    if cell.hidden_size * cell.gate_size * itemsize <= GPU_RESIDENT_BYTES:
+        return None
+    if isinstance(cell, GRU) and cell.reset == "before":
+        return None
+    Hp = max(16, pl.next_power_of_2(cell.hidden_size))
+    tile = 16
+    while tile * 2 <= Hp and Hp * cell.num_gates * tile * 2 * itemsize <= GPU_RESIDENT_BYTES:
+        tile *= 2
+    return tile
 
 
 def qualifies(cell, platform: str) -> bool:

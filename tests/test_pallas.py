@@ -8,10 +8,14 @@ Pallas interpret mode (CPU, what CI runs) and one compiled on a GPU (marked
 carries and the VJP w.r.t. ``xs``, every parameter and the initial carry,
 with block sizes that do not divide the problem (batch tiles of 2 for B=3,
 time chunks of 2 for T=5, hidden 5 padded to 8 lanes per gate). Direct calls
-of :func:`rnn_pallas` cover other block sizes. Plus validation errors, the
-interpret-mode warning, tracing, and lowering for TPU / GPU without hardware.
+of :func:`rnn_pallas` cover other block sizes. The same tests run the step
+kernels of ``kernels/pallas_split.py`` (the recurrent weight split across
+programs, ``BlockSizes(hidden=...)``), with several hidden tiles. Plus
+validation errors, the interpret-mode warning, tracing, and lowering for TPU
+/ GPU without hardware.
 """
 
+import dataclasses
 import functools
 import warnings
 
@@ -24,7 +28,7 @@ from jax import export
 import jaxrnn
 from _util import assert_close
 from jaxrnn import runner
-from jaxrnn.kernels import Pallas, gates, pallas
+from jaxrnn.kernels import Pallas, gates, pallas, pallas_split
 from jaxrnn.kernels.pallas import BlockSizes, rnn_pallas
 
 B, T, H, I = 3, 5, 5, 4
@@ -34,11 +38,12 @@ SMALL = BlockSizes(batch=2, time=2, lanes=4)  # nothing divides: B=3, T=5, H=5
 DEFAULTS = {platform: BlockSizes.get_default(platform) for platform in ("cpu", "gpu")}  # before patching
 
 CELLS = {
-    "elman": lambda: jaxrnn.Elman(H),
-    "lstm": lambda: jaxrnn.LSTM(H),
-    "gru_before": lambda: jaxrnn.GRU(H, reset="before"),
-    "gru_after": lambda: jaxrnn.GRU(H, reset="after"),
+    "elman": lambda hidden=H: jaxrnn.Elman(hidden),
+    "lstm": lambda hidden=H: jaxrnn.LSTM(hidden),
+    "gru_before": lambda hidden=H: jaxrnn.GRU(hidden, reset="before"),
+    "gru_after": lambda hidden=H: jaxrnn.GRU(hidden, reset="after"),
 }
+SPLIT_CELLS = ("elman", "lstm", "gru_after")  # a GRU with reset="before" cannot split
 
 # Equivalence, not speed, is tested: skip LLVM's optimisations (compile time).
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -54,8 +59,8 @@ def _randomize(tree, key, scale=0.3):
     return jax.tree.unflatten(treedef, noisy)
 
 
-def _problem(name, dtype=jnp.float32, seed=0):
-    cell = CELLS[name]()
+def _problem(name, dtype=jnp.float32, seed=0, hidden=H):
+    cell = CELLS[name](hidden)
     k = jax.random.split(jax.random.key(seed), 4)
     params = _randomize(cell.init(k[0], I), k[1])
     xs = jax.random.normal(k[2], (B, T, I)).astype(dtype)
@@ -123,6 +128,11 @@ class _KernelTests:
     BLOCK = SMALL  # the runner's block sizes (None: the platform's defaults)
     CELLS = tuple(CELLS)  # the cells this mode supports
     PRECISION = None  # matmul precision of kernel and reference
+    BLOCK_CASES = [  # (cell, block sizes) of test_block_sizes; None: the platform's default
+        ("lstm", None),  # one time chunk, one batch tile
+        ("gru_before", BlockSizes(batch=1, time=1)),  # one row per tile, one step per chunk
+        ("gru_after", BlockSizes(batch=4, time=3, lanes=8)),  # padded rows, steps, lanes
+    ]
 
     @pytest.fixture(autouse=True)
     def _mode(self, request, monkeypatch):
@@ -150,17 +160,10 @@ class _KernelTests:
         want = _compile_run(_vjp_all(_via_rnn(cell, "reference")), *args)
         _assert_variants_close(got, want, dtype)
 
-    @pytest.mark.parametrize(
-        "name, block",
-        [
-            ("lstm", None),  # the platform's default: one time chunk, one batch tile
-            ("gru_before", BlockSizes(batch=1, time=1)),  # one row per tile, one step per chunk
-            ("gru_after", BlockSizes(batch=4, time=3, lanes=8)),  # padded rows, steps, lanes
-        ],
-        ids=["lstm-default", "gru_before-b1-t1", "gru_after-b4-t3-l8"],
-    )
-    def test_block_sizes(self, name, block):
+    @pytest.mark.parametrize("case", range(3))
+    def test_block_sizes(self, case):
         """Direct calls of ``rnn_pallas`` with other tilings agree with the reference backend."""
+        name, block = self.BLOCK_CASES[case]
         cell, params, xs, carry0 = _problem(name, seed=3)
         block = DEFAULTS[self.PLATFORM] if block is None else block
         kernel = functools.partial(rnn_pallas, interpret=self.INTERPRET, block=block)
@@ -175,7 +178,7 @@ class _KernelTests:
         (which calls ``gates.forward_gates``) is not traced again."""
         traced = []
         original = gates.forward_gates
-        monkeypatch.setattr(gates, "forward_gates", lambda *a: (traced.append(1), original(*a))[1])
+        monkeypatch.setattr(gates, "forward_gates", lambda *a, **k: (traced.append(1), original(*a, **k))[1])
         cell, params, xs, _ = _problem("elman")
         run = jax.jit(lambda p, x: jaxrnn.rnn(cell, p, x, impl=self.impl))
         run(params, xs)
@@ -209,6 +212,53 @@ class TestGPU(_KernelTests):
     PRECISION = "highest"
 
 
+class _SplitTests(_KernelTests):
+    """The step kernels (weight split across programs, ``block.hidden``)."""
+
+    CELLS = SPLIT_CELLS
+    WIDE = 40  # test_several_tiles' hidden size
+    WIDE_BLOCK = None  # test_several_tiles' block sizes
+
+    def test_several_tiles(self):
+        """A wider LSTM and GRU, split into several hidden tiles, agree with the reference."""
+        impl = Pallas(block=self.WIDE_BLOCK, interpret=self.INTERPRET)
+        for name in ("lstm", "gru_after"):
+            cell, params, xs, carry0 = _problem(name, seed=5, hidden=self.WIDE)
+            args = (params, xs, carry0, jax.random.key(9))
+            variants = [(LENGTHS, True), (None, False)]
+            got = _compile_run(_vjp_all(_via_rnn(cell, impl), variants), *args)
+            want = _compile_run(_vjp_all(_via_rnn(cell, "reference"), variants), *args)
+            _assert_variants_close(got, want, jnp.float32)
+
+
+class TestInterpretSplit(_SplitTests):
+    """Interpret mode, H=5 in two tiles of 4 units (padded to 8), batch tiles of 2 (B=3)."""
+
+    BLOCK = BlockSizes(batch=2, lanes=4, hidden=4)
+    WIDE_BLOCK = BlockSizes(batch=2, hidden=16)  # H=40: three tiles of 16 (48 padded)
+    BLOCK_CASES = [
+        ("lstm", BlockSizes(batch=4, hidden=16)),  # a tile wider than H: one tile of all units
+        ("gru_after", BlockSizes(batch=1, lanes=1, hidden=1)),  # five one-unit tiles, one row each
+        ("elman", BlockSizes(batch=2, lanes=2, hidden=3)),  # units padded to lcm(2, 3) = 6: two tiles
+    ]
+
+
+@pytest.mark.gpu
+class TestGPUSplit(_SplitTests):
+    """Compiled on a GPU: the step kernels (H=5: one tile; H=40: four tiles of 16)."""
+
+    INTERPRET = False
+    PLATFORM = "gpu"
+    BLOCK = BlockSizes(batch=16, lanes=16, hidden=16)
+    WIDE_BLOCK = BLOCK  # H=40: four tiles of 16 (64 padded)
+    PRECISION = "highest"
+    BLOCK_CASES = [
+        ("lstm", BlockSizes(batch=16, hidden=16)),
+        ("gru_after", BlockSizes(batch=32, hidden=32)),
+        ("elman", BlockSizes(batch=16, lanes=16, hidden=64)),
+    ]
+
+
 # --------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------
@@ -221,6 +271,8 @@ class TestGPU(_KernelTests):
         (dict(batch=2.0), TypeError, r"BlockSizes.batch: expected a positive int, got 2.0"),
         (dict(lanes=True), TypeError, r"BlockSizes.lanes"),
         (dict(time="8"), TypeError, r"BlockSizes.time"),
+        (dict(hidden=0), ValueError, r"BlockSizes.hidden: expected a positive int, got 0"),
+        (dict(hidden=2.5), TypeError, r"BlockSizes.hidden: expected a positive int, got 2.5"),
     ],
 )
 def test_block_sizes_validation(kwargs, error, match):
@@ -231,7 +283,8 @@ def test_block_sizes_validation(kwargs, error, match):
 def test_block_sizes_hashable_and_valid_defaults():
     for platform in ("cpu", "gpu", "tpu"):
         block = BlockSizes.get_default(platform)
-        assert hash(block) == hash(BlockSizes(block.batch, block.time, block.lanes))
+        assert hash(block) == hash(BlockSizes(block.batch, block.time, block.lanes, block.hidden))
+        assert block.hidden is None  # no platform splits the weight by default
 
 
 def _wrapper_inputs(name="lstm"):
@@ -283,19 +336,56 @@ def test_padding_rules(T_, B_, H_):
     one block more than needed; compiled for GPU also powers of two (at least
     16) and a single time chunk."""
     block = BlockSizes(batch=2, time=2, lanes=8)
-    Tp, Bp, Hp, rows, steps = pallas._padded_sizes(T_, B_, H_, block, "tpu", False)
-    assert (rows, steps) == (2, min(2, T_))
+    Tp, Bp, Hp, rows, steps, tile = pallas._padded_sizes(T_, B_, H_, block, "tpu", False)
+    assert tile is None and (rows, steps) == (2, min(2, T_))
     assert Tp % steps == 0 and T_ <= Tp < T_ + steps
     assert Bp % rows == 0 and B_ <= Bp < B_ + rows
     assert Hp % 8 == 0 and H_ <= Hp < H_ + 8
     block = BlockSizes(batch=2, lanes=8)
-    Tp, Bp, Hp, rows, steps = pallas._padded_sizes(T_, B_, H_, block, "gpu", False)
+    Tp, Bp, Hp, rows, steps, _ = pallas._padded_sizes(T_, B_, H_, block, "gpu", False)
     assert _is_power_of_2(rows) and rows >= 16 and Bp % rows == 0 and B_ <= Bp < B_ + rows
     lanes = -(-H_ // 8) * 8
     assert _is_power_of_2(Hp) and Hp >= max(16, lanes) and Hp // 2 < max(16, lanes)
     assert Tp == steps == T_
     interpreted = pallas._padded_sizes(T_, B_, H_, block, "gpu", True)  # interpret mode: no GPU rules
     assert interpreted == pallas._padded_sizes(T_, B_, H_, block, "cpu", True)
+
+
+@pytest.mark.parametrize("T_, B_, H_", [(5, 3, 20), (1, 17, 5), (9, 8, 128)])
+def test_padding_rules_split(T_, B_, H_):
+    """With ``block.hidden``: units padded to whole tiles (and lanes), one time
+    chunk (the time loop is outside the kernels), a tile at most all units."""
+    block = BlockSizes(batch=2, time=2, lanes=4, hidden=6)
+    sizes = pallas._padded_sizes(T_, B_, H_, block, "tpu", False)
+    lanes = -(-H_ // 4) * 4
+    tile = min(6, lanes)
+    assert sizes.tile == tile and sizes.Hp % tile == 0 and sizes.Hp % 4 == 0
+    assert H_ <= sizes.Hp < H_ + 12 and sizes.Tp == sizes.steps == T_
+    sizes = pallas._padded_sizes(T_, B_, H_, dataclasses.replace(block, time=1), "gpu", False)
+    assert _is_power_of_2(sizes.tile) and 16 <= sizes.tile <= sizes.Hp and sizes.Hp % sizes.tile == 0
+    assert sizes.tile == min(16, sizes.Hp) and sizes.Tp == T_  # block.time is unused: no error
+
+
+def test_gpu_hidden_tile():
+    """The GPU's default split: none while the weight fits one program, else
+    the widest power-of-two tile whose weight columns fit, at least 16."""
+    bf16 = jnp.bfloat16
+    assert pallas.gpu_hidden_tile(jaxrnn.LSTM(64), bf16) is None  # 64·256·2 B = 32 KiB
+    assert pallas.gpu_hidden_tile(jaxrnn.LSTM(768), bf16) == 16  # Hp 1024: 1024·4·16·2 B = 128 KiB
+    assert pallas.gpu_hidden_tile(jaxrnn.Elman(768), bf16) == 64  # 1024·1·64·2 B = 128 KiB
+    assert pallas.gpu_hidden_tile(jaxrnn.GRU(1024, reset="after"), jnp.float32) == 16  # the floor
+    assert pallas.gpu_hidden_tile(jaxrnn.GRU(1024, reset="before"), bf16) is None  # cannot split
+    for cell in (jaxrnn.LSTM(768), jaxrnn.Elman(768), jaxrnn.GRU(300, reset="after")):
+        tile = pallas.gpu_hidden_tile(cell, bf16)
+        Hp = pallas.pl.next_power_of_2(cell.hidden_size)
+        assert Hp * cell.num_gates * tile * 2 <= pallas.GPU_RESIDENT_BYTES < Hp * cell.num_gates * tile * 4
+
+
+def test_gru_before_cannot_split():
+    cell, params, xs, _ = _problem("gru_before")
+    message = r"block.hidden: a GRU with reset='before' cannot split its recurrent weight across programs"
+    with pytest.raises(ValueError, match=message):
+        jaxrnn.rnn(cell, params, xs, impl=Pallas(block=BlockSizes(hidden=2), interpret=True))
 
 
 def test_gpu_rejects_time_chunks():
@@ -341,16 +431,16 @@ def test_auto_does_not_pick_unverified_kernel():
 # --------------------------------------------------------------------------
 # Lowering for accelerators, checked on CPU with jax.export
 # --------------------------------------------------------------------------
-def _export_fwd_bwd(name, platform, dtype=jnp.float32):
+def _export_fwd_bwd(name, platform, dtype=jnp.float32, block=None, hidden=H):
     """Export forward + VJP of the compiled (non-interpret) kernels for ``platform``."""
-    cell = CELLS[name]().resolve(dtype)
+    cell = CELLS[name](hidden).resolve(dtype)
     params = cell.init(jax.random.key(0), I)
     xp = jax.ShapeDtypeStruct((8, 16, cell.gate_size), jnp.float32)
     carry0 = cell.zero_carry(16)
     lengths = jnp.full((16,), 8, jnp.int32)
 
     def f(params, xp, carry0):
-        run = functools.partial(rnn_pallas, cell, interpret=False, platform=platform)
+        run = functools.partial(rnn_pallas, cell, interpret=False, platform=platform, block=block)
         out, vjp = jax.vjp(lambda p, x, c: run(p, x, c, lengths, True), params, xp, carry0)
         return out, vjp(out)
 
@@ -367,6 +457,15 @@ def test_lowers_for_tpu(name):
     assert module.count("tpu_custom_call") == 2  # the forward and the backward kernel
 
 
+@pytest.mark.parametrize("name", SPLIT_CELLS)
+def test_split_lowers_for_tpu(name):
+    """The step kernels lower to Mosaic TPU: two 128-unit tiles, each step's
+    kernel inside the forward and the backward time loop."""
+    block = BlockSizes(batch=8, lanes=128, hidden=128)
+    module = _export_fwd_bwd(name, "tpu", jnp.bfloat16, block=block, hidden=200)
+    assert module.count("tpu_custom_call") == 2 and module.count("stablehlo.while") == 2
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("name", list(CELLS))
 def test_lowers_for_gpu(name, dtype):
@@ -376,10 +475,32 @@ def test_lowers_for_gpu(name, dtype):
     power-of-two tiles: the kernels run the per-gate step of ``gates`` with
     one ``(rows, Hp)`` tile per gate.
     """
+    module = _export_for_gpu(name, dtype)
+    assert module.count("__gpu$xla.gpu.triton") == 2
+
+
+def _export_for_gpu(name, dtype, **kwargs):
+    """:func:`_export_fwd_bwd` for GPU; skips where lowering needs a GPU."""
     try:
-        module = _export_fwd_bwd(name, "gpu", dtype)
+        return _export_fwd_bwd(name, "gpu", dtype, **kwargs)
     except RuntimeError as e:  # jax >= 0.11 reads the GPU's properties while lowering
         if "No supported GPU devices found" not in str(e):
             raise
         pytest.skip(f"jax {jax.__version__} needs a GPU to lower with Triton")
-    assert module.count("__gpu$xla.gpu.triton") == 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("name", SPLIT_CELLS)
+def test_split_lowers_for_gpu(name, dtype):
+    """The step kernels lower with Triton: H=40 in four 16-unit tiles (64 padded)."""
+    module = _export_for_gpu(name, dtype, block=BlockSizes(batch=16, lanes=16, hidden=16), hidden=40)
+    assert module.count("__gpu$xla.gpu.triton") == 2 and module.count("stablehlo.while") == 2
+    assert "grid_y = 4" in module
+
+
+def test_gpu_splits_a_large_weight_by_default():
+    """Compiled for GPU with default blocks, the FlashRNN-size bf16 LSTM
+    (H=768, 4.5 MiB of weight) runs the step kernels: 64 programs of 16 units."""
+    module = _export_for_gpu("lstm", jnp.bfloat16, hidden=768)
+    assert module.count("rnn_forward_step") and module.count("rnn_backward_step")
+    assert "grid_y = 64" in module

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh tests    OUT   # GPU state, then the GPU tests (pytest -m gpu)
 #   bash benchmarks/gpu_session.sh flashrnn OUT   # GPU state, then one benchmark suite
 #
-# Each mode fits one 600 s call: the tests run under a 300 s timeout, a suite
+# Each mode fits one 600 s call: the tests run under a 450 s timeout, a suite
 # within its own 480 s budget. OUT receives at most 5 files.
 set -o pipefail
 mode=${1:?usage: gpu_session.sh tests|SUITE OUT}
@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1
 
 if [ "$mode" = tests ]; then
   # tests/conftest.py defaults JAX_PLATFORMS to cpu: name the GPU explicitly.
-  JAX_PLATFORMS=cuda timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_pallas.py 2>&1 \
+  JAX_PLATFORMS=cuda timeout 450 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_pallas.py 2>&1 \
     | tee "$out/gpu_tests.log"
   exit "${PIPESTATUS[0]}"
 fi

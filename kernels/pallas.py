@@ -383,15 +383,16 @@ def _loops(cfg):
     return pallas_split.forward_scan, pallas_split.backward_scan
 
 
-def _compiler_params(cfg):
-    """TPU: batch tiles parallel, time chunks sequential ("arbitrary"). GPU:
-    the Triton lowering (Mosaic GPU cannot lower a matmul of values)."""
+def _compiler_params(cfg, grid_axes=("parallel", "arbitrary")):
+    """TPU: the grid axes' ``dimension_semantics`` (here batch tiles parallel,
+    time chunks sequential, "arbitrary"). GPU: the Triton lowering (Mosaic
+    GPU cannot lower a matmul of values)."""
     if cfg.interpret:
         return None
     if cfg.platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
 
-        return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+        return pltpu.CompilerParams(dimension_semantics=grid_axes)
     if _is_gpu(cfg.platform):
         from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
 

@@ -65,8 +65,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxrnn.kernels import gates
-from jaxrnn.kernels.pallas import _is_gpu, _residual_layout, _where
+from jaxrnn.kernels import gates, pallas
+from jaxrnn.kernels.pallas import _residual_layout, _where
 
 __all__ = ["backward_scan", "forward_scan"]
 
@@ -153,18 +153,8 @@ def _backward_kernel(
 # One step's pallas_call (on padded arrays: rows Bp, lanes Hp, Gp = gates·Hp)
 # --------------------------------------------------------------------------
 def _compiler_params(cfg):
-    """Both grid axes are independent within a step. GPU: the Triton lowering."""
-    if cfg.interpret:
-        return None
-    if cfg.platform == "tpu":
-        from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
-
-        return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-    if _is_gpu(cfg.platform):
-        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
-
-        return pltriton.CompilerParams(num_warps=4, num_stages=1)
-    return None
+    """Both grid axes (batch tiles, hidden tiles) are independent within a step."""
+    return pallas._compiler_params(cfg, grid_axes=("parallel", "parallel"))
 
 
 def _specs(cfg, Hp):
@@ -292,11 +282,8 @@ def forward_scan(cfg, rec, xp, carry0, lens, save_residuals):
       lens: ``(Bp, 1)`` int32 valid lengths (read when ``cfg.masked``).
       save_residuals: also return what the backward pass needs.
     """
-    Tp, acc = xp.shape[0], xp.dtype
-    if save_residuals:
-        _, keep_res = _residual_layout(cfg.cell, cfg.batch, acc)
-    else:
-        keep_res = (False,) * len(_residual_layout(cfg.cell, cfg.batch, acc)[1])
+    Tp = xp.shape[0]
+    keep_res = _residual_layout(cfg.cell, cfg.batch, xp.dtype)[1] if save_residuals else ()
 
     def step(carry, inputs):
         xp_t, valid_t = inputs

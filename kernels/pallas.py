@@ -192,15 +192,13 @@ def _padded_sizes(T, B, H, block, platform, interpret):
     the kernels: one chunk, no time padding.
     """
     bB, tile = block.batch, block.hidden
-    if tile is not None:
-        block = dataclasses.replace(block, time=None)
-    steps = max(1, T if block.time is None else min(block.time, T))
-    gpu = _is_gpu(platform) and not interpret
-    if gpu:
-        if block.time is not None and block.time < T:
+    time = block.time if tile is None else None
+    steps = max(1, T if time is None else min(time, T))
+    if _is_gpu(platform) and not interpret:
+        if time is not None and time < T:
             raise ValueError(
                 f"block.time: the GPU (Triton) lowering runs the whole sequence in one chunk; "
-                f"expected None or >= T = {T}, got {block.time}"
+                f"expected None or >= T = {T}, got {time}"
             )
         bB = max(16, pl.next_power_of_2(bB))
         Hp = max(16, pl.next_power_of_2(_round_up(H, block.lanes)))

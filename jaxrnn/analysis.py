@@ -46,7 +46,10 @@ from jax import lax
 
 from jaxrnn import cells as _cells
 from jaxrnn.cells import LSTM, Carry, Elman, ElmanParams, LSTMCarry, expand_bias
-from jaxrnn.runner import check_impl, check_inputs, check_lengths, check_params, mask_step, rnn
+from jaxrnn.cells import check_params
+from jaxrnn.checks import check_inputs, check_lengths
+from jaxrnn.runner import check_impl, rnn
+from jaxrnn.scan import mask_step
 from jaxrnn.stack import Stack
 
 Array = jax.Array

@@ -31,6 +31,8 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from jaxrnn.checks import check_float_dtype, check_index, check_one_of, shape_of
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -163,14 +165,6 @@ def expand_bias(b: Array, like: Array) -> Array:
     return b.astype(like.dtype).reshape((1,) * (like.ndim - 1) + b.shape)
 
 
-def _check_choice(name, value, choices, allow_callable=False):
-    if allow_callable and callable(value):
-        return
-    if value not in choices:
-        extra = " or a callable initialiser" if allow_callable else ""
-        raise ValueError(f"{name}: expected one of {choices}{extra}, got {value!r}")
-
-
 # --------------------------------------------------------------------------
 # Shared machinery
 # --------------------------------------------------------------------------
@@ -191,14 +185,10 @@ class Cell:
     carry_type = Carry
 
     def __post_init__(self):
-        if isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, int):
-            raise TypeError(f"hidden_size: expected a positive int, got {self.hidden_size!r}")
-        if self.hidden_size <= 0:
-            raise ValueError(f"hidden_size: expected a positive int, got {self.hidden_size}")
-        _check_choice("kernel_init", self.kernel_init, _INPUT_INITS, allow_callable=True)
-        _check_choice("recurrent_init", self.recurrent_init, _RECURRENT_INITS, allow_callable=True)
-        if self.compute_dtype is not None:
-            object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
+        object.__setattr__(self, "hidden_size", check_index(self.hidden_size, "hidden_size"))
+        check_one_of("kernel_init", self.kernel_init, _INPUT_INITS, allow_callable=True)
+        check_one_of("recurrent_init", self.recurrent_init, _RECURRENT_INITS, allow_callable=True)
+        object.__setattr__(self, "compute_dtype", check_float_dtype("compute_dtype", self.compute_dtype, allow_none=True))
 
     # -- shapes -------------------------------------------------------------
     @property
@@ -223,9 +213,8 @@ class Cell:
         Returns:
           The cell's parameter NamedTuple.
         """
-        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
-            raise ValueError(f"input_size: expected a positive int, got {input_size!r}")
-        return _init(self, key, input_size, jnp.dtype(dtype))
+        input_size = check_index(input_size, "input_size")
+        return _init(self, key, input_size, check_float_dtype("dtype", dtype))
 
     def _init_params(self, key, input_size, dtype):
         k_in, k_rec = jax.random.split(key)
@@ -358,7 +347,7 @@ class Elman(Cell):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_choice("activation", self.activation, tuple(_ACTIVATIONS))
+        check_one_of("activation", self.activation, tuple(_ACTIVATIONS))
 
     def _recurrent_kwargs(self):
         return {"scale": self.recurrent_scale}
@@ -458,7 +447,7 @@ class GRU(Cell):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_choice("reset", self.reset, ("before", "after"))
+        check_one_of("reset", self.reset, ("before", "after"))
 
     def _make_params(self, w_ih, w_hh, b):
         b_hn = jnp.zeros((self.hidden_size,), b.dtype) if self.reset == "after" else None
@@ -494,3 +483,53 @@ def check_cell(cell, name="cell"):
     if not isinstance(cell, Cell):
         raise TypeError(f"{name}: expected a jaxrnn cell (Elman, LSTM or GRU), got {type(cell).__name__}")
 
+
+
+def check_params(cell, params, name="params"):
+    """Check ``params`` has ``cell``'s structure and consistent shapes; return the input size ``I``.
+
+    Raises:
+      TypeError: ``params`` is not the cell's parameter NamedTuple.
+      ValueError: a leaf has the wrong shape (the message names it, e.g.
+        ``params.w_hh``, with the expected and actual shapes).
+    """
+    fields = ("w_ih", "w_hh", "b")
+    if not isinstance(params, tuple) or not all(hasattr(params, f) for f in fields):
+        raise TypeError(
+            f"{name}: expected the parameter NamedTuple of {type(cell).__name__} "
+            f"(fields {fields}), got {type(params).__name__}"
+        )
+    H, G = cell.hidden_size, cell.gate_size
+    w_ih, w_hh, b = (shape_of(getattr(params, f)) for f in fields)
+    if len(w_ih) != 2 or w_ih[1] != G:
+        raise ValueError(f"{name}.w_ih: expected shape (input_size, {G}) for {cell}, got {w_ih}")
+    if w_hh != (H, G):
+        raise ValueError(f"{name}.w_hh: expected shape {(H, G)} for {cell}, got {w_hh}")
+    if b != (G,):
+        raise ValueError(f"{name}.b: expected shape {(G,)} for {cell}, got {b}")
+    b_hn = getattr(params, "b_hn", None)
+    if getattr(cell, "reset", None) == "after" and (b_hn is None or shape_of(b_hn) != (H,)):
+        got = None if b_hn is None else shape_of(b_hn)
+        raise ValueError(f"{name}.b_hn: expected shape {(H,)} for reset='after', got {got}")
+    if getattr(cell, "reset", None) == "before" and b_hn is not None:
+        raise ValueError(f"{name}.b_hn: expected None for reset='before', got shape {shape_of(b_hn)}")
+    for field in params._fields:
+        leaf = getattr(params, field)
+        dtype = getattr(leaf, "dtype", None)
+        if leaf is not None and (dtype is None or not jnp.issubdtype(dtype, jnp.floating)):
+            raise TypeError(f"{name}.{field}: expected a floating-point array, got {type(leaf).__name__} of dtype {dtype}")
+    return w_ih[0]
+
+
+def check_carry(cell, carry, batch_shape, name="initial_carry"):
+    """Check a carry's type and leaf shapes ``(*batch_shape, H)``."""
+    ctype = cell.carry_type
+    if not isinstance(carry, tuple) or tuple(getattr(carry, "_fields", ())) != ctype._fields:
+        raise TypeError(
+            f"{name}: expected {ctype.__name__}{ctype._fields} for {type(cell).__name__}, "
+            f"got {type(carry).__name__}"
+        )
+    want = (*batch_shape, cell.hidden_size)
+    for field, leaf in zip(ctype._fields, carry):
+        if shape_of(leaf) != want:
+            raise ValueError(f"{name}.{field}: expected shape {want}, got {shape_of(leaf)}")

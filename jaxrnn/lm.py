@@ -42,7 +42,8 @@ import numpy as np
 import optax
 
 from jaxrnn.cells import check_cell
-from jaxrnn.runner import _shape, check_impl, check_lengths
+from jaxrnn.checks import check_lengths, shape_of
+from jaxrnn.runner import check_impl
 from jaxrnn.stack import Stack
 
 Array = jax.Array
@@ -187,7 +188,7 @@ class LanguageModel:
             raise TypeError(f"params: expected LMParams (from LanguageModel.init), got {type(params).__name__}")
         V, E, H = self.vocab_size, self.embed_size, self.hidden_size
         for name, want in (("embed", (V, E)), ("w_out", (H, V)), ("b_out", (V,))):
-            got = _shape(getattr(params, name))
+            got = shape_of(getattr(params, name))
             if got != want:
                 raise ValueError(f"params.{name}: expected shape {want}, got {got}")
 
@@ -203,7 +204,7 @@ def _check_tokens(tokens, vocab_size, name, min_length):
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"{name}: expected an integer array of token ids, got {type(tokens).__name__} of dtype {dtype}")
     if tokens.ndim != 2 or tokens.shape[1] < min_length:
-        raise ValueError(f"{name}: expected shape (batch, length) with length >= {min_length}, got {_shape(tokens)}")
+        raise ValueError(f"{name}: expected shape (batch, length) with length >= {min_length}, got {shape_of(tokens)}")
     if not isinstance(tokens, jax.core.Tracer) and tokens.size:
         values = np.asarray(tokens)
         if values.min() < 0 or values.max() >= vocab_size:

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrnn.cells import check_cell
-from jaxrnn.runner import check_impl, check_params, rnn
+from jaxrnn.cells import check_cell, check_params
+from jaxrnn.runner import check_impl, rnn
 from jaxrnn.stack import Stack
 
 __all__ = ["RNN", "StackRNN", "box_params", "unbox_params"]

@@ -26,8 +26,9 @@ from typing import Any, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells import check_cell, expand_bias
-from jaxrnn.runner import _shape, check_carry, check_impl, check_inputs, check_lengths, rnn
+from jaxrnn.cells import check_carry, check_cell, expand_bias
+from jaxrnn.checks import check_inputs, check_lengths, shape_of
+from jaxrnn.runner import check_impl, rnn
 
 Array = jax.Array
 
@@ -175,19 +176,19 @@ class Stack:
             raise TypeError(f"params: expected a tuple of {self.num_layers} LayerParams, got {got}")
         input_size = xs.shape[-1]
         for layer, p in enumerate(params):
-            want = self.layer_input_size(layer, _shape(params[0].fwd.w_ih)[0])
-            if _shape(p.fwd.w_ih)[0] != want:
+            want = self.layer_input_size(layer, shape_of(params[0].fwd.w_ih)[0])
+            if shape_of(p.fwd.w_ih)[0] != want:
                 raise ValueError(
-                    f"params[{layer}].fwd.w_ih: expected {want} input rows, got shape {_shape(p.fwd.w_ih)}"
+                    f"params[{layer}].fwd.w_ih: expected {want} input rows, got shape {shape_of(p.fwd.w_ih)}"
                 )
             if self.bidirectional != (p.bwd is not None):
                 want = "backward-cell parameters" if self.bidirectional else "None"
                 raise ValueError(f"params[{layer}].bwd: expected {want} for bidirectional={self.bidirectional}")
-        expected_in = _shape(params[0].fwd.w_ih)[0]
+        expected_in = shape_of(params[0].fwd.w_ih)[0]
         if input_size != expected_in:
             raise ValueError(
                 f"xs: expected last dimension {expected_in} (input_size of params[0].fwd.w_ih), "
-                f"got shape {_shape(xs)}"
+                f"got shape {shape_of(xs)}"
             )
         unbatched = xs.ndim == 2
         batch_shape = () if unbatched else (xs.shape[1] if time_major else xs.shape[0],)

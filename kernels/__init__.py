@@ -24,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Optional
 
-from jaxrnn.runner import warn_once
+from jaxrnn.checks import warn_once
+from jaxrnn.kernels import pallas, xla
+from jaxrnn.kernels.pallas import BlockSizes
 
 __all__ = ["XLA", "Pallas", "resolve"]
 
@@ -48,15 +50,13 @@ class XLA:
     name: ClassVar[str] = "xla"
 
     def __post_init__(self):
-        from jaxrnn.kernels.xla import PROJECTIONS  # noqa: PLC0415
 
-        if self.projection not in PROJECTIONS:
-            raise ValueError(f"XLA.projection: expected one of {PROJECTIONS}, got {self.projection!r}")
+        if self.projection not in xla.PROJECTIONS:
+            raise ValueError(f"XLA.projection: expected one of {xla.PROJECTIONS}, got {self.projection!r}")
 
     def __call__(self, cell, params, xs, carry0, lengths, reverse):
-        from jaxrnn.kernels.xla import rnn_xla  # noqa: PLC0415
 
-        return rnn_xla(cell, params, xs, carry0, lengths, reverse, projection=self.projection)
+        return xla.rnn_xla(cell, params, xs, carry0, lengths, reverse, projection=self.projection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,6 @@ class Pallas:
     name: ClassVar[str] = "pallas"
 
     def __post_init__(self):
-        from jaxrnn.kernels.pallas import BlockSizes  # noqa: PLC0415
 
         if self.block is not None and not isinstance(self.block, BlockSizes):
             raise TypeError(f"Pallas.block: expected a BlockSizes or None, got {type(self.block).__name__}")
@@ -87,10 +86,9 @@ class Pallas:
 
     def __call__(self, cell, params, xs, carry0, lengths, reverse):
         """Project all steps with one large matmul, then run the kernels on ``xp``."""
-        from jaxrnn.kernels.pallas import rnn_pallas  # noqa: PLC0415
 
         xp = cell.input_projection(params, xs)
-        return rnn_pallas(cell, params, xp, carry0, lengths, reverse, block=self.block, interpret=self.interpret)
+        return pallas.rnn_pallas(cell, params, xp, carry0, lengths, reverse, block=self.block, interpret=self.interpret)
 
 
 def resolve(impl, cell, platform):
@@ -108,8 +106,6 @@ def resolve(impl, cell, platform):
     elif impl == "auto":
         impl = XLA()
         if platform != "cpu":
-            from jaxrnn.kernels import pallas  # noqa: PLC0415
-
             if pallas.qualifies(cell, platform):
                 impl = Pallas()
     if isinstance(impl, Pallas):

@@ -87,9 +87,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxrnn.cells import GRU, acc_dtype
+from jaxrnn.cells import GRU, acc_dtype, check_carry, check_params
 from jaxrnn.kernels import gates
-from jaxrnn.runner import check_carry, check_lengths, check_params, scan_reference
+from jaxrnn.checks import check_lengths
+from jaxrnn.scan import scan_reference
 
 Array = jax.Array
 

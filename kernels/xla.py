@@ -60,7 +60,7 @@ from jax import lax
 
 from jaxrnn.cells import GRU, LSTM, Elman, acc_dtype, check_cell
 from jaxrnn.kernels import gates
-from jaxrnn.runner import rnn_reference
+from jaxrnn.scan import rnn_reference
 
 Array = jax.Array
 

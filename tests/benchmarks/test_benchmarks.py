@@ -16,7 +16,7 @@ import pytest
 from _util import TOLERANCES
 
 # ``benchmarks`` lives at the repository's top level and is not installed.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks import __main__ as bench_cli
 from benchmarks import suites
@@ -236,7 +236,7 @@ def test_suites_are_well_formed():
 
 def test_gpu_session_script_usage():
     """The device-session script parses and refuses to run without its arguments."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_session.sh")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks", "gpu_session.sh")
     assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
     out = subprocess.run(["bash", script], capture_output=True, text=True)
     assert out.returncode != 0 and "usage: gpu_session.sh tests|SUITE OUT" in out.stderr

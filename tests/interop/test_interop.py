@@ -8,7 +8,7 @@ from flax import linen as nn
 
 import jaxrnn
 from jaxrnn import interop
-from tests._util import assert_close
+from _util import assert_close
 
 torch = pytest.importorskip("torch")
 

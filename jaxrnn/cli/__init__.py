@@ -1,7 +1,9 @@
 """Command line: ``jaxrnn demo | gradients | bench`` (also ``python -m jaxrnn``).
 
-Each subcommand lives in its own module and takes its own arguments; errors
-print one line and exit non-zero.
+Each subcommand lives in its own module of this package (``demo``,
+``gradients``, ...), builds its arguments on :class:`jaxrnn.cli.args.Parser`
+and exposes ``main(argv)``; every error prints one line on stderr and exits
+non-zero.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import os
 import sys
 
 COMMANDS = {
-    "demo": ("jaxrnn.demo", "train a small LSTM language model on an embedded text (the default)"),
-    "gradients": ("jaxrnn.plotting", "vanishing/exploding-gradient figures and tables"),
+    "demo": ("jaxrnn.cli.demo", "train a small LSTM language model on an embedded text (the default)"),
+    "gradients": ("jaxrnn.cli.gradients", "vanishing/exploding-gradient figures and tables"),
     "bench": ("benchmarks.__main__", "the benchmark suite (from a source checkout)"),
 }
 
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
         return 2
     module_name, _ = COMMANDS[command]
     if command == "bench":  # benchmarks/ lives beside the package in a source checkout
-        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if os.path.isdir(os.path.join(checkout, "benchmarks")) and checkout not in sys.path:
             sys.path.insert(0, checkout)
     try:
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(module.main(argv) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:
         print(f"jaxrnn {command}: {e}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 import jaxrnn
 from jaxrnn import nnx as jnnx
-from tests._util import assert_close
+from _util import assert_close
 
 IMPL = "reference"
 I, H, B, T = 3, 4, 3, 5

@@ -1,0 +1,3 @@
+"""``jaxrnn demo`` (moving here from jaxrnn.demo)."""
+
+from jaxrnn.demo import main  # noqa: F401

@@ -1,0 +1,3 @@
+"""``jaxrnn gradients`` (moving here from jaxrnn.plotting)."""
+
+from jaxrnn.plotting import main  # noqa: F401

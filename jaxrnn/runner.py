@@ -74,6 +74,7 @@ def rnn(
     reverse: bool = False,
     time_major: bool = False,
     impl: Any = "auto",
+    carry_perturbation: Any = None,
 ):
     """Run ``cell`` over a sequence.
 
@@ -100,6 +101,14 @@ def rnn(
         ``"pallas"`` (fused-gate kernel; interpret mode on CPU); or a backend
         with options, :class:`jaxrnn.kernels.XLA` or
         :class:`jaxrnn.kernels.Pallas` (e.g. the kernels' block sizes).
+      carry_perturbation: the analysis hook (``None`` by default): a pytree
+        shaped like the carry whose leaves have a time axis, ``(B, T, H)``
+        (``(T, B, H)`` with ``time_major``, ``(T, H)`` unbatched), added to
+        the carry after each valid step (and so to the output ``h_t``). At
+        zero it changes nothing, and its gradient is ``∂J/∂h_t`` (and
+        ``∂J/∂c_t``) for every step in one backward pass, which is how
+        :mod:`jaxrnn.analysis` measures gradients through time. It runs the
+        reference recurrence (``impl`` must be ``"auto"`` or ``"reference"``).
 
     Returns:
       ``(ys, final_carry)``: outputs ``(B, T, H)`` (layout and batching as
@@ -129,11 +138,17 @@ def rnn(
         check_carry(cell, initial_carry, batch_shape)
     if seq_lengths is not None:
         seq_lengths = check_lengths(seq_lengths, batch_shape, T)
-    return _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl)
+    if carry_perturbation is not None:
+        if impl not in ("auto", "reference"):
+            raise ValueError(f"impl: carry_perturbation runs the reference recurrence; expected 'auto' or 'reference', got {impl!r}")
+        impl = "reference"
+        steps = (T, *batch_shape) if (unbatched or time_major) else (*batch_shape, T)
+        check_carry(cell, carry_perturbation, steps, name="carry_perturbation")
+    return _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl, carry_perturbation)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl):
+def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl, perturbation=None):
     out_dtype = xs.dtype
     unbatched = xs.ndim == 2
     if unbatched:
@@ -142,8 +157,12 @@ def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl
             initial_carry = jax.tree_util.tree_map(lambda c: c[None], initial_carry)
         if seq_lengths is not None:
             seq_lengths = jnp.reshape(seq_lengths, (1,))
+        if perturbation is not None:
+            perturbation = jax.tree_util.tree_map(lambda p: p[:, None], perturbation)
     elif not time_major:
         xs = jnp.swapaxes(xs, 0, 1)
+        if perturbation is not None:
+            perturbation = jax.tree_util.tree_map(lambda p: jnp.swapaxes(p, 0, 1), perturbation)
     T, B = xs.shape[:2]
     if initial_carry is None:
         initial_carry = cell.zero_carry((B,), acc_dtype(out_dtype))
@@ -155,11 +174,16 @@ def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl
         xs = where_valid(sequence_mask(lengths, T, time_major=True), xs)
 
     cell = cell.resolve(out_dtype)
-    if T == 0 or B == 0:  # nothing to compute: every backend's result is the reference's
-        backend = rnn_reference
+    if perturbation is not None:
+        xp = cell.input_projection(params, xs)
+        perturbation = jax.tree_util.tree_map(lambda p: p.astype(acc_dtype(out_dtype)), perturbation)
+        hs, final = scan_reference(cell, params, xp, carry0, lengths, reverse, perturbation=perturbation)
     else:
-        _, backend = resolve_backend(impl, cell)
-    hs, final = backend(cell, params, xs, carry0, lengths, reverse)
+        if T == 0 or B == 0:  # nothing to compute: every backend's result is the reference's
+            backend = rnn_reference
+        else:
+            _, backend = resolve_backend(impl, cell)
+        hs, final = backend(cell, params, xs, carry0, lengths, reverse)
     ys = hs.astype(out_dtype)
 
     if unbatched:

@@ -150,6 +150,7 @@ class Stack:
         dropout_key: Optional[Array] = None,
         time_major: bool = False,
         impl: Any = "auto",
+        carry_perturbation: Any = None,
     ):
         """Run the stack.
 
@@ -164,6 +165,9 @@ class Stack:
           dropout_key: enables dropout (rate ``self.dropout``) between layers.
           time_major: inputs and outputs are time-major.
           impl: implementation of every layer's recurrence; see :func:`jaxrnn.rnn`.
+          carry_perturbation: the analysis hook of :func:`jaxrnn.rnn`, per
+            layer: the structure of ``initial_carry``, leaves with a time axis
+            (``(B, T, H)``, or as ``xs``'s layout). ``None`` by default.
 
         Returns:
           ``(ys, final_carries)``: the last layer's outputs ``(B, T, D)`` and each
@@ -213,16 +217,26 @@ class Stack:
         )
         run = dict(seq_lengths=seq_lengths, time_major=time_major, impl=impl)
 
+        if carry_perturbation is not None and (
+            not isinstance(carry_perturbation, (tuple, list)) or len(carry_perturbation) != self.num_layers
+        ):
+            raise TypeError(
+                f"carry_perturbation: expected a tuple of {self.num_layers} per-layer perturbations, "
+                f"got {type(carry_perturbation).__name__}"
+            )
+
         inputs, finals = xs, []
         for layer, p in enumerate(params):
             carry = None if initial_carry is None else initial_carry[layer]
+            delta = None if carry_perturbation is None else carry_perturbation[layer]
             if self.bidirectional:
                 c_f, c_b = (None, None) if carry is None else carry
-                y_f, f_f = rnn(self.cell, p.fwd, inputs, initial_carry=c_f, **run)
-                y_b, f_b = rnn(self.cell, p.bwd, inputs, initial_carry=c_b, reverse=True, **run)
+                d_f, d_b = (None, None) if delta is None else delta
+                y_f, f_f = rnn(self.cell, p.fwd, inputs, initial_carry=c_f, carry_perturbation=d_f, **run)
+                y_b, f_b = rnn(self.cell, p.bwd, inputs, initial_carry=c_b, reverse=True, carry_perturbation=d_b, **run)
                 y, final = jnp.concatenate([y_f, y_b], axis=-1), (f_f, f_b)
             else:
-                y, final = rnn(self.cell, p.fwd, inputs, initial_carry=carry, **run)
+                y, final = rnn(self.cell, p.fwd, inputs, initial_carry=carry, carry_perturbation=delta, **run)
             finals.append(final)
             out = self.connect(p, inputs, y)
             if mask is not None:

@@ -12,7 +12,7 @@ import sys
 # JAX must not grab 75% of the GPU before PyTorch runs in the same process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from benchmarks.report import RESULTS_DIR as DEFAULT_OUT  # noqa: E402  (imports no JAX)
 
 
 class UsageError(Exception):

@@ -31,7 +31,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["IMPLEMENTATIONS", "JAXRNN_IMPLS", "Context", "JaxWork", "TorchWork", "Unavailable"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "JAXRNN_IMPLS",
+    "Context",
+    "JaxWork",
+    "TorchWork",
+    "Unavailable",
+    "cudnn_algorithm",
+    "jaxrnn_builder",
+    "jaxrnn_cell",
+    "jaxrnn_setup",
+    "mode_fn",
+    "torch_kernels",
+]
 
 
 class Unavailable(Exception):
@@ -61,6 +74,20 @@ class JaxWork:
     args: Tuple[Any, ...]
     library: str
     notes: dict = dataclasses.field(default_factory=dict)
+
+    def compile(self):
+        """``jax.jit(fn).lower(*args).compile()``; returns ``(compiled, run)``.
+
+        ``run()`` is one call of the compiled function that returns with the
+        device idle (``jax.block_until_ready``).
+        """
+        compiled = jax.jit(self.fn).lower(*self.args).compile()
+        args = self.args
+
+        def run():
+            return jax.block_until_ready(compiled(*args))
+
+        return compiled, run
 
 
 @dataclasses.dataclass
@@ -150,7 +177,8 @@ def _abstract_key():
 JAXRNN_IMPLS = ("reference", "xla", "pallas")
 
 
-def _jaxrnn_cell(case):
+def jaxrnn_cell(case):
+    """jaxrnn's cell for ``case`` (GRU with ``reset="after"``, Elman tanh)."""
     import jaxrnn  # noqa: PLC0415
 
     H = case.hidden_size
@@ -159,27 +187,47 @@ def _jaxrnn_cell(case):
     ]()
 
 
-def _jaxrnn(impl):
+def jaxrnn_setup(case, ctx):
+    """jaxrnn's model, parameters and inputs for ``case``, drawn as every row draws them.
+
+    Returns ``(cell, model, params, xs, rng)``: ``model`` is the cell, or a
+    bidirectional two-layer :class:`jaxrnn.Stack` for ``bidir2``; ``rng``
+    continues the case's draws (e.g. for a carry).
+    """
+    import jaxrnn  # noqa: PLC0415
+
+    cell = jaxrnn_cell(case)
+    rng = _rng(case, ctx)
+    xs = _inputs(case, rng)
+    model = jaxrnn.Stack(cell, num_layers=2, bidirectional=True) if case.structure == "bidir2" else cell
+    init = functools.partial(model.init, input_size=case.input_size, dtype=jnp.dtype(case.dtype))
+    params = _fill(jax.eval_shape(init, _abstract_key()), case, rng)
+    return cell, model, params, xs, rng
+
+
+def jaxrnn_builder(impl):
+    """The builder of ``jaxrnn.rnn(..., impl=impl)`` rows.
+
+    ``impl``: a name of :data:`JAXRNN_IMPLS` or a backend configuration
+    (``jaxrnn.kernels.XLA(projection="hoisted")``, ``jaxrnn.kernels.Pallas(...)``).
+    """
+
     def build(case, ctx):
         import jaxrnn  # noqa: PLC0415
-        from jaxrnn.runner import resolve_backend  # noqa: PLC0415
+        from jaxrnn import kernels  # noqa: PLC0415
 
-        if case.mode == "step" and impl != "reference":
+        name = impl if isinstance(impl, str) else impl.name
+        if case.mode == "step" and name != "reference":
             raise Unavailable("single-step inference has one implementation, cell.step (timed as jaxrnn:reference)")
-        if impl == "pallas" and ctx.platform == "cpu" and not ctx.pallas_interpret:
+        if name == "pallas" and ctx.platform == "cpu" and not ctx.pallas_interpret:
             raise Unavailable(
                 "Pallas on CPU runs in interpret mode (a correctness path, orders of magnitude slower); "
                 "pass --pallas-interpret to time it anyway"
             )
-        cell = _jaxrnn_cell(case)
+        cell, model, params, xs, rng = jaxrnn_setup(case, ctx)
         dt = jnp.dtype(case.dtype)
-        resolved, _ = resolve_backend(impl, cell.resolve(dt), ctx.platform)  # ImportError if not built yet
-        rng = _rng(case, ctx)
-        xs = _inputs(case, rng)
+        resolved = "reference" if name == "reference" else kernels.resolve(impl, cell.resolve(dt), ctx.platform)[0]
         notes = {"backend": resolved}
-        model = jaxrnn.Stack(cell, num_layers=2, bidirectional=True) if case.structure == "bidir2" else cell
-        init = functools.partial(model.init, input_size=case.input_size, dtype=dt)
-        params = _fill(jax.eval_shape(init, _abstract_key()), case, rng)
         if case.mode == "step":
             carry = _carry(case, len(cell.carry_type._fields), rng)
             carry = cell.carry_type(*(carry if isinstance(carry, tuple) else (carry,)))
@@ -539,9 +587,9 @@ def _torch(variant):
 
 # Order matters: jaxrnn:reference runs first in every case (the others are checked against it).
 IMPLEMENTATIONS = {
-    "jaxrnn:reference": _jaxrnn("reference"),
-    "jaxrnn:xla": _jaxrnn("xla"),
-    "jaxrnn:pallas": _jaxrnn("pallas"),
+    "jaxrnn:reference": jaxrnn_builder("reference"),
+    "jaxrnn:xla": jaxrnn_builder("xla"),
+    "jaxrnn:pallas": jaxrnn_builder("pallas"),
     "flax.linen": _flax_linen,
     "flax.nnx": _flax_nnx,
     "equinox": _equinox,

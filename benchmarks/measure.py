@@ -29,10 +29,21 @@ import numpy as np
 
 __all__ = [
     "FLOP_MODEL",
+    "REWARM_BELOW_S",
+    "cpu_model",
+    "device_dir_name",
     "environment",
+    "loadavg",
     "matmul_ceiling",
+    "merge_ceilings",
     "model_flops",
+    "summarize_times",
     "time_calls",
+    "time_interleaved",
+    "time_rounds",
+    "time_together",
+    "version",
+    "warm_up",
 ]
 
 FLOP_MODEL = (
@@ -133,6 +144,39 @@ def summarize_times(times):
     }
 
 
+def time_together(runs, *, warmup: int, min_reps: int, max_reps: int, target_s: float, cap_s=float("inf")):
+    """:func:`warm_up` each of ``runs`` (``{name: callable}``), then :func:`time_interleaved` them.
+
+    A callable whose fastest warm-up call is shorter than
+    :data:`REWARM_BELOW_S` is re-warmed before each timed call, as in a
+    suite. Returns ``(first_s, times, errors)``: ``{name: first-call
+    seconds}`` and :func:`time_interleaved`'s two dicts.
+    """
+    first, rewarm = {}, set()
+    for name, run in runs.items():
+        first[name], best = warm_up(run, warmup=warmup, target_s=target_s, cap_s=cap_s)
+        if best < REWARM_BELOW_S:
+            rewarm.add(name)
+    times, errors = time_interleaved(
+        runs, min_reps=min_reps, max_reps=max_reps, target_s=target_s, rewarm=rewarm, cap_s=cap_s
+    )
+    return first, times, errors
+
+
+def time_rounds(runs, rounds: int, *, warmup: int = 2):
+    """:func:`time_together` for exactly ``rounds`` rounds (no time target); ``{name: [seconds]}``.
+
+    A callable that raises makes this raise (a study has no row to mark failed).
+    """
+    if rounds <= 0:
+        return {name: [] for name in runs}
+    _, times, errors = time_together(runs, warmup=warmup, min_reps=rounds, max_reps=rounds, target_s=0.0)
+    if errors:
+        name, error = next(iter(errors.items()))
+        raise RuntimeError(f"{name} failed while timed: {error}") from error
+    return times
+
+
 def time_calls(run, *, warmup: int, min_reps: int, max_reps: int, target_s: float):
     """:func:`warm_up` then time ``run()`` alone; returns ``first_s``, ``times_s`` and :func:`summarize_times`."""
     first, _ = warm_up(run, warmup=warmup, target_s=target_s)
@@ -185,7 +229,8 @@ def merge_ceilings(*measurements):
     return out
 
 
-def _version(module_name):
+def version(module_name):
+    """``module_name.__version__``, or why it is unavailable."""
     try:
         module = __import__(module_name)
     except Exception as e:  # noqa: BLE001
@@ -193,7 +238,8 @@ def _version(module_name):
     return getattr(module, "__version__", "unknown")
 
 
-def _cpu_model():
+def cpu_model():
+    """The CPU's model name (``/proc/cpuinfo``), or ``platform.processor()``."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -213,6 +259,7 @@ def _git(*args):
 
 
 def loadavg():
+    """The 1, 5 and 15 minute load averages, or ``None``."""
     try:
         return list(os.getloadavg())
     except OSError:
@@ -229,15 +276,16 @@ def environment():
         "platform": dev.platform,
         "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "jax": jax.__version__,
-        "jaxlib": _version("jaxlib"),
-        "flax": _version("flax"),
-        "equinox": _version("equinox"),
+        "jaxlib": version("jaxlib"),
+        "flax": version("flax"),
+        "equinox": version("equinox"),
+        "jaxrnn": version("jaxrnn"),
         "numpy": np.__version__,
-        "torch": _version("torch"),
+        "torch": version("torch"),
         "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),

@@ -6,7 +6,10 @@ import json
 import math
 import os
 
-__all__ = ["markdown", "plot", "write_json", "write_all"]
+__all__ = ["RESULTS_DIR", "markdown", "paths", "plot", "save_json", "write_json", "write_all"]
+
+#: Where committed results live: ``benchmarks/results/<device>/``.
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def paths(out_dir, results):
@@ -28,15 +31,20 @@ def _clean(x):
     return x
 
 
+def save_json(path, data, *, indent=1):
+    """Write ``data`` to ``path`` atomically (NaN/inf as null), creating its folder; return ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_clean(data), f, indent=indent, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write_json(out_dir, results):
     """Write ``<suite>.json`` atomically; return its path."""
-    p = paths(out_dir, results)
-    os.makedirs(p["dir"], exist_ok=True)
-    tmp = p["json"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_clean(results), f, indent=1, sort_keys=False, default=str)
-    os.replace(tmp, p["json"])
-    return p["json"]
+    return save_json(paths(out_dir, results)["json"], results)
 
 
 def _fmt(x, spec):

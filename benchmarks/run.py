@@ -24,7 +24,24 @@ from benchmarks import impls as impls_lib
 from benchmarks import measure
 from benchmarks.suites import GATES
 
-__all__ = ["ROW_FIELDS", "run_suite"]
+__all__ = ["MEASURED_FIELDS", "ROW_FIELDS", "run_suite", "summarize"]
+
+#: Measured fields that must be numbers in every ``ok`` row.
+MEASURED_FIELDS = (
+    "ms_median",
+    "ms_q25",
+    "ms_q75",
+    "ms_min",
+    "ms_max",
+    "n_reps",
+    "first_call_ms",
+    "us_per_step",
+    "tokens_per_s",
+    "model_flops",
+    "flop_per_s",
+    "matmul_fraction",
+    "compile_s",
+)
 
 ROW_FIELDS = (
     "case_id",
@@ -43,19 +60,7 @@ ROW_FIELDS = (
     "library",
     "status",
     "reason",
-    "ms_median",
-    "ms_q25",
-    "ms_q75",
-    "ms_min",
-    "ms_max",
-    "n_reps",
-    "first_call_ms",
-    "us_per_step",
-    "tokens_per_s",
-    "model_flops",
-    "flop_per_s",
-    "matmul_fraction",
-    "compile_s",
+    *MEASURED_FIELDS,
     "compile_method",
     "peak_memory_bytes",
     "memory_method",
@@ -63,23 +68,6 @@ ROW_FIELDS = (
     "rel_err_vs_reference",
     "time_ratio_vs_peers",
     "notes",
-)
-
-#: Measured fields that must be numbers in every ``ok`` row.
-MEASURED_FIELDS = (
-    "ms_median",
-    "ms_q25",
-    "ms_q75",
-    "ms_min",
-    "ms_max",
-    "n_reps",
-    "first_call_ms",
-    "us_per_step",
-    "tokens_per_s",
-    "model_flops",
-    "flop_per_s",
-    "matmul_fraction",
-    "compile_s",
 )
 
 SKIP_ERRORS = (ImportError, NotImplementedError)
@@ -160,7 +148,7 @@ def _prepare(row, case, impl, ctx, suite):
         return _Prepared(work.run, first, best, eager=True, rerun=work.run)
 
     t0 = time.perf_counter()
-    compiled = jax.jit(work.fn).lower(*work.args).compile()
+    compiled, run = work.compile()
     row["compile_s"] = time.perf_counter() - t0
     row["compile_method"] = "jax.jit(f).lower(*args).compile() wall time"
     try:
@@ -170,11 +158,6 @@ def _prepare(row, case, impl, ctx, suite):
         )
     except Exception:  # noqa: BLE001
         row["xla_memory_bytes"] = None
-    args = work.args
-
-    def run():
-        return jax.block_until_ready(compiled(*args))
-
     first, best = measure.warm_up(run, warmup=suite.warmup, target_s=suite.target_s, cap_s=suite.row_cap_s)
     mem1 = _jax_memory_state()
     if mem0 and mem1 and "peak_bytes_in_use" in mem1:

@@ -240,3 +240,101 @@ def test_gpu_session_script_usage():
     assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
     out = subprocess.run(["bash", script], capture_output=True, text=True)
     assert out.returncode != 0 and "usage: gpu_session.sh tests|SUITE OUT" in out.stderr
+
+
+# --------------------------------------------------------------------------
+# Studies (benchmarks/studies/): tiny runs through the shared harness
+# --------------------------------------------------------------------------
+BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
+TINY = ["--batch", "2", "--seq-len", "4", "--input-size", "4", "--hidden", "8"]
+
+
+def _keys(x):
+    """The nested key structure of a JSON object."""
+    return {k: _keys(v) for k, v in x.items()} if isinstance(x, dict) else None
+
+
+def _spy_harness(monkeypatch):
+    from benchmarks import measure
+
+    calls = []
+    real = measure.time_together
+
+    def spy(runs, **kw):
+        calls.append(sorted(runs))
+        return real(runs, **kw)
+
+    monkeypatch.setattr(measure, "time_together", spy)
+    return calls
+
+
+def _same_schema(committed_path, new, data_key, cell):
+    with open(os.path.join(BENCHMARKS_DIR, "results", "cpu", committed_path)) as f:
+        old = json.load(f)
+    assert set(new) == set(old)
+    for key, value in old.items():
+        if isinstance(value, dict) and key != data_key:
+            assert _keys(new[key]) == _keys(value), key
+    assert _keys(new[data_key][cell]) == _keys(old[data_key][cell])
+
+
+def test_study_analysis_cost_runs_on_the_harness(tmp_path, monkeypatch, capsys):
+    from benchmarks.studies import analysis_cost
+
+    calls = _spy_harness(monkeypatch)
+    out = tmp_path / "cost.json"
+    assert analysis_cost.main(TINY + ["--repeats", "2", "--cells", "gru", "--out", str(out)]) == 0
+    assert calls == [["fwd_bwd", "grad_norms"]]
+    record = json.loads(out.read_text())
+    _same_schema("analysis_cost.json", record, "results", "gru")
+    r = record["results"]["gru"]
+    assert len(r["fwd_bwd_runs_s"]) == len(r["grad_norms_runs_s"]) == 2
+    assert r["ratio"] == pytest.approx(r["grad_norms_s"] / r["fwd_bwd_s"])
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_study_kernels_cpu_runs_on_the_harness(tmp_path, monkeypatch):
+    from benchmarks.studies import kernels_cpu
+
+    calls = _spy_harness(monkeypatch)
+    out = tmp_path / "kernels.json"
+    record = kernels_cpu.main(TINY + ["--cells", "elman", "--rounds", "1", "--out", str(out)])
+    assert calls and all(name.endswith(("/forward", "/fwd+bwd")) for name in calls[0])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    _same_schema("kernels_xla.json", record, "cells", "elman")
+    ms = record["cells"]["elman"]["ms"]
+    assert set(ms) == {"forward", "fwd+bwd"}
+    assert set(ms["forward"]) == {"flax", "reference", "xla", "xla_hoisted", "torch"}  # torch from the worker process
+    assert record["config"]["torch_threads"] >= 1
+    assert record["cells"]["elman"]["flops"]["fwd+bwd"] == 3 * record["cells"]["elman"]["flops"]["forward"]
+
+
+def test_no_module_reaches_for_private_names():
+    """Modules under benchmarks/ import only public names of each other and of jaxrnn."""
+    import ast
+
+    offences = []
+    for folder, _, files in os.walk(BENCHMARKS_DIR):
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            modules = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("benchmarks", "jaxrnn"):
+                    for alias in node.names:
+                        if alias.name.startswith("_"):
+                            offences.append(f"{path}: from {node.module} import {alias.name}")
+                        modules.add(alias.asname or alias.name)
+                elif isinstance(node, ast.Import):
+                    modules |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith(("benchmarks", "jaxrnn"))}
+            for node in ast.walk(tree):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id in modules
+                    and node.attr.startswith("_")
+                    and not node.attr.startswith("__")
+                ):
+                    offences.append(f"{path}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not offences, offences

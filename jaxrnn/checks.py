@@ -22,6 +22,7 @@ from typing import Any, Iterable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad
 
 __all__ = [
     "check_float_dtype",
@@ -32,6 +33,7 @@ __all__ = [
     "check_one_of",
     "check_rate",
     "check_static",
+    "in_forward_mode",
     "is_traced",
     "shape_of",
     "warn_once",
@@ -46,6 +48,22 @@ def shape_of(x) -> tuple:
 def is_traced(x) -> bool:
     """Whether ``x`` is a JAX tracer (an abstract value under ``jit``/``grad``/``vmap``)."""
     return isinstance(x, jax.core.Tracer)
+
+
+def in_forward_mode(tree) -> bool:
+    """Whether any leaf of ``tree`` is being differentiated in forward mode (``jax.jvp``, ``jacfwd``, ``hessian``).
+
+    Walks through nested tracers (``vmap``, ``linearize``) down to a JVP
+    tracer. Reverse mode (``jax.grad``, ``vjp``, ``jacrev``) linearizes and is
+    not forward mode. Forward mode under an outer ``jit`` is only visible where
+    it is applied inside that ``jit``.
+    """
+    for leaf in jax.tree_util.tree_leaves(tree):
+        while isinstance(leaf, jax.core.Tracer):
+            if isinstance(leaf, ad.JVPTracer):
+                return True
+            leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
+    return False
 
 
 def check_index(value: Any, name: str, minimum: int = 1) -> int:
@@ -88,21 +106,23 @@ def check_one_of(name: str, value: Any, choices: Sequence[Any], allow_callable: 
     return value
 
 
-def check_rate(name: str, value: Any, low: float = 0.0, high: float = 1.0, *, closed_low=True, closed_high=False) -> float:
-    """``value`` as a float in the interval ``[low, high)`` (brackets per ``closed_*``).
+def check_rate(
+    name: str, value: Any, low: float = 0.0, high: float = 1.0, *, closed_low=True, closed_high=False, what="a rate"
+) -> float:
+    """``value`` as a float in the interval ``[low, high)`` (brackets per ``closed_*``); ``what`` names it in errors.
 
     Raises:
       TypeError: ``value`` is not a real number (strings and bools included).
       ValueError: ``value`` is outside the interval or not finite.
     """
-    interval = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
+    interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
     if isinstance(value, (bool, np.bool_, str, bytes)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}: expected a number in {interval}, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name}: expected {what} in {interval}, got {type(value).__name__} {value!r}")
     v = float(value)
     above = v >= low if closed_low else v > low
     below = v <= high if closed_high else v < high
     if not (np.isfinite(v) and above and below):
-        raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
+        raise ValueError(f"{name}: expected {what} in {interval}, got {value!r}")
     return v
 
 

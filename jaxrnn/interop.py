@@ -198,6 +198,12 @@ def from_torch(module) -> tuple[Stack, tuple[LayerParams, ...]]:
         raise ValueError(
             f"module: LSTM projections are not supported (expected proj_size=0, got {module.proj_size})"
         )
+    devices = {p.device.type for p in module.parameters()}
+    if "meta" in devices:
+        raise ValueError(
+            "module: its parameters are on the 'meta' device (no values to copy); "
+            "materialise them first, e.g. module.to_empty(device='cpu') and load a state dict"
+        )
     cell = _torch_cell(module)
     stack = Stack(
         cell, num_layers=module.num_layers, bidirectional=module.bidirectional, dropout=float(module.dropout)

@@ -155,6 +155,19 @@ class RNN(nnx.Module):
         return (ys, carry) if return_carry else ys
 
 
+def _dropout_stream(rngs):
+    """A fork of the ``dropout`` stream of ``rngs``, else of its ``default`` stream (as ``nnx.Dropout`` does)."""
+    for name in ("dropout", "default"):
+        try:
+            return rngs[name].fork()
+        except KeyError:
+            continue
+    raise ValueError(
+        "rngs: the stack has dropout, so rngs needs a 'dropout' (or 'default') stream, "
+        "e.g. nnx.Rngs(params=0, dropout=1) or nnx.Rngs(0)"
+    )
+
+
 class StackRNN(nnx.Module):
     """A :class:`jaxrnn.Stack` (deep, bidirectional, connections, dropout) as an NNX module.
 
@@ -167,7 +180,8 @@ class StackRNN(nnx.Module):
     Args:
       stack: the :class:`~jaxrnn.Stack` configuration (static).
       input_size: ``I``, the feature size of the stack's input.
-      rngs: ``nnx.Rngs``; ``params`` initialises, ``dropout`` draws masks.
+      rngs: ``nnx.Rngs``; ``params`` initialises, ``dropout`` (else
+        ``default``) draws masks: ``nnx.Rngs(0)`` or ``nnx.Rngs(params=0, dropout=1)``.
       params: instead of initialising, use these per-layer parameters (e.g.
         from :func:`jaxrnn.interop.from_torch`); then ``input_size`` may be
         ``None``, and ``rngs`` is needed only for dropout.
@@ -218,7 +232,7 @@ class StackRNN(nnx.Module):
         self.deterministic = bool(deterministic)
         self.params = nnx.data(box_params(params))
         uses_dropout = stack.dropout > 0 and stack.num_layers > 1
-        self.rngs = nnx.data(rngs["dropout"].fork() if uses_dropout and rngs is not None else None)
+        self.rngs = nnx.data(_dropout_stream(rngs) if uses_dropout and rngs is not None else None)
 
     def get_params(self):
         """The current parameters as a plain tuple of :class:`~jaxrnn.LayerParams`."""

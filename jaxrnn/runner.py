@@ -18,6 +18,7 @@ signature::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxrnn import kernels
 from jaxrnn.cells import acc_dtype, check_carry, check_cell, check_params
-from jaxrnn.checks import check_inputs, check_lengths, check_static, shape_of
+from jaxrnn.checks import check_inputs, check_lengths, check_static, in_forward_mode, shape_of
 from jaxrnn.checks import warn_once  # noqa: F401  (re-exported: older code imports it from here)
 from jaxrnn.scan import mask_step  # noqa: F401  (re-exported, likewise)
 from jaxrnn.scan import rnn_reference, scan_reference, sequence_mask, where_valid
@@ -144,7 +145,26 @@ def rnn(
         impl = "reference"
         steps = (T, *batch_shape) if (unbatched or time_major) else (*batch_shape, T)
         check_carry(cell, carry_perturbation, steps, name="carry_perturbation")
-    return _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl, carry_perturbation)
+    if in_forward_mode((params, xs, initial_carry, carry_perturbation)):
+        if impl != "auto" and impl != "reference":
+            raise ValueError(
+                f"impl: {impl!r} has a custom VJP, which forward-mode autodiff (jax.jvp, jax.jacfwd, "
+                "jax.hessian) cannot differentiate; use impl='auto' or 'reference'"
+            )
+        impl = "reference"
+    return _rnn(run_key(cell), params, xs, initial_carry, seq_lengths, reverse, time_major, impl, carry_perturbation)
+
+
+def run_key(cell):
+    """``cell`` with its initialisers replaced by their defaults: what a run depends on.
+
+    The cell is a static argument of the compiled runner; a callable
+    ``kernel_init`` rebuilt for every call (a fresh lambda) would otherwise
+    recompile a run that never uses it.
+    """
+    if callable(cell.kernel_init) or callable(cell.recurrent_init):
+        return dataclasses.replace(cell, kernel_init="lecun_normal", recurrent_init="orthogonal")
+    return cell
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
@@ -165,7 +185,11 @@ def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl
             perturbation = jax.tree_util.tree_map(lambda p: jnp.swapaxes(p, 0, 1), perturbation)
     T, B = xs.shape[:2]
     if initial_carry is None:
-        initial_carry = cell.zero_carry((B,), acc_dtype(out_dtype))
+        # Zeros built from xs, so that under shard_map they vary over the same mesh axes as xs.
+        zero = jnp.zeros_like(xs[0, :, :1], acc_dtype(out_dtype))
+        initial_carry = jax.tree_util.tree_map(
+            lambda c: jnp.broadcast_to(zero, c.shape), cell.zero_carry((B,), acc_dtype(out_dtype))
+        )
     carry0 = jax.tree_util.tree_map(lambda c: c.astype(acc_dtype(out_dtype)), initial_carry)
     lengths = None if seq_lengths is None else jnp.clip(seq_lengths.astype(jnp.int32), 0, T)
     if lengths is not None:

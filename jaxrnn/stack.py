@@ -26,9 +26,10 @@ from typing import Any, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells import check_carry, check_cell, expand_bias
-from jaxrnn.checks import check_inputs, check_lengths, shape_of
+from jaxrnn.cells import check_carry, check_cell, check_params, expand_bias
+from jaxrnn.checks import check_index, check_inputs, check_key, check_lengths, check_one_of, check_rate, check_static, shape_of
 from jaxrnn.runner import check_impl, rnn
+from jaxrnn.scan import sequence_mask
 
 Array = jax.Array
 
@@ -86,12 +87,10 @@ class Stack:
 
     def __post_init__(self):
         check_cell(self.cell)
-        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
-            raise ValueError(f"num_layers: expected a positive int, got {self.num_layers!r}")
-        if self.connection not in CONNECTIONS:
-            raise ValueError(f"connection: expected one of {CONNECTIONS}, got {self.connection!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout: expected a rate in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "num_layers", check_index(self.num_layers, "num_layers"))
+        object.__setattr__(self, "bidirectional", check_static("bidirectional", self.bidirectional))
+        check_one_of("connection", self.connection, CONNECTIONS)
+        object.__setattr__(self, "dropout", check_rate("dropout", self.dropout))
 
     # -- shapes -------------------------------------------------------------
     @property
@@ -175,21 +174,10 @@ class Stack:
         """
         check_impl(impl)
         check_inputs(xs, time_major=time_major)
-        if not isinstance(params, (tuple, list)) or len(params) != self.num_layers:
-            got = f"{len(params)} layers" if isinstance(params, (tuple, list)) else type(params).__name__
-            raise TypeError(f"params: expected a tuple of {self.num_layers} LayerParams, got {got}")
-        input_size = xs.shape[-1]
-        for layer, p in enumerate(params):
-            want = self.layer_input_size(layer, shape_of(params[0].fwd.w_ih)[0])
-            if shape_of(p.fwd.w_ih)[0] != want:
-                raise ValueError(
-                    f"params[{layer}].fwd.w_ih: expected {want} input rows, got shape {shape_of(p.fwd.w_ih)}"
-                )
-            if self.bidirectional != (p.bwd is not None):
-                want = "backward-cell parameters" if self.bidirectional else "None"
-                raise ValueError(f"params[{layer}].bwd: expected {want} for bidirectional={self.bidirectional}")
-        expected_in = shape_of(params[0].fwd.w_ih)[0]
-        if input_size != expected_in:
+        expected_in = self.check_params(params)
+        check_key("dropout_key", dropout_key)
+        time_major = check_static("time_major", time_major)
+        if xs.shape[-1] != expected_in:
             raise ValueError(
                 f"xs: expected last dimension {expected_in} (input_size of params[0].fwd.w_ih), "
                 f"got shape {shape_of(xs)}"
@@ -202,14 +190,7 @@ class Stack:
         mask = None
         if seq_lengths is not None:
             seq_lengths = check_lengths(seq_lengths, batch_shape, T)
-            lengths, t = jnp.clip(jnp.asarray(seq_lengths), 0, T), jnp.arange(T)
-            if unbatched:
-                valid = t < lengths
-            elif time_major:
-                valid = t[:, None] < lengths[None, :]
-            else:
-                valid = t[None, :] < lengths[:, None]
-            mask = valid[..., None]
+            mask = sequence_mask(jnp.clip(jnp.asarray(seq_lengths), 0, T), T, time_major=time_major)[..., None]
         keys = (
             jax.random.split(dropout_key, self.num_layers)
             if dropout_key is not None and self.dropout > 0
@@ -250,6 +231,69 @@ class Stack:
             else:
                 inputs = out
         return inputs, tuple(finals)
+
+    def check_params(self, params, name: str = "params") -> int:
+        """Check ``params`` has this stack's structure; return the input size ``I``.
+
+        Recognises the common mistakes and says how to fix them: a bare
+        :class:`LayerParams` (wrap it in a tuple), a ``(forward, backward)``
+        pair without the outer tuple, a single cell's parameters. Errors name
+        the layer (``params[1].bwd.w_hh: ...``).
+
+        Raises:
+          TypeError: wrong structure.
+          ValueError: a leaf of the wrong shape.
+        """
+        L = self.num_layers
+        if isinstance(params, LayerParams):
+            raise TypeError(f"{name}: expected a tuple of {L} LayerParams, got a single LayerParams; wrap it: (params,)")
+        if isinstance(params, tuple) and hasattr(params, "w_hh"):
+            raise TypeError(
+                f"{name}: expected a tuple of {L} LayerParams, got the parameters of a single cell "
+                f"({type(params).__name__}); use (jaxrnn.LayerParams(fwd=params),) or run the cell with jaxrnn.rnn"
+            )
+        if not isinstance(params, (tuple, list)):
+            raise TypeError(f"{name}: expected a tuple of {L} LayerParams, got {type(params).__name__}")
+        if len(params) == 2 and all(isinstance(p, tuple) and hasattr(p, "w_hh") for p in params):
+            raise TypeError(
+                f"{name}: expected a tuple of {L} LayerParams, got a pair of cell parameters; "
+                "for one bidirectional layer use (jaxrnn.LayerParams(fwd, bwd),)"
+            )
+        if len(params) != L:
+            raise TypeError(f"{name}: expected a tuple of {L} LayerParams, got {len(params)} layers")
+        input_size = None
+        for layer, p in enumerate(params):
+            where = f"{name}[{layer}]"
+            if not isinstance(p, LayerParams):
+                raise TypeError(f"{where}: expected a LayerParams(fwd, bwd, highway), got {type(p).__name__}")
+            n_in = check_params(self.cell, p.fwd, name=f"{where}.fwd")
+            if input_size is None:
+                input_size = n_in
+            want = self.layer_input_size(layer, input_size)
+            if n_in != want:
+                raise ValueError(f"{where}.fwd.w_ih: expected {want} input rows, got shape {shape_of(p.fwd.w_ih)}")
+            if self.bidirectional != (p.bwd is not None):
+                expected = "backward-cell parameters" if self.bidirectional else "None"
+                raise ValueError(f"{where}.bwd: expected {expected} for bidirectional={self.bidirectional}")
+            if p.bwd is not None:
+                check_params(self.cell, p.bwd, name=f"{where}.bwd")
+                if shape_of(p.bwd.w_ih) != shape_of(p.fwd.w_ih):
+                    raise ValueError(
+                        f"{where}.bwd.w_ih: expected shape {shape_of(p.fwd.w_ih)} (as fwd), got {shape_of(p.bwd.w_ih)}"
+                    )
+            joins = self.connection == "highway" and self._joins(want)
+            if joins:
+                D = self.output_size
+                if not isinstance(p.highway, HighwayParams):
+                    raise TypeError(f"{where}.highway: expected HighwayParams(w, b), got {type(p.highway).__name__}")
+                if shape_of(p.highway.w) != (D, D) or shape_of(p.highway.b) != (D,):
+                    raise ValueError(
+                        f"{where}.highway: expected w {(D, D)} and b {(D,)}, "
+                        f"got {shape_of(p.highway.w)} and {shape_of(p.highway.b)}"
+                    )
+            elif p.highway is not None:
+                raise ValueError(f"{where}.highway: expected None (no highway connection at this layer)")
+        return input_size
 
     def connect(self, p: LayerParams, inputs: Array, y: Array) -> Array:
         """Join a layer's input and its recurrent output per ``self.connection``.

@@ -104,7 +104,7 @@ def make_train_step(
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer: expected an optax.GradientTransformation, got {type(optimizer).__name__}")
     if max_grad_norm is not None:
-        max_grad_norm = check_rate("max_grad_norm", max_grad_norm, 0.0, float("inf"), closed_low=False)
+        max_grad_norm = check_rate("max_grad_norm", max_grad_norm, 0.0, float("inf"), closed_low=False, what="a positive number")
     clip = optax.identity() if max_grad_norm is None else optax.clip_by_global_norm(max_grad_norm)
     tx = optax.chain(clip, optimizer)
 

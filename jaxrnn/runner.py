@@ -123,6 +123,8 @@ def rnn(
     """
     check_cell(cell)
     check_impl(impl)
+    reverse = check_static("reverse", reverse)
+    time_major = check_static("time_major", time_major)
     check_inputs(xs, time_major=time_major)
     input_size = check_params(cell, params)
     if xs.shape[-1] != input_size:
@@ -130,8 +132,7 @@ def rnn(
             f"xs: expected last dimension {input_size} (input_size of params.w_ih "
             f"{shape_of(params.w_ih)}), got shape {shape_of(xs)}"
         )
-    reverse = check_static("reverse", reverse)
-    time_major = check_static("time_major", time_major)
+
     unbatched = xs.ndim == 2
     T = xs.shape[0] if (unbatched or time_major) else xs.shape[1]
     batch_shape = () if unbatched else (xs.shape[1] if time_major else xs.shape[0],)
@@ -186,7 +187,7 @@ def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl
     T, B = xs.shape[:2]
     if initial_carry is None:
         # Zeros built from xs, so that under shard_map they vary over the same mesh axes as xs.
-        zero = jnp.zeros_like(xs[0, :, :1], acc_dtype(out_dtype))
+        zero = jnp.zeros_like(jnp.sum(xs[:, :, :1], axis=0), acc_dtype(out_dtype))
         initial_carry = jax.tree_util.tree_map(
             lambda c: jnp.broadcast_to(zero, c.shape), cell.zero_carry((B,), acc_dtype(out_dtype))
         )

@@ -173,10 +173,10 @@ class Stack:
           layer's final carry in the structure of ``initial_carry``.
         """
         check_impl(impl)
+        time_major = check_static("time_major", time_major)
         check_inputs(xs, time_major=time_major)
         expected_in = self.check_params(params)
         check_key("dropout_key", dropout_key)
-        time_major = check_static("time_major", time_major)
         if xs.shape[-1] != expected_in:
             raise ValueError(
                 f"xs: expected last dimension {expected_in} (input_size of params[0].fwd.w_ih), "

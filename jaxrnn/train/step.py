@@ -109,10 +109,15 @@ def make_train_step(
     tx = optax.chain(clip, optimizer)
 
     def value_and_grad(params, batch):
+        out = jax.eval_shape(loss_fn, params, batch)  # checked before autodiff's own error
+        if has_aux and not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError(f"loss_fn: expected (loss, aux) with has_aux=True, got {type(out).__name__}")
+        shape = getattr(out[0] if has_aux else out, "shape", None)
+        if shape != ():
+            kind = f"shape {shape}" if shape is not None else type(out).__name__
+            raise ValueError(f"loss_fn: expected a scalar loss{' and aux' if has_aux else ''}, got {kind}")
         out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, batch)
         loss, aux = out if has_aux else (out, None)
-        if jnp.shape(loss) != ():
-            raise ValueError(f"loss_fn: expected a scalar loss, got shape {jnp.shape(loss)}")
         return loss, aux, grads
 
     def step(params, opt_state, batch):

@@ -11,7 +11,9 @@ Every backend has the signature documented in :mod:`jaxrnn.runner`::
   loops over time on chip (interpret mode on CPU); with ``BlockSizes(hidden=...)``
   (the GPU default for weights over 128 KiB) the weight is split across
   programs, one fused step kernel per time step
-  (:mod:`jaxrnn.kernels.pallas_split`).
+  (:mod:`jaxrnn.kernels.pallas_split`). What both kernel families share
+  (block sizes, padding, configuration) is in :mod:`jaxrnn.kernels.common`;
+  imports run ``common`` <- ``pallas_split`` <- ``pallas``.
 
 ``impl`` is resolved here, at trace time. Besides the names, ``impl`` takes
 a backend with options, :class:`XLA` or :class:`Pallas`: frozen, hashable

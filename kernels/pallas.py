@@ -31,43 +31,34 @@ over all ``T·B`` rows after the loop
 and ``W_ih``, ``b`` and ``x`` get theirs from JAX's autodiff of the input
 projection, from ``dxp``.
 
-Semantics are those of :func:`jaxrnn.runner.scan_reference`: with
+Semantics are those of :func:`jaxrnn.scan.scan_reference`: with
 ``lengths``, steps ``t >= lengths[b]`` keep the carry and output zeros, and
 ``reverse`` walks that padding first, so only the valid part is reversed.
 
 A recurrent weight too large for one program (``BlockSizes(hidden=...)``,
 and on GPU by default above :data:`GPU_RESIDENT_BYTES`) is split across
-programs by hidden units instead: :mod:`jaxrnn.kernels.pallas_split` runs one
-fused kernel per step under the same custom VJP (:func:`_loops`).
+programs by hidden units instead: the custom VJP here then runs the time
+loops of :mod:`jaxrnn.kernels.pallas_split`, one fused kernel per step
+(:func:`_loops`), with the same padding, residuals and weight gradient.
 
-Layout: sizes that do not fit the blocks are padded and sliced back: the
-batch to whole tiles (padded rows get length 0), time to whole chunks
-(padded steps are masked out), and each gate's hidden units to a multiple of
-``block.lanes`` (zero weights keep padded units exactly zero). Every block is
-a 2-D ``(rows, lanes)`` tile, with a leading time axis for sequences.
+Layout: sizes that do not fit the blocks are padded and sliced back
+(:func:`jaxrnn.kernels.common.padded_sizes`): the batch to whole tiles
+(padded rows get length 0), time to whole chunks (padded steps are masked
+out), and each gate's hidden units to a multiple of ``block.lanes`` (zero
+weights keep padded units exactly zero). Every block is a 2-D ``(rows,
+lanes)`` tile, with a leading time axis for sequences. No value is sliced or
+concatenated on chip (Triton can do neither): every gate-stacked array is
+passed once per gate, with that gate's column block as its ``BlockSpec``,
+and the kernel bodies run the per-gate step of :mod:`~jaxrnn.kernels.gates`
+on one ``(rows, Hp)`` tile per gate. Compiled for GPU the kernels request
+the Triton lowering (:func:`jaxrnn.kernels.common.compiler_params`).
 
-Pallas API used: ``pl.pallas_call`` (``grid``, ``in_specs``/``out_specs``,
-``out_shape``, ``interpret``, ``compiler_params``, ``name``), ``pl.BlockSpec``
-(with ``pipeline_mode=pl.Buffered(1)`` for the resident weight on TPU),
-``pl.program_id``, ``pl.num_programs``, ``pl.when``, ``pl.next_power_of_2``,
-Ref indexing (``ref[j]``, ``ref[...]``) and ``lax.fori_loop`` in kernel
-bodies; compiled, ``pltpu.CompilerParams(dimension_semantics=...)`` on TPU
-and ``pltriton.CompilerParams`` on GPU. All exist in jax 0.7 to 0.11.
-
-Verification status. Tested in interpret mode on CPU only, with jax 0.10.2
-(Python 3.11) and jax 0.11.2 (Python 3.12): nothing here has run compiled on
-a TPU or GPU. Lowering (not compiling) is checked on CPU with ``jax.export``:
-all cells lower to Mosaic TPU (both versions), and all cells, f32 and bf16,
-lower with Triton (checked with jax 0.10: from 0.11 the Triton lowering
-reads the GPU's properties, so it needs a GPU). Triton can neither slice nor
-concatenate values and wants power-of-two tiles, so the kernel bodies run
-the per-gate step (:func:`~jaxrnn.kernels.gates.forward_gates`,
-:func:`~jaxrnn.kernels.gates.backward_gates`): every gate-stacked array is
-passed once per gate with that gate's column block as its ``BlockSpec``,
-and each gate's tile is ``(rows, Hp)``. The Mosaic GPU lowering, the default on
-GPU since jax 0.9, has no rule for a matmul of values, so on GPU the kernels
-request Triton explicitly (deprecated in jax 0.11). :func:`qualifies` keeps
-``impl="auto"`` away from this kernel until a platform is verified.
+Modules: :mod:`jaxrnn.kernels.common` holds what both kernel families share
+(:class:`BlockSizes`, padding, the static configuration, the residual
+layout); this module imports it and :mod:`~jaxrnn.kernels.pallas_split`,
+which imports only ``common``. Read top to bottom: the wrapper, when
+``impl="auto"`` may pick it, the custom VJP, the ``pallas_call``\ s, the
+kernel bodies, the reference.
 
 Example:
   >>> cell = jaxrnn.LSTM(32)
@@ -79,545 +70,29 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any, NamedTuple, Optional
+import itertools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxrnn.cells import GRU, acc_dtype, check_carry, check_params
-from jaxrnn.kernels import gates
+from jaxrnn.cells import acc_dtype, check_carry, check_params
 from jaxrnn.checks import check_lengths
-from jaxrnn.scan import scan_reference
-
-Array = jax.Array
+from jaxrnn.kernels import common, gates, pallas_split
+from jaxrnn.kernels.common import BlockSizes
+from jaxrnn.scan import scan_reference, sequence_mask, where_valid
 
 __all__ = ["BlockSizes", "GPU_RESIDENT_BYTES", "VERIFIED_PLATFORMS", "gpu_hidden_tile", "qualifies", "reference", "rnn_pallas"]
 
-
-# --------------------------------------------------------------------------
-# Block sizes
-# --------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes of the recurrence kernels (hashable, so static under ``jit``).
-
-    They change performance and on-chip memory use, not the math.
-
-    Attributes:
-      batch: sequences per program (the rows of every tile); the batch is
-        padded to a multiple. TPU wants multiples of 8 (sublanes); compiled
-        for GPU it is rounded up to a power of two, at least 16.
-      time: steps per time chunk (``None``: the whole sequence in one chunk).
-        A chunk of ``x^p``, ``h`` and the residuals must fit on chip next to
-        the resident weight; time is padded to a multiple. GPU: must be
-        ``None`` (one chunk). Unused when ``hidden`` splits the weight.
-      lanes: each gate's hidden size is padded to a multiple of this (TPU:
-        128; 1: no padding). Compiled for GPU, also to a power of two, at
-        least 16.
-      hidden: ``None``: one program holds the whole recurrent weight and the
-        time loop runs inside the kernel. An int splits the weight across
-        programs (:mod:`jaxrnn.kernels.pallas_split`): each owns this many
-        hidden units of every gate, and each time step is one kernel call.
-        Each gate's hidden size is padded to a multiple (compiled for GPU:
-        a power of two, at least 16). Not for a GRU with ``reset="before"``.
-
-    Example:
-      >>> BlockSizes(batch=8, time=64, lanes=128)
-      BlockSizes(batch=8, time=64, lanes=128, hidden=None)
-    """
-
-    batch: int = 8
-    time: Optional[int] = None
-    lanes: int = 1
-    hidden: Optional[int] = None
-
-    def __post_init__(self):
-        for name in ("batch", "time", "lanes", "hidden"):
-            value = getattr(self, name)
-            if name in ("time", "hidden") and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"BlockSizes.{name}: expected a positive int, got {value!r}")
-            if value <= 0:
-                raise ValueError(f"BlockSizes.{name}: expected a positive int, got {value}")
-
-    @classmethod
-    def get_default(cls, platform: str) -> "BlockSizes":
-        """Defaults for ``platform`` (``"cpu"``, ``"gpu"``/``"cuda"``/``"rocm"``, ``"tpu"``).
-
-        CPU (interpret mode): one chunk, no lane padding. TPU: ``(8, 128)``
-        tiles and 32-step chunks. GPU: 16-row tiles, one chunk. None of
-        them splits the weight (see :func:`rnn_pallas` for the GPU's
-        automatic split). The TPU and GPU values are unverified on hardware.
-        """
-        if platform == "tpu":
-            return cls(batch=8, time=32, lanes=128)
-        if _is_gpu(platform):
-            return cls(batch=16, time=None, lanes=16)
-        return cls(batch=8, time=None, lanes=1)
-
-
-def _is_gpu(platform):
-    return platform in ("gpu", "cuda", "rocm")
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-class _Sizes(NamedTuple):
-    """The padded problem: ``(Tp, Bp, Hp)``, rows per tile, steps per chunk,
-    hidden units per program (``None``: all, the weight resident)."""
-
-    Tp: int
-    Bp: int
-    Hp: int
-    rows: int
-    steps: int
-    tile: Optional[int]
-
-
-def _padded_sizes(T, B, H, block, platform, interpret):
-    """The :class:`_Sizes` of the padded problem.
-
-    Time is padded to whole chunks, the batch to whole tiles and each gate's
-    hidden units to a multiple of ``block.lanes`` (and of ``block.hidden``
-    when it splits the weight; a tile wider than the padded units is all of
-    them). Compiled for GPU (Triton), tiles and gates are rounded up to
-    powers of two, at least 16 (the smallest ``tl.dot``), and time is one
-    chunk: Triton runs grid programs in parallel, so a chunked time axis
-    would lose its order. With ``block.hidden`` the time loop is outside
-    the kernels: one chunk, no time padding.
-    """
-    bB, tile = block.batch, block.hidden
-    time = block.time if tile is None else None
-    steps = max(1, T if time is None else min(time, T))
-    if _is_gpu(platform) and not interpret:
-        if time is not None and time < T:
-            raise ValueError(
-                f"block.time: the GPU (Triton) lowering runs the whole sequence in one chunk; "
-                f"expected None or >= T = {T}, got {time}"
-            )
-        bB = max(16, pl.next_power_of_2(bB))
-        Hp = max(16, pl.next_power_of_2(_round_up(H, block.lanes)))
-        if tile is not None:
-            tile = min(max(16, pl.next_power_of_2(tile)), Hp)
-    else:
-        Hp = _round_up(H, block.lanes)
-        if tile is not None:
-            tile = min(tile, Hp)
-            Hp = _round_up(H, math.lcm(block.lanes, tile))
-    return _Sizes(_round_up(max(T, 1), steps), _round_up(B, bB), Hp, bB, steps, tile)
-
-
-def _pad_gates(a, n_gates, H, Hp, pad_rows=False):
-    """Pad each of the ``n_gates`` blocks of ``a``'s last axis from ``H`` to
-    ``Hp`` columns (and, with ``pad_rows``, axis 0 from ``H`` to ``Hp``)."""
-    if Hp == H:
-        return a
-    a = a.reshape(*a.shape[:-1], n_gates, H)
-    pads = [(0, 0)] * (a.ndim - 1) + [(0, Hp - H)]
-    if pad_rows:
-        pads[0] = (0, Hp - H)
-    a = jnp.pad(a, pads)
-    return a.reshape(*a.shape[:-2], n_gates * Hp)
+#: The resident kernels' grid: batch tiles parallel, time chunks in order.
+_GRID_AXES = ("parallel", "arbitrary")
 
 
 # --------------------------------------------------------------------------
-# Kernel bodies
+# The public wrapper (BlockSizes: jaxrnn.kernels.common, re-exported here)
 # --------------------------------------------------------------------------
-class _Recurrent(NamedTuple):
-    """The recurrent parameters a kernel body holds (all that ``gates`` reads)."""
-
-    w_hh: Array  # (Hp, Gp), compute dtype; kernels see it per gate, (Hp, Hp) blocks
-    b_hn: Optional[Array]  # (Hp,), GRU reset="after" only
-
-
-def _where(valid, new, old):
-    """Leafwise ``where(valid, new, old)`` for carries; ``valid`` is ``(rows, 1)``."""
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, old)
-
-
-def _load_carry(cell, init_refs, running_refs, chunk, single_chunk):
-    """The carry (or carry cotangent) a chunk starts from.
-
-    With several chunks it lives in the revisited output block
-    ``running_refs``, which the first chunk seeds from ``init_refs``. With
-    one chunk the kernel reads ``init_refs`` directly: no output is written
-    and read back (which a GPU program would not order across its threads).
-    """
-    if single_chunk:
-        return cell.carry_type(*(ref[...] for ref in init_refs))
-
-    @pl.when(chunk == 0)
-    def _():
-        for src, dst in zip(init_refs, running_refs):
-            dst[...] = src[...]
-
-    return cell.carry_type(*(ref[...] for ref in running_refs))
-
-
-def _forward_kernel(
-    lens_ref, xp_refs, w_refs, bhn_ref, carry0_refs, hs_ref, seq_refs, res_refs, carry_refs,
-    *, cell, steps, reverse, masked, keep_res, single_chunk,
-):
-    """One ``(batch tile, time chunk)`` program of the forward pass.
-
-    Refs (``bB`` rows per tile, ``Tc = steps``; "acc" is the accumulation
-    dtype, float32 unless the inputs are float64):
-      lens_ref: ``(bB, 1)`` int32 valid lengths (read only when ``masked``).
-      xp_refs: per gate ``(Tc, bB, Hp)`` acc, projected inputs of this chunk.
-      w_refs: per gate ``(Hp, Hp)`` compute dtype, that gate's columns of the
-        recurrent weight (resident).
-      bhn_ref: ``(1, Hp)`` acc ``b_hn`` (GRU ``reset="after"``), else ``None``.
-      carry0_refs: ``(bB, Hp)`` acc per carry leaf, the initial carry.
-      hs_ref: out ``(Tc, bB, Hp)`` acc, outputs ``h_t`` (zero at padded steps).
-      seq_refs: out ``(Tc, bB, Hp)`` per carry leaf after ``h`` (LSTM:
-        ``c_t``); empty when no residuals are saved.
-      res_refs: out ``(Tc, bB, Hp)`` per residual of ``gates.forward_gates``
-        with ``keep_res`` set.
-      carry_refs: out ``(bB, Hp)`` per carry leaf: the running carry, final
-        after the last chunk.
-    """
-    chunk, n_chunks = pl.program_id(1), pl.num_programs(1)
-    t0 = ((n_chunks - 1 - chunk) if reverse else chunk) * steps
-    carry = _load_carry(cell, carry0_refs, carry_refs, chunk, single_chunk)
-    w = tuple(ref[...] for ref in w_refs)
-    b_hn = None if bhn_ref is None else bhn_ref[...][0]
-    lens = lens_ref[...] if masked else None
-
-    def body(s, carry):
-        j = steps - 1 - s if reverse else s
-        new, h, res = gates.forward_gates(cell, w, b_hn, carry, tuple(ref[j] for ref in xp_refs))
-        if masked:
-            valid = t0 + j < lens
-            new = _where(valid, new, carry)
-            h = jnp.where(valid, h, 0.0)
-        hs_ref[j] = h
-        for ref, leaf in zip(seq_refs, new[1:]):
-            ref[j] = leaf
-        for ref, leaf in zip(res_refs, [r for r, keep in zip(res, keep_res) if keep]):
-            ref[j] = leaf
-        return new
-
-    carry = lax.fori_loop(0, steps, body, carry)
-    for ref, leaf in zip(carry_refs, carry):
-        ref[...] = leaf
-
-
-def _backward_kernel(
-    lens_ref, w_refs, dhs_ref, prev_refs, res_refs, dcarry_t_refs, dxp_refs, dcarry_refs,
-    *, cell, steps, reverse, masked, single_chunk,
-):
-    """One ``(batch tile, time chunk)`` program of the backward pass.
-
-    Walks time opposite to the forward pass. At each valid step, with the
-    output's cotangent added to the carry's (``dh += dhs_t``)::
-
-        dxp_t, dcarry = gates.backward_gates(cell, W, carry_{t-1}, res_t, dcarry)
-
-    A padded step passes ``dcarry`` through and gets ``dxp_t = 0``.
-
-    Refs (as in :func:`_forward_kernel`):
-      lens_ref: ``(bB, 1)`` int32 valid lengths (read only when ``masked``).
-      w_refs: per gate ``(Hp, Hp)`` compute dtype, recurrent weight blocks (resident).
-      dhs_ref: ``(Tc, bB, Hp)`` acc, cotangents of the outputs.
-      prev_refs: ``(Tc, bB, Hp)`` per carry leaf: the carry each step started from.
-      res_refs: ``(Tc, bB, Hp)`` per residual of ``gates.forward_gates``.
-      dcarry_t_refs: ``(bB, Hp)`` per carry leaf, cotangent of the final carry.
-      dxp_refs: out per gate ``(Tc, bB, Hp)`` acc, cotangents of the projected inputs.
-      dcarry_refs: out ``(bB, Hp)`` per carry leaf: the running carry
-        cotangent, the initial carry's after the last chunk.
-    """
-    chunk, n_chunks = pl.program_id(1), pl.num_programs(1)
-    t0 = (chunk if reverse else n_chunks - 1 - chunk) * steps
-    dcarry = _load_carry(cell, dcarry_t_refs, dcarry_refs, chunk, single_chunk)
-    w = tuple(ref[...] for ref in w_refs)
-    lens = lens_ref[...] if masked else None
-
-    def body(s, dcarry):
-        j = s if reverse else steps - 1 - s
-        prev = cell.carry_type(*(ref[j] for ref in prev_refs))
-        res = tuple(ref[j] for ref in res_refs)
-        dxp, dprev = gates.backward_gates(cell, w, prev, res, dcarry._replace(h=dcarry.h + dhs_ref[j]))
-        if masked:
-            valid = t0 + j < lens
-            dprev = _where(valid, dprev, dcarry)
-            dxp = tuple(jnp.where(valid, d, 0.0) for d in dxp)
-        for ref, d in zip(dxp_refs, dxp):
-            ref[j] = d
-        return dprev
-
-    dcarry = lax.fori_loop(0, steps, body, dcarry)
-    for ref, leaf in zip(dcarry_refs, dcarry):
-        ref[...] = leaf
-
-
-# --------------------------------------------------------------------------
-# The pallas_calls (on padded arrays: (Tp, Bp, ·), lanes Hp and Gp)
-# --------------------------------------------------------------------------
-class _Config(NamedTuple):
-    """Static configuration of one padded problem (hashable)."""
-
-    cell: Any  # the cell with hidden_size = Hp and compute_dtype resolved
-    reverse: bool
-    masked: bool  # lengths given, or time padded: mask steps t >= lens
-    batch: int  # rows per tile
-    steps: int  # steps per time chunk
-    interpret: bool
-    platform: str
-    hidden: Optional[int] = None  # hidden units per program; None: the weight resident in one
-
-
-def _loops(cfg):
-    """``(forward, backward)``: the single kernels, or per-step kernels when
-    ``cfg.hidden`` splits the weight (:mod:`jaxrnn.kernels.pallas_split`)."""
-    if cfg.hidden is None:
-        return _forward_call, _backward_call
-    from jaxrnn.kernels import pallas_split  # noqa: PLC0415 (it imports this module)
-
-    return pallas_split.forward_scan, pallas_split.backward_scan
-
-
-def _compiler_params(cfg, grid_axes=("parallel", "arbitrary")):
-    """TPU: the grid axes' ``dimension_semantics`` (here batch tiles parallel,
-    time chunks sequential, "arbitrary"). GPU: the Triton lowering (Mosaic
-    GPU cannot lower a matmul of values)."""
-    if cfg.interpret:
-        return None
-    if cfg.platform == "tpu":
-        from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
-
-        return pltpu.CompilerParams(dimension_semantics=grid_axes)
-    if _is_gpu(cfg.platform):
-        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
-
-        return pltriton.CompilerParams(num_warps=4, num_stages=1)
-    return None
-
-
-def _specs(cfg, n_chunks):
-    """BlockSpec makers for the grid ``(tile b, chunk c)``.
-
-    A gate-stacked array (``xp``, ``w_hh``) is passed once per gate, each time
-    with the block index ``k`` of that gate's ``Hp`` columns: the kernel gets
-    one ref per gate, and no value is ever sliced on chip.
-    """
-    bB, Tc = cfg.batch, cfg.steps
-    single_buffer = cfg.platform == "tpu" and not cfg.interpret
-
-    def rows(width):  # (Bp, width): a program's tile, the same for all its chunks
-        return pl.BlockSpec((bB, width), lambda b, c: (b, 0))
-
-    def resident(shape, k=0):  # constant index_map: fetched once; one VMEM buffer on TPU
-        index = lambda b, c: (0,) * (len(shape) - 1) + (k,)  # noqa: E731
-        if single_buffer:
-            return pl.BlockSpec(shape, index, pipeline_mode=pl.Buffered(1))
-        return pl.BlockSpec(shape, index)
-
-    def seq(width, walk_back, k=0):  # (Tp, Bp, ·): chunk c (or n - 1 - c), column block k
-        return pl.BlockSpec((Tc, bB, width), lambda b, c: (n_chunks - 1 - c if walk_back else c, b, k))
-
-    return rows, resident, seq
-
-
-def _forward_call(cfg, rec, xp, carry0, lens, save_residuals):
-    """Run :func:`_forward_kernel`: ``(hs, carry_seq, res_seq, final_carry)``.
-
-    Without ``save_residuals`` (no gradient needed) only ``hs`` and the final
-    carry are written; ``carry_seq`` and ``res_seq`` are empty.
-    """
-    Tp, Bp, Gp = xp.shape
-    Hp, acc, n_chunks = cfg.cell.hidden_size, xp.dtype, Tp // cfg.steps
-    n_gates = cfg.cell.num_gates
-    rows, resident, seq = _specs(cfg, n_chunks)
-    if save_residuals:
-        res_shapes, keep_res = _residual_layout(cfg.cell, cfg.batch, acc)
-        n_seq = len(carry0) - 1
-    else:
-        res_shapes, keep_res, n_seq = (), (), 0
-    kept = [shape for shape, keep in zip(res_shapes, keep_res) if keep]
-    bhn = None if rec.b_hn is None else rec.b_hn.reshape(1, Hp)
-    kernel = functools.partial(
-        _forward_kernel,
-        cell=cfg.cell,
-        steps=cfg.steps,
-        reverse=cfg.reverse,
-        masked=cfg.masked,
-        keep_res=keep_res,
-        single_chunk=n_chunks == 1,
-    )
-    step_spec = seq(Hp, cfg.reverse)
-    hs, carry_seq, res_kept, carry = pl.pallas_call(
-        kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((Tp, Bp, Hp), acc),
-            tuple(jax.ShapeDtypeStruct((Tp, Bp, Hp), acc) for _ in range(n_seq)),
-            tuple(jax.ShapeDtypeStruct((Tp, Bp, r.shape[-1]), r.dtype) for r in kept),
-            tuple(jax.ShapeDtypeStruct((Bp, Hp), acc) for _ in carry0),
-        ),
-        grid=(Bp // cfg.batch, n_chunks),
-        in_specs=(
-            rows(1),
-            tuple(seq(Hp, cfg.reverse, k) for k in range(n_gates)),
-            tuple(resident((Hp, Hp), k) for k in range(n_gates)),
-            None if bhn is None else resident((1, Hp)),
-            tuple(rows(Hp) for _ in carry0),
-        ),
-        out_specs=(
-            step_spec,
-            tuple(step_spec for _ in range(n_seq)),
-            tuple(seq(r.shape[-1], cfg.reverse) for r in kept),
-            tuple(rows(Hp) for _ in carry0),
-        ),
-        interpret=cfg.interpret,
-        compiler_params=_compiler_params(cfg),
-        name="rnn_forward",
-    )(lens, (xp,) * n_gates, (rec.w_hh,) * n_gates, bhn, tuple(carry0))
-    res_kept = iter(res_kept)
-    res_seq = tuple(next(res_kept) if keep else hs for keep in keep_res)
-    return hs, carry_seq, res_seq, cfg.cell.carry_type(*carry)
-
-
-def _backward_call(cfg, w, dhs, prev, res_seq, dcarry_t, lens):
-    """Run :func:`_backward_kernel`: ``(dxp, dcarry0)``, ``dxp`` ``(Tp, Bp, Gp)``."""
-    Tp, Bp, Hp = dhs.shape
-    n_gates, n_chunks = cfg.cell.num_gates, Tp // cfg.steps
-    rows, resident, seq = _specs(cfg, n_chunks)
-    back = not cfg.reverse  # chunks are visited opposite to the forward pass
-    kernel = functools.partial(
-        _backward_kernel,
-        cell=cfg.cell,
-        steps=cfg.steps,
-        reverse=cfg.reverse,
-        masked=cfg.masked,
-        single_chunk=n_chunks == 1,
-    )
-    dxp, dcarry0 = pl.pallas_call(
-        kernel,
-        out_shape=(
-            tuple(jax.ShapeDtypeStruct((Tp, Bp, Hp), dhs.dtype) for _ in range(n_gates)),
-            tuple(jax.ShapeDtypeStruct((Bp, Hp), dhs.dtype) for _ in dcarry_t),
-        ),
-        grid=(Bp // cfg.batch, n_chunks),
-        in_specs=(
-            rows(1),
-            tuple(resident((Hp, Hp), k) for k in range(n_gates)),
-            seq(Hp, back),
-            tuple(seq(Hp, back) for _ in prev),
-            tuple(seq(r.shape[-1], back) for r in res_seq),
-            tuple(rows(Hp) for _ in dcarry_t),
-        ),
-        out_specs=(tuple(seq(Hp, back) for _ in range(n_gates)), tuple(rows(Hp) for _ in dcarry_t)),
-        interpret=cfg.interpret,
-        compiler_params=_compiler_params(cfg),
-        name="rnn_backward",
-    )(lens, (w,) * n_gates, dhs, tuple(prev), tuple(res_seq), tuple(dcarry_t))
-    dxp = dxp[0] if n_gates == 1 else jnp.concatenate(dxp, axis=-1)
-    return dxp, cfg.cell.carry_type(*dcarry0)
-
-
-def _residual_layout(cell, rows, acc):
-    """Shapes of ``gates.forward_gates``' residuals for one tile, and which to store.
-
-    A residual that *is* the step's output ``h`` (an Elman cell's) is not
-    written twice: the backward pass reads it from ``hs``.
-    """
-    Hp = cell.hidden_size
-    b_hn = jnp.zeros((Hp,), acc) if _has_b_hn(cell) else None
-    same_as_h = []
-
-    w = (jnp.zeros((Hp, Hp), cell.compute_dtype),) * cell.num_gates
-
-    def step(carry, xp):
-        _, h, res = gates.forward_gates(cell, w, b_hn, carry, xp)
-        same_as_h.extend(r is h for r in res)
-        return res
-
-    xp = (jax.ShapeDtypeStruct((rows, Hp), acc),) * cell.num_gates
-    shapes = jax.eval_shape(step, cell.zero_carry((rows,), acc), xp)
-    return tuple(shapes), tuple(not same for same in same_as_h)
-
-
-def _has_b_hn(cell):
-    return isinstance(cell, GRU) and cell.reset == "after"
-
-
-def _previous_carries(carry_seq, carry0, lens, reverse):
-    """The carry each step started from, ``(Tp, Bp, Hp)`` per leaf.
-
-    Forward: ``carry_{t-1}``, ``carry0`` at ``t = 0``. Reverse: ``carry_{t+1}``
-    while ``t + 1`` is a valid step, else ``carry0`` (the padding, walked
-    first, kept it). Only valid steps' values are used. ``lens``: ``(Bp, 1)``
-    or ``None``.
-    """
-
-    def shift(seq, c0):
-        if not reverse:
-            return jnp.concatenate([c0[None], seq[:-1]], axis=0)
-        shifted = jnp.concatenate([seq[1:], c0[None]], axis=0)
-        if lens is None:
-            return shifted
-        t = jnp.arange(seq.shape[0], dtype=jnp.int32)[:, None, None]
-        return jnp.where(t + 1 < lens[None], shifted, c0[None])
-
-    return jax.tree_util.tree_map(shift, carry_seq, carry0)
-
-
-# --------------------------------------------------------------------------
-# The custom VJP (on padded arrays)
-# --------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recurrence(cfg, w_hh, b_hn, xp, carry0, lens):
-    """``(hs, final_carry)`` of the padded problem; differentiable in
-    ``w_hh``, ``b_hn``, ``xp`` and ``carry0``."""
-    rec = _recurrent(cfg, w_hh, b_hn, xp.dtype)
-    hs, _, _, carry = _loops(cfg)[0](cfg, rec, xp, carry0, lens, save_residuals=False)
-    return hs, carry
-
-
-def _recurrent(cfg, w_hh, b_hn, acc):
-    return _Recurrent(w_hh.astype(cfg.cell.compute_dtype), None if b_hn is None else b_hn.astype(acc))
-
-
-def _recurrence_fwd(cfg, w_hh, b_hn, xp, carry0, lens):
-    rec = _recurrent(cfg, w_hh, b_hn, xp.dtype)
-    hs, carry_seq, res_seq, carry = _loops(cfg)[0](cfg, rec, xp, carry0, lens, save_residuals=True)
-    carry_seq = cfg.cell.carry_type(hs, *carry_seq)
-    return (hs, carry), (w_hh, b_hn, rec.w_hh, carry_seq, res_seq, carry0, lens)
-
-
-def _recurrence_bwd(cfg, residuals, cotangents):
-    w_hh, b_hn, w_compute, carry_seq, res_seq, carry0, lens = residuals
-    dhs, dcarry_t = cotangents
-    prev = _previous_carries(carry_seq, carry0, lens if cfg.masked else None, cfg.reverse)
-    dxp, dcarry0 = _loops(cfg)[1](cfg, w_compute, dhs, prev, res_seq, dcarry_t, lens)
-    res_flat = gates.flat_residuals(cfg.cell, res_seq)
-    dw, db_hn = gates.weight_grads(cfg.cell, *gates.matmul_operands(cfg.cell, prev, res_flat, dxp))
-    db_hn = None if b_hn is None else db_hn.astype(b_hn.dtype)
-    return dw.astype(w_hh.dtype), db_hn, dxp, dcarry0, None
-
-
-_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
-
-
-# --------------------------------------------------------------------------
-# The public wrapper
-# --------------------------------------------------------------------------
-def _check_xp(cell, xp):
-    dtype = getattr(xp, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"xp: expected a floating-point array, got {type(xp).__name__} of dtype {dtype}")
-    if xp.ndim != 3 or xp.shape[-1] != cell.gate_size:
-        raise ValueError(
-            f"xp: expected shape (T, B, {cell.gate_size}) (time-major projected inputs, "
-            f"G = gate_size of {cell}), got {tuple(xp.shape)}"
-        )
-
-
 def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, block=None, platform=None):
     """Run ``cell`` over projected inputs with the fused Pallas kernels.
 
@@ -672,11 +147,11 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
     compute_dtype = jnp.dtype(xp.dtype if cell.compute_dtype is None else cell.compute_dtype)
     if block is None:
         block = BlockSizes.get_default(platform)
-        if _is_gpu(platform) and not interpret:
+        if common.is_gpu(platform) and not interpret:
             block = dataclasses.replace(block, hidden=gpu_hidden_tile(cell, compute_dtype))
     if not isinstance(block, BlockSizes):
         raise TypeError(f"block: expected a BlockSizes, got {type(block).__name__}")
-    if block.hidden is not None and isinstance(cell, GRU) and cell.reset == "before":
+    if block.hidden is not None and not common.can_split(cell):
         raise ValueError(
             f"block.hidden: a GRU with reset='before' cannot split its recurrent weight across programs "
             f"(its candidate multiplies r ⊙ h_(t-1), and r needs every unit); got hidden={block.hidden}. "
@@ -684,10 +159,10 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
         )
 
     H, n_gates = cell.hidden_size, cell.num_gates
-    Tp, Bp, Hp, rows, steps, tile = _padded_sizes(T, B, H, block, platform, interpret)
+    Tp, Bp, Hp, rows, steps, tile = common.padded_sizes(T, B, H, block, platform, interpret)
     acc = acc_dtype(compute_dtype)
     masked = lengths is not None or Tp != T
-    cfg = _Config(
+    cfg = common.Config(
         cell=dataclasses.replace(cell, hidden_size=Hp, compute_dtype=compute_dtype),
         reverse=bool(reverse),
         masked=masked,
@@ -698,10 +173,10 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
         hidden=tile,
     )
 
-    xp = _pad_gates(xp.astype(acc), n_gates, H, Hp)
+    xp = common.pad_gates(xp.astype(acc), n_gates, H, Hp)
     xp = jnp.pad(xp, ((0, Tp - T), (0, Bp - B), (0, 0)))
-    w_hh = _pad_gates(params.w_hh, n_gates, H, Hp, pad_rows=True)
-    b_hn = _pad_gates(params.b_hn, 1, H, Hp) if _has_b_hn(cell) else None
+    w_hh = common.pad_gates(params.w_hh, n_gates, H, Hp, pad_rows=True)
+    b_hn = common.pad_gates(params.b_hn, 1, H, Hp) if common.has_b_hn(cell) else None
     carry0 = jax.tree_util.tree_map(lambda c: jnp.pad(c.astype(acc), ((0, Bp - B), (0, Hp - H))), carry0)
     if masked:
         lens = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
@@ -711,6 +186,17 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
 
     hs, carry = _recurrence(cfg, w_hh, b_hn, xp, carry0, lens)
     return hs[:T, :B, :H], jax.tree_util.tree_map(lambda c: c[:B, :H], carry)
+
+
+def _check_xp(cell, xp):
+    dtype = getattr(xp, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"xp: expected a floating-point array, got {type(xp).__name__} of dtype {dtype}")
+    if xp.ndim != 3 or xp.shape[-1] != cell.gate_size:
+        raise ValueError(
+            f"xp: expected shape (T, B, {cell.gate_size}) (time-major projected inputs, "
+            f"G = gate_size of {cell}), got {tuple(xp.shape)}"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -743,7 +229,7 @@ def gpu_hidden_tile(cell, compute_dtype) -> Optional[int]:
     itemsize = jnp.dtype(compute_dtype).itemsize
     if cell.hidden_size * cell.gate_size * itemsize <= GPU_RESIDENT_BYTES:
         return None
-    if isinstance(cell, GRU) and cell.reset == "before":
+    if not common.can_split(cell):
         return None
     Hp = max(16, pl.next_power_of_2(cell.hidden_size))
     tile = 16
@@ -756,14 +242,13 @@ def qualifies(cell, platform: str) -> bool:
     """Whether ``impl="auto"`` should run ``cell`` with these kernels on ``platform``.
 
     Conservative: ``False`` unless ``platform`` is in
-    :data:`VERIFIED_PLATFORMS` (empty: the kernels are verified in interpret
-    mode on CPU only, and only lowered, not run, for TPU and GPU), so GPU
-    and TPU users get the XLA backend from ``"auto"`` and opt in with
-    ``impl="pallas"``. On a verified platform, a cell qualifies when its
-    resident recurrent weight ``(H, G)`` fits on chip in the compute dtype:
-    8 MiB on TPU (VMEM), and on GPU :data:`GPU_RESIDENT_BYTES`, since one
-    Triton program holds the whole weight in registers and shared memory
-    (a Hopper SM has 228 KiB of shared memory and 256 KiB of registers).
+    :data:`VERIFIED_PLATFORMS`, so until then GPU and TPU users get the XLA
+    backend from ``"auto"`` and opt in with ``impl="pallas"``. On a verified
+    platform, a cell qualifies when its resident recurrent weight ``(H, G)``
+    fits on chip in the compute dtype: 8 MiB on TPU (VMEM), and on GPU
+    :data:`GPU_RESIDENT_BYTES`, since one Triton program holds the whole
+    weight in registers and shared memory (a Hopper SM has 228 KiB of shared
+    memory and 256 KiB of registers).
 
     Args:
       cell: the (resolved) cell.
@@ -779,15 +264,314 @@ def qualifies(cell, platform: str) -> bool:
     if platform not in VERIFIED_PLATFORMS:
         return False
     itemsize = jnp.dtype(jnp.float32 if cell.compute_dtype is None else cell.compute_dtype).itemsize
-    limit = GPU_RESIDENT_BYTES if _is_gpu(platform) else 8 * 2**20
+    limit = GPU_RESIDENT_BYTES if common.is_gpu(platform) else 8 * 2**20
     return cell.hidden_size * cell.gate_size * itemsize <= limit
+
+
+# --------------------------------------------------------------------------
+# The custom VJP (on padded arrays), for both kernel families
+# --------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recurrence(cfg, w_hh, b_hn, xp, carry0, lens):
+    """``(hs, final_carry)`` of the padded problem; differentiable in
+    ``w_hh``, ``b_hn``, ``xp`` and ``carry0``."""
+    rec = _recurrent(cfg, w_hh, b_hn, xp.dtype)
+    hs, _, _, carry = _loops(cfg)[0](cfg, rec, xp, carry0, lens, save_residuals=False)
+    return hs, carry
+
+
+def _recurrent(cfg, w_hh, b_hn, acc):
+    return common.Recurrent(w_hh.astype(cfg.cell.compute_dtype), None if b_hn is None else b_hn.astype(acc))
+
+
+def _recurrence_fwd(cfg, w_hh, b_hn, xp, carry0, lens):
+    rec = _recurrent(cfg, w_hh, b_hn, xp.dtype)
+    hs, carry_seq, res_seq, carry = _loops(cfg)[0](cfg, rec, xp, carry0, lens, save_residuals=True)
+    carry_seq = cfg.cell.carry_type(hs, *carry_seq)
+    return (hs, carry), (w_hh, b_hn, rec.w_hh, carry_seq, res_seq, carry0, lens)
+
+
+def _recurrence_bwd(cfg, residuals, cotangents):
+    w_hh, b_hn, w_compute, carry_seq, res_seq, carry0, lens = residuals
+    dhs, dcarry_t = cotangents
+    prev = _previous_carries(carry_seq, carry0, lens if cfg.masked else None, cfg.reverse)
+    dxp, dcarry0 = _loops(cfg)[1](cfg, w_compute, dhs, prev, res_seq, dcarry_t, lens)
+    res_flat = gates.flat_residuals(cfg.cell, res_seq)
+    dw, db_hn = gates.weight_grads(cfg.cell, *gates.matmul_operands(cfg.cell, prev, res_flat, dxp))
+    db_hn = None if b_hn is None else db_hn.astype(b_hn.dtype)
+    return dw.astype(w_hh.dtype), db_hn, dxp, dcarry0, None
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def _loops(cfg):
+    """``(forward, backward)``: the single resident kernels, or
+    :mod:`~jaxrnn.kernels.pallas_split`'s per-step kernels when ``cfg.hidden``
+    splits the weight. Both pairs have the contracts of :func:`_forward_call`
+    and :func:`_backward_call`."""
+    if cfg.hidden is None:
+        return _forward_call, _backward_call
+    return pallas_split.forward_scan, pallas_split.backward_scan
+
+
+def _previous_carries(carry_seq, carry0, lens, reverse):
+    """The carry each step started from, ``(Tp, Bp, Hp)`` per leaf.
+
+    Forward: ``carry_{t-1}``, ``carry0`` at ``t = 0``. Reverse: ``carry_{t+1}``
+    while ``t + 1`` is a valid step, else ``carry0`` (the padding, walked
+    first, kept it). Only valid steps' values are used. ``lens``: ``(Bp, 1)``
+    or ``None``.
+    """
+
+    def shift(seq, c0):
+        if not reverse:
+            return jnp.concatenate([c0[None], seq[:-1]], axis=0)
+        shifted = jnp.concatenate([seq[1:], c0[None]], axis=0)
+        if lens is None:
+            return shifted
+        next_valid = sequence_mask(lens[:, 0] - 1, seq.shape[0], time_major=True)[..., None]  # t + 1 < lens
+        return jnp.where(next_valid, shifted, c0[None])
+
+    return jax.tree_util.tree_map(shift, carry_seq, carry0)
+
+
+# --------------------------------------------------------------------------
+# The pallas_calls (on padded arrays: (Tp, Bp, ·), lanes Hp and Gp)
+# --------------------------------------------------------------------------
+def _specs(cfg, n_chunks):
+    """BlockSpec makers for the grid ``(tile b, chunk c)``.
+
+    A gate-stacked array (``xp``, ``w_hh``) is passed once per gate, each time
+    with the block index ``k`` of that gate's ``Hp`` columns: the kernel gets
+    one ref per gate, and no value is ever sliced on chip.
+    """
+    bB, Tc = cfg.batch, cfg.steps
+    single_buffer = cfg.platform == "tpu" and not cfg.interpret
+
+    def rows(width):  # (Bp, width): a program's tile, the same for all its chunks
+        return pl.BlockSpec((bB, width), lambda b, c: (b, 0))
+
+    def resident(shape, k=0):  # constant index_map: fetched once; one VMEM buffer on TPU
+        index = lambda b, c: (0,) * (len(shape) - 1) + (k,)  # noqa: E731
+        if single_buffer:
+            return pl.BlockSpec(shape, index, pipeline_mode=pl.Buffered(1))
+        return pl.BlockSpec(shape, index)
+
+    def seq(width, walk_back, k=0):  # (Tp, Bp, ·): chunk c (or n - 1 - c), column block k
+        return pl.BlockSpec((Tc, bB, width), lambda b, c: (n_chunks - 1 - c if walk_back else c, b, k))
+
+    return rows, resident, seq
+
+
+def _bind(kernel, cfg, n_chunks, **static):
+    """``kernel`` with its static keyword arguments bound (``cfg``'s and ``static``)."""
+    return functools.partial(
+        kernel,
+        cell=cfg.cell,
+        steps=cfg.steps,
+        reverse=cfg.reverse,
+        masked=cfg.masked,
+        single_chunk=n_chunks == 1,
+        **static,
+    )
+
+
+def _forward_call(cfg, rec, xp, carry0, lens, save_residuals):
+    """Run :func:`_forward_kernel`: ``(hs, carry_seq, res_seq, final_carry)``.
+
+    Without ``save_residuals`` (no gradient needed) only ``hs`` and the final
+    carry are written; ``carry_seq`` and ``res_seq`` are empty.
+    """
+    Tp, Bp, Gp = xp.shape
+    Hp, acc, n_chunks = cfg.cell.hidden_size, xp.dtype, Tp // cfg.steps
+    n_gates = cfg.cell.num_gates
+    rows, resident, seq = _specs(cfg, n_chunks)
+    if save_residuals:
+        res_shapes, keep_res = common.residual_layout(cfg.cell, cfg.batch, acc)
+        n_seq = len(carry0) - 1
+    else:
+        res_shapes, keep_res, n_seq = (), (), 0
+    kept = list(itertools.compress(res_shapes, keep_res))
+    bhn = rec.b_hn_row()
+    kernel = _bind(_forward_kernel, cfg, n_chunks, keep_res=keep_res)
+    step_spec = seq(Hp, cfg.reverse)
+    hs, carry_seq, res_kept, carry = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((Tp, Bp, Hp), acc),
+            tuple(jax.ShapeDtypeStruct((Tp, Bp, Hp), acc) for _ in range(n_seq)),
+            tuple(jax.ShapeDtypeStruct((Tp, Bp, r.shape[-1]), r.dtype) for r in kept),
+            tuple(jax.ShapeDtypeStruct((Bp, Hp), acc) for _ in carry0),
+        ),
+        grid=(Bp // cfg.batch, n_chunks),
+        in_specs=(
+            rows(1),
+            tuple(seq(Hp, cfg.reverse, k) for k in range(n_gates)),
+            tuple(resident((Hp, Hp), k) for k in range(n_gates)),
+            None if bhn is None else resident((1, Hp)),
+            tuple(rows(Hp) for _ in carry0),
+        ),
+        out_specs=(
+            step_spec,
+            tuple(step_spec for _ in range(n_seq)),
+            tuple(seq(r.shape[-1], cfg.reverse) for r in kept),
+            tuple(rows(Hp) for _ in carry0),
+        ),
+        interpret=cfg.interpret,
+        compiler_params=common.compiler_params(cfg, _GRID_AXES),
+        name="rnn_forward",
+    )(lens, (xp,) * n_gates, (rec.w_hh,) * n_gates, bhn, tuple(carry0))
+    res_seq = common.unselect(res_kept, keep_res, itertools.repeat(hs))
+    return hs, carry_seq, res_seq, cfg.cell.carry_type(*carry)
+
+
+def _backward_call(cfg, w, dhs, prev, res_seq, dcarry_t, lens):
+    """Run :func:`_backward_kernel`: ``(dxp, dcarry0)``, ``dxp`` ``(Tp, Bp, Gp)``."""
+    Tp, Bp, Hp = dhs.shape
+    n_gates, n_chunks = cfg.cell.num_gates, Tp // cfg.steps
+    rows, resident, seq = _specs(cfg, n_chunks)
+    back = not cfg.reverse  # chunks are visited opposite to the forward pass
+    kernel = _bind(_backward_kernel, cfg, n_chunks)
+    dxp, dcarry0 = pl.pallas_call(
+        kernel,
+        out_shape=(
+            tuple(jax.ShapeDtypeStruct((Tp, Bp, Hp), dhs.dtype) for _ in range(n_gates)),
+            tuple(jax.ShapeDtypeStruct((Bp, Hp), dhs.dtype) for _ in dcarry_t),
+        ),
+        grid=(Bp // cfg.batch, n_chunks),
+        in_specs=(
+            rows(1),
+            tuple(resident((Hp, Hp), k) for k in range(n_gates)),
+            seq(Hp, back),
+            tuple(seq(Hp, back) for _ in prev),
+            tuple(seq(r.shape[-1], back) for r in res_seq),
+            tuple(rows(Hp) for _ in dcarry_t),
+        ),
+        out_specs=(tuple(seq(Hp, back) for _ in range(n_gates)), tuple(rows(Hp) for _ in dcarry_t)),
+        interpret=cfg.interpret,
+        compiler_params=common.compiler_params(cfg, _GRID_AXES),
+        name="rnn_backward",
+    )(lens, (w,) * n_gates, dhs, tuple(prev), tuple(res_seq), tuple(dcarry_t))
+    return common.join_gates(dxp), cfg.cell.carry_type(*dcarry0)
+
+
+# --------------------------------------------------------------------------
+# Kernel bodies: program (batch tile, time chunk)
+# --------------------------------------------------------------------------
+def _load_carry(cell, init_refs, running_refs, chunk, single_chunk):
+    """The carry (or carry cotangent) a chunk starts from.
+
+    With several chunks it lives in the revisited output block
+    ``running_refs``, which the first chunk seeds from ``init_refs``. With
+    one chunk the kernel reads ``init_refs`` directly: no output is written
+    and read back (which a GPU program would not order across its threads).
+    """
+    if single_chunk:
+        return common.read_carry(cell, init_refs)
+
+    @pl.when(chunk == 0)
+    def _():
+        common.write(running_refs, common.read(init_refs))
+
+    return common.read_carry(cell, running_refs)
+
+
+def _forward_kernel(
+    lens_ref, xp_refs, w_refs, bhn_ref, carry0_refs, hs_ref, seq_refs, res_refs, carry_refs,
+    *, cell, steps, reverse, masked, keep_res, single_chunk,
+):
+    """One ``(batch tile, time chunk)`` program of the forward pass.
+
+    Refs (``bB`` rows per tile, ``Tc = steps``; "acc" is the accumulation
+    dtype, float32 unless the inputs are float64):
+      lens_ref: ``(bB, 1)`` int32 valid lengths (read only when ``masked``).
+      xp_refs: per gate ``(Tc, bB, Hp)`` acc, projected inputs of this chunk.
+      w_refs: per gate ``(Hp, Hp)`` compute dtype, that gate's columns of the
+        recurrent weight (resident).
+      bhn_ref: ``(1, Hp)`` acc ``b_hn`` (GRU ``reset="after"``), else ``None``.
+      carry0_refs: ``(bB, Hp)`` acc per carry leaf, the initial carry.
+      hs_ref: out ``(Tc, bB, Hp)`` acc, outputs ``h_t`` (zero at padded steps).
+      seq_refs: out ``(Tc, bB, Hp)`` per carry leaf after ``h`` (LSTM:
+        ``c_t``); empty when no residuals are saved.
+      res_refs: out ``(Tc, bB, Hp)`` per residual of ``gates.forward_gates``
+        with ``keep_res`` set.
+      carry_refs: out ``(bB, Hp)`` per carry leaf: the running carry, final
+        after the last chunk.
+    """
+    chunk, n_chunks = pl.program_id(1), pl.num_programs(1)
+    t0 = ((n_chunks - 1 - chunk) if reverse else chunk) * steps
+    carry = _load_carry(cell, carry0_refs, carry_refs, chunk, single_chunk)
+    w = common.read(w_refs)
+    b_hn = common.read_b_hn(bhn_ref)
+    lens = lens_ref[...] if masked else None
+
+    def body(s, carry):
+        j = steps - 1 - s if reverse else s
+        new, h, res = gates.forward_gates(cell, w, b_hn, carry, common.read(xp_refs, j))
+        if masked:
+            valid = t0 + j < lens
+            new = common.select_carry(valid, new, carry)
+            h = where_valid(valid, h)
+        hs_ref[j] = h
+        common.write(seq_refs, new[1:], j)
+        common.write(res_refs, itertools.compress(res, keep_res), j)
+        return new
+
+    carry = lax.fori_loop(0, steps, body, carry)
+    common.write(carry_refs, carry)
+
+
+def _backward_kernel(
+    lens_ref, w_refs, dhs_ref, prev_refs, res_refs, dcarry_t_refs, dxp_refs, dcarry_refs,
+    *, cell, steps, reverse, masked, single_chunk,
+):
+    """One ``(batch tile, time chunk)`` program of the backward pass.
+
+    Walks time opposite to the forward pass. At each valid step, with the
+    output's cotangent added to the carry's (``dh += dhs_t``)::
+
+        dxp_t, dcarry = gates.backward_gates(cell, W, carry_{t-1}, res_t, dcarry)
+
+    A padded step passes ``dcarry`` through and gets ``dxp_t = 0``.
+
+    Refs (as in :func:`_forward_kernel`):
+      lens_ref: ``(bB, 1)`` int32 valid lengths (read only when ``masked``).
+      w_refs: per gate ``(Hp, Hp)`` compute dtype, recurrent weight blocks (resident).
+      dhs_ref: ``(Tc, bB, Hp)`` acc, cotangents of the outputs.
+      prev_refs: ``(Tc, bB, Hp)`` per carry leaf: the carry each step started from.
+      res_refs: ``(Tc, bB, Hp)`` per residual of ``gates.forward_gates``.
+      dcarry_t_refs: ``(bB, Hp)`` per carry leaf, cotangent of the final carry.
+      dxp_refs: out per gate ``(Tc, bB, Hp)`` acc, cotangents of the projected inputs.
+      dcarry_refs: out ``(bB, Hp)`` per carry leaf: the running carry
+        cotangent, the initial carry's after the last chunk.
+    """
+    chunk, n_chunks = pl.program_id(1), pl.num_programs(1)
+    t0 = (chunk if reverse else n_chunks - 1 - chunk) * steps
+    dcarry = _load_carry(cell, dcarry_t_refs, dcarry_refs, chunk, single_chunk)
+    w = common.read(w_refs)
+    lens = lens_ref[...] if masked else None
+
+    def body(s, dcarry):
+        j = s if reverse else steps - 1 - s
+        prev, res = common.read_carry(cell, prev_refs, j), common.read(res_refs, j)
+        dxp, dprev = gates.backward_gates(cell, w, prev, res, dcarry._replace(h=dcarry.h + dhs_ref[j]))
+        if masked:
+            valid = t0 + j < lens
+            dprev = common.select_carry(valid, dprev, dcarry)
+            dxp = where_valid(valid, dxp)
+        common.write(dxp_refs, dxp, j)
+        return dprev
+
+    dcarry = lax.fori_loop(0, steps, body, dcarry)
+    common.write(dcarry_refs, dcarry)
 
 
 # --------------------------------------------------------------------------
 # The reference
 # --------------------------------------------------------------------------
 def reference(cell, params, xp, carry0, lengths, reverse):
-    """What the kernels are tested against: :func:`jaxrnn.runner.scan_reference`.
+    """What the kernels are tested against: :func:`jaxrnn.scan.scan_reference`.
 
     Same contract as :func:`rnn_pallas`: a ``lax.scan`` over
     ``cell.step_projected``, differentiated by JAX's autodiff.

@@ -33,19 +33,21 @@ unit (:func:`~jaxrnn.kernels.gates.recurrent_vjp` on rows ``J`` of ``W_hh``):
 
 then computes its units' gate cotangents elementwise
 (:func:`~jaxrnn.kernels.gates.backward_gates_local`) and writes ``dxp_{t,J}``
-and ``m̄_{t,J}`` for the next call. Everything else, the custom VJP, the
+and ``m̄_{t,J}`` for the next call.
+
+This module is the time loops and their kernels only. The block sizes,
+padding, configuration and residual layout come from
+:mod:`jaxrnn.kernels.common`, the only module of the family imported here.
+:mod:`jaxrnn.kernels.pallas` imports this one: its wrapper pads the problem
+and its custom VJP calls :func:`forward_scan` and :func:`backward_scan` in
+place of its single-kernel loops when ``cfg.hidden`` is set, then computes the
 weight gradient ``Σ_t h_{t-1}ᵀ m̄_t`` and the input gradients as large
-matmuls after the loop, padding and masking, is shared with the resident
-kernels in :mod:`jaxrnn.kernels.pallas`, which calls :func:`forward_scan` and
-:func:`backward_scan` here in place of its single-kernel calls.
+matmuls after the loop. Read top to bottom: the time loops, one step's
+``pallas_call``, the kernel bodies.
 
 Not for a GRU with ``reset="before"``: its candidate multiplies
 ``r ⊙ h_{t-1}``, and ``r`` needs every unit's matmul first (a second barrier
 per step). ``reset="after"`` (cuDNN's and PyTorch's form) splits.
-
-Verification status: as for :mod:`jaxrnn.kernels.pallas`, tested in interpret
-mode on CPU against the reference, and lowered (not run) with Triton and
-Mosaic TPU via ``jax.export``; no GPU was available to run or time it.
 
 Example:
   >>> from jaxrnn.kernels import Pallas
@@ -59,104 +61,118 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxrnn.kernels import gates, pallas
-from jaxrnn.kernels.pallas import _residual_layout, _where
+from jaxrnn.kernels import common, gates
+from jaxrnn.scan import sequence_mask, where_valid
 
 __all__ = ["backward_scan", "forward_scan"]
 
+#: Both grid axes (batch tiles, hidden tiles) are independent within a step.
+_GRID_AXES = ("parallel", "parallel")
+
 
 # --------------------------------------------------------------------------
-# Kernel bodies: program (b, j) of one step, units J = column tile j
+# The time loops: the contracts of the resident loops of jaxrnn.kernels.pallas
 # --------------------------------------------------------------------------
-def _forward_kernel(
-    valid_ref, h_ref, tile_refs, xp_refs, w_refs, bhn_ref, new_refs, out_refs, res_refs,
-    *, cell, masked, keep_res,
-):
-    """One step for one batch tile and the hidden units ``J``.
+def forward_scan(cfg, rec, xp, carry0, lens, save_residuals):
+    """The forward recurrence, one :func:`_forward_kernel` call per step.
 
-    Refs (``bB`` rows, ``hT = |J|``, ``Hp`` all units; acc float32):
-      valid_ref: ``(bB, 1)`` int32, nonzero where the step is valid (read
-        only when ``masked``).
-      h_ref: ``(bB, Hp)`` acc, ``h_{t-1}`` of every unit (the matmul's operand).
-      tile_refs: ``(bB, hT)`` acc per carry leaf, the carry's columns ``J``.
-      xp_refs: ``(bB, hT)`` acc per gate, projected inputs.
-      w_refs: ``(Hp, hT)`` compute dtype per gate: columns ``J`` of its block of ``W_hh``.
-      bhn_ref: ``(1, hT)`` acc ``b_hn`` (GRU ``reset="after"``), else ``None``.
-      new_refs: out ``(bB, hT)`` per carry leaf, the new carry (held at padded steps).
-      out_refs: out, with ``masked``, the output ``h`` ``(bB, hT)`` (zeros at
-        padded steps); else empty (the output is the new carry's ``h``).
-      res_refs: out ``(bB, hT)`` per residual of ``gates.forward_gates`` with ``keep_res``.
+    Same contract as the resident forward loop of :mod:`jaxrnn.kernels.pallas`:
+    ``(hs, carry_seq, res_seq, final_carry)``, with ``carry_seq`` the stacked
+    carry leaves after ``h`` and ``res_seq`` every residual (``hs`` where the
+    residual is the output); both empty without ``save_residuals``.
+
+    Args:
+      cfg: the padded problem's :class:`~jaxrnn.kernels.common.Config`
+        (``cfg.hidden`` units per program).
+      rec: :class:`~jaxrnn.kernels.common.Recurrent`: ``w_hh`` ``(Hp, Gp)``
+        in the compute dtype, ``b_hn``.
+      xp: ``(Tp, Bp, Gp)`` acc projected inputs.
+      carry0: leaves ``(Bp, Hp)`` acc.
+      lens: ``(Bp, 1)`` int32 valid lengths (read when ``cfg.masked``).
+      save_residuals: also return what the backward pass needs.
     """
-    old = cell.carry_type(*(ref[...] for ref in tile_refs))
-    w = tuple(ref[...] for ref in w_refs)
-    b_hn = None if bhn_ref is None else bhn_ref[...][0]
-    xp = tuple(ref[...] for ref in xp_refs)
-    new, h, res = gates.forward_gates(cell, w, b_hn, old._replace(h=h_ref[...]), xp, h_tile=old.h)
-    if masked:
-        valid = valid_ref[...] != 0
-        new = _where(valid, new, old)
-        out_refs[0][...] = jnp.where(valid, h, 0.0)
-    for ref, leaf in zip(new_refs, new):
-        ref[...] = leaf
-    for ref, leaf in zip(res_refs, [r for r, keep in zip(res, keep_res) if keep]):
-        ref[...] = leaf
+    Tp = xp.shape[0]
+    keep_res = common.residual_layout(cfg.cell, cfg.batch, xp.dtype)[1] if save_residuals else ()
+
+    def step(carry, inputs):
+        xp_t, valid_t = inputs
+        new, h, res = _forward_step(cfg, rec, carry, xp_t, valid_t, keep_res)
+        return new, (h, tuple(new[1:]) if save_residuals else (), res)
+
+    final, (hs, carry_seq, res_kept) = lax.scan(step, carry0, (xp, _valid(cfg, lens, Tp)), reverse=cfg.reverse)
+    if not save_residuals:
+        return hs, (), (), final
+    return hs, carry_seq, common.unselect(res_kept, keep_res, itertools.repeat(hs)), final
 
 
-def _backward_kernel(
-    valid_ref, dmm_refs, w_refs, dhs_ref, dcarry_refs, prev_refs, res_refs, dxp_refs, dmm_out_refs, dprev_refs,
-    *, cell, masked, distinct,
-):
-    """One backward step for one batch tile and the hidden units ``J``.
+def backward_scan(cfg, w, dhs, prev, res_seq, dcarry_t, lens):
+    """The backward recurrence, one :func:`_backward_kernel` call per step.
 
-    Refs (as in :func:`_forward_kernel`):
-      valid_ref: ``(bB, 1)`` int32 (read only when ``masked``).
-      dmm_refs: ``(bB, Hp)`` acc per gate: step ``t + 1``'s recurrent-matmul
-        cotangents of every unit (zeros after the last step).
-      w_refs: ``(hT, Hp)`` compute dtype per gate: rows ``J`` of its block of ``W_hh``.
-      dhs_ref: ``(bB, hT)`` acc, the output's cotangent.
-      dcarry_refs: ``(bB, hT)`` acc per carry leaf: the new carry's
-        cotangent, for ``h`` without the matmul's part.
-      prev_refs: ``(bB, hT)`` acc per carry leaf, the carry the step started from.
-      res_refs: ``(bB, hT)`` acc per residual of ``gates.forward_gates``.
-      dxp_refs: out ``(bB, hT)`` acc per gate, cotangents of the projected inputs.
-      dmm_out_refs: out ``(bB, hT)`` acc per gate whose matmul cotangent is not
-        its ``dxp`` (``distinct``; a GRU's candidate ``r ⊙ dz_n``).
-      dprev_refs: out ``(bB, hT)`` acc per carry leaf: the previous carry's
-        cotangent, for ``h`` without the matmul's part.
+    Same contract as the resident backward loop of
+    :mod:`jaxrnn.kernels.pallas`: ``(dxp, dcarry0)``.
+
+    Args:
+      cfg: the padded problem's :class:`~jaxrnn.kernels.common.Config`.
+      w: ``(Hp, Gp)`` recurrent weight in the compute dtype.
+      dhs: ``(Tp, Bp, Hp)`` acc cotangents of the outputs.
+      prev: the carry each step started from, leaves ``(Tp, Bp, Hp)``.
+      res_seq: the residuals of :func:`forward_scan`, each ``(Tp, Bp, Hp)``.
+      dcarry_t: cotangent of the final carry, leaves ``(Bp, Hp)``.
+      lens: ``(Bp, 1)`` int32 valid lengths (read when ``cfg.masked``).
+
+    Returns:
+      ``dxp`` ``(Tp, Bp, Gp)`` and the initial carry's cotangent.
     """
-    w = tuple(ref[...] for ref in w_refs)
-    partial = cell.carry_type(*(ref[...] for ref in dcarry_refs))
-    dcarry = partial._replace(h=partial.h + gates.recurrent_vjp(cell, w, tuple(ref[...] for ref in dmm_refs)))
-    prev = cell.carry_type(*(ref[...] for ref in prev_refs))
-    res = tuple(ref[...] for ref in res_refs)
-    dxp, dmm, dprev = gates.backward_gates_local(cell, prev, res, dcarry._replace(h=dcarry.h + dhs_ref[...]))
-    if masked:  # a padded step passes the carry's cotangent through
-        valid = valid_ref[...] != 0
-        dprev = _where(valid, dprev, dcarry)
-        dxp = tuple(jnp.where(valid, d, 0.0) for d in dxp)
-        dmm = tuple(jnp.where(valid, d, 0.0) for d in dmm)
-    for ref, d in zip(dxp_refs, dxp):
-        ref[...] = d
-    for ref, d in zip(dmm_out_refs, [d for d, new in zip(dmm, distinct) if new]):
-        ref[...] = d
-    for ref, leaf in zip(dprev_refs, dprev):
-        ref[...] = leaf
+    Tp, Bp, Hp = dhs.shape
+    cell = cfg.cell
+    distinct = _distinct_dmm(cell, cfg.batch, dhs.dtype)
+
+    def step(state, inputs):
+        dcarry, dmm_next = state
+        dh_t, prev_t, res_t, valid_t = inputs
+        dxp, dmm, dprev = _backward_step(cfg, w, dmm_next, dh_t, dcarry, prev_t, res_t, valid_t, distinct)
+        return (dprev, dmm), dxp
+
+    zeros = tuple(jnp.zeros((Bp, Hp), dhs.dtype) for _ in range(cell.num_gates))
+    inputs = (dhs, prev, tuple(res_seq), _valid(cfg, lens, Tp))
+    (dcarry, dmm), dxp = lax.scan(step, (dcarry_t, zeros), inputs, reverse=not cfg.reverse)
+    # The first step's matmul cotangents reach the initial carry: one matmul here.
+    dcarry0 = dcarry._replace(h=dcarry.h + gates.recurrent_vjp(cell, gates.split_gates(cell, w), dmm))
+    return common.join_gates(dxp), dcarry0
+
+
+def _valid(cfg, lens, Tp):
+    """``(Tp, Bp, 1)`` int32 step masks (``None`` when nothing is masked)."""
+    if not cfg.masked:
+        return None
+    return sequence_mask(lens[:, 0], Tp, time_major=True)[..., None].astype(jnp.int32)
+
+
+def _distinct_dmm(cell, rows, acc):
+    """Per gate, whether :func:`gates.backward_gates_local` returns a matmul
+    cotangent other than the gate's ``dxp`` (stored separately)."""
+    res_shapes, _ = common.residual_layout(cell, rows, acc)
+    distinct = []
+
+    def step(prev, res, dcarry):
+        dxp, dmm, _ = gates.backward_gates_local(cell, prev, res, dcarry)
+        distinct.extend(a is not b for a, b in zip(dxp, dmm))
+
+    carry = cell.zero_carry((rows,), acc)
+    jax.eval_shape(step, carry, tuple(jax.ShapeDtypeStruct(r.shape, r.dtype) for r in res_shapes), carry)
+    return tuple(distinct)
 
 
 # --------------------------------------------------------------------------
 # One step's pallas_call (on padded arrays: rows Bp, lanes Hp, Gp = gates·Hp)
 # --------------------------------------------------------------------------
-def _compiler_params(cfg):
-    """Both grid axes (batch tiles, hidden tiles) are independent within a step."""
-    return pallas._compiler_params(cfg, grid_axes=("parallel", "parallel"))
-
-
 def _specs(cfg, Hp):
     """BlockSpec makers for the grid ``(batch tile b, hidden tile j)``.
 
@@ -189,7 +205,7 @@ def _forward_step(cfg, rec, carry, xp_t, valid_t, keep_res):
     kernel = functools.partial(_forward_kernel, cell=cfg.cell, masked=cfg.masked, keep_res=keep_res)
     out = jax.ShapeDtypeStruct((Bp, Hp), acc)
     n_out, n_res = int(cfg.masked), sum(keep_res)
-    bhn = None if rec.b_hn is None else rec.b_hn.reshape(1, Hp)
+    bhn = rec.b_hn_row()
     new, h, res = pl.pallas_call(
         kernel,
         out_shape=((out,) * len(carry), (out,) * n_out, (out,) * n_res),
@@ -204,7 +220,7 @@ def _forward_step(cfg, rec, carry, xp_t, valid_t, keep_res):
         ),
         out_specs=(tuple(tile() for _ in carry), (tile(),) * n_out, (tile(),) * n_res),
         interpret=cfg.interpret,
-        compiler_params=_compiler_params(cfg),
+        compiler_params=common.compiler_params(cfg, _GRID_AXES),
         name="rnn_forward_step",
     )(valid_t, carry.h, tuple(carry), (xp_t,) * n_gates, (rec.w_hh,) * n_gates, bhn)
     new = cfg.cell.carry_type(*new)
@@ -233,102 +249,75 @@ def _backward_step(cfg, w, dmm_next, dh_t, dcarry, prev_t, res_t, valid_t, disti
         ),
         out_specs=((tile(),) * n_gates, (tile(),) * sum(distinct), tuple(tile() for _ in dcarry)),
         interpret=cfg.interpret,
-        compiler_params=_compiler_params(cfg),
+        compiler_params=common.compiler_params(cfg, _GRID_AXES),
         name="rnn_backward_step",
     )(valid_t, tuple(dmm_next), (w,) * n_gates, dh_t, tuple(dcarry), tuple(prev_t), tuple(res_t))
-    dmm_new = iter(dmm_new)
-    dmm = tuple(next(dmm_new) if new else d for d, new in zip(dxp, distinct))
-    return dxp, dmm, cfg.cell.carry_type(*dprev)
-
-
-def _valid(cfg, lens, Tp):
-    """``(Tp, Bp, 1)`` int32 step masks (``None`` when nothing is masked)."""
-    if not cfg.masked:
-        return None
-    return (jnp.arange(Tp, dtype=jnp.int32)[:, None, None] < lens[None]).astype(jnp.int32)
-
-
-def _distinct_dmm(cell, rows, acc):
-    """Per gate, whether :func:`gates.backward_gates_local` returns a matmul
-    cotangent other than the gate's ``dxp`` (stored separately)."""
-    res_shapes, _ = _residual_layout(cell, rows, acc)
-    distinct = []
-
-    def step(prev, res, dcarry):
-        dxp, dmm, _ = gates.backward_gates_local(cell, prev, res, dcarry)
-        distinct.extend(a is not b for a, b in zip(dxp, dmm))
-
-    carry = cell.zero_carry((rows,), acc)
-    jax.eval_shape(step, carry, tuple(jax.ShapeDtypeStruct(r.shape, r.dtype) for r in res_shapes), carry)
-    return tuple(distinct)
+    return dxp, common.unselect(dmm_new, distinct, dxp), cfg.cell.carry_type(*dprev)
 
 
 # --------------------------------------------------------------------------
-# The time loops: the contracts of pallas._forward_call / pallas._backward_call
+# Kernel bodies: program (b, j) of one step, units J = column tile j
 # --------------------------------------------------------------------------
-def forward_scan(cfg, rec, xp, carry0, lens, save_residuals):
-    """The forward recurrence, one :func:`_forward_kernel` call per step.
+def _forward_kernel(
+    valid_ref, h_ref, tile_refs, xp_refs, w_refs, bhn_ref, new_refs, out_refs, res_refs,
+    *, cell, masked, keep_res,
+):
+    """One step for one batch tile and the hidden units ``J``.
 
-    Same contract as ``pallas._forward_call``: ``(hs, carry_seq, res_seq,
-    final_carry)``, with ``carry_seq`` the stacked carry leaves after ``h``
-    and ``res_seq`` every residual (``hs`` where the residual is the output);
-    both empty without ``save_residuals``.
-
-    Args:
-      cfg: the padded problem's ``pallas._Config`` (``cfg.hidden`` units per program).
-      rec: ``pallas._Recurrent``: ``w_hh`` ``(Hp, Gp)`` in the compute dtype, ``b_hn``.
-      xp: ``(Tp, Bp, Gp)`` acc projected inputs.
-      carry0: leaves ``(Bp, Hp)`` acc.
-      lens: ``(Bp, 1)`` int32 valid lengths (read when ``cfg.masked``).
-      save_residuals: also return what the backward pass needs.
+    Refs (``bB`` rows, ``hT = |J|``, ``Hp`` all units; acc float32):
+      valid_ref: ``(bB, 1)`` int32, nonzero where the step is valid (read
+        only when ``masked``).
+      h_ref: ``(bB, Hp)`` acc, ``h_{t-1}`` of every unit (the matmul's operand).
+      tile_refs: ``(bB, hT)`` acc per carry leaf, the carry's columns ``J``.
+      xp_refs: ``(bB, hT)`` acc per gate, projected inputs.
+      w_refs: ``(Hp, hT)`` compute dtype per gate: columns ``J`` of its block of ``W_hh``.
+      bhn_ref: ``(1, hT)`` acc ``b_hn`` (GRU ``reset="after"``), else ``None``.
+      new_refs: out ``(bB, hT)`` per carry leaf, the new carry (held at padded steps).
+      out_refs: out, with ``masked``, the output ``h`` ``(bB, hT)`` (zeros at
+        padded steps); else empty (the output is the new carry's ``h``).
+      res_refs: out ``(bB, hT)`` per residual of ``gates.forward_gates`` with ``keep_res``.
     """
-    Tp = xp.shape[0]
-    keep_res = _residual_layout(cfg.cell, cfg.batch, xp.dtype)[1] if save_residuals else ()
-
-    def step(carry, inputs):
-        xp_t, valid_t = inputs
-        new, h, res = _forward_step(cfg, rec, carry, xp_t, valid_t, keep_res)
-        return new, (h, tuple(new[1:]) if save_residuals else (), res)
-
-    final, (hs, carry_seq, res_kept) = lax.scan(step, carry0, (xp, _valid(cfg, lens, Tp)), reverse=cfg.reverse)
-    if not save_residuals:
-        return hs, (), (), final
-    res_kept = iter(res_kept)
-    res_seq = tuple(next(res_kept) if keep else hs for keep in keep_res)
-    return hs, carry_seq, res_seq, final
+    old = common.read_carry(cell, tile_refs)
+    w, b_hn, xp = common.read(w_refs), common.read_b_hn(bhn_ref), common.read(xp_refs)
+    new, h, res = gates.forward_gates(cell, w, b_hn, old._replace(h=h_ref[...]), xp, h_tile=old.h)
+    if masked:
+        valid = valid_ref[...] != 0
+        new = common.select_carry(valid, new, old)
+        out_refs[0][...] = where_valid(valid, h)
+    common.write(new_refs, new)
+    common.write(res_refs, itertools.compress(res, keep_res))
 
 
-def backward_scan(cfg, w, dhs, prev, res_seq, dcarry_t, lens):
-    """The backward recurrence, one :func:`_backward_kernel` call per step.
+def _backward_kernel(
+    valid_ref, dmm_refs, w_refs, dhs_ref, dcarry_refs, prev_refs, res_refs, dxp_refs, dmm_out_refs, dprev_refs,
+    *, cell, masked, distinct,
+):
+    """One backward step for one batch tile and the hidden units ``J``.
 
-    Same contract as ``pallas._backward_call``: ``(dxp, dcarry0)``.
-
-    Args:
-      cfg: the padded problem's ``pallas._Config``.
-      w: ``(Hp, Gp)`` recurrent weight in the compute dtype.
-      dhs: ``(Tp, Bp, Hp)`` acc cotangents of the outputs.
-      prev: the carry each step started from, leaves ``(Tp, Bp, Hp)``.
-      res_seq: the residuals of :func:`forward_scan`, each ``(Tp, Bp, Hp)``.
-      dcarry_t: cotangent of the final carry, leaves ``(Bp, Hp)``.
-      lens: ``(Bp, 1)`` int32 valid lengths (read when ``cfg.masked``).
-
-    Returns:
-      ``dxp`` ``(Tp, Bp, Gp)`` and the initial carry's cotangent.
+    Refs (as in :func:`_forward_kernel`):
+      valid_ref: ``(bB, 1)`` int32 (read only when ``masked``).
+      dmm_refs: ``(bB, Hp)`` acc per gate: step ``t + 1``'s recurrent-matmul
+        cotangents of every unit (zeros after the last step).
+      w_refs: ``(hT, Hp)`` compute dtype per gate: rows ``J`` of its block of ``W_hh``.
+      dhs_ref: ``(bB, hT)`` acc, the output's cotangent.
+      dcarry_refs: ``(bB, hT)`` acc per carry leaf: the new carry's
+        cotangent, for ``h`` without the matmul's part.
+      prev_refs: ``(bB, hT)`` acc per carry leaf, the carry the step started from.
+      res_refs: ``(bB, hT)`` acc per residual of ``gates.forward_gates``.
+      dxp_refs: out ``(bB, hT)`` acc per gate, cotangents of the projected inputs.
+      dmm_out_refs: out ``(bB, hT)`` acc per gate whose matmul cotangent is not
+        its ``dxp`` (``distinct``; a GRU's candidate ``r ⊙ dz_n``).
+      dprev_refs: out ``(bB, hT)`` acc per carry leaf: the previous carry's
+        cotangent, for ``h`` without the matmul's part.
     """
-    Tp, Bp, Hp = dhs.shape
-    cell = cfg.cell
-    distinct = _distinct_dmm(cell, cfg.batch, dhs.dtype)
-
-    def step(state, inputs):
-        dcarry, dmm_next = state
-        dh_t, prev_t, res_t, valid_t = inputs
-        dxp, dmm, dprev = _backward_step(cfg, w, dmm_next, dh_t, dcarry, prev_t, res_t, valid_t, distinct)
-        return (dprev, dmm), dxp
-
-    zeros = tuple(jnp.zeros((Bp, Hp), dhs.dtype) for _ in range(cell.num_gates))
-    inputs = (dhs, prev, tuple(res_seq), _valid(cfg, lens, Tp))
-    (dcarry, dmm), dxp = lax.scan(step, (dcarry_t, zeros), inputs, reverse=not cfg.reverse)
-    # The first step's matmul cotangents reach the initial carry: one matmul here.
-    dcarry0 = dcarry._replace(h=dcarry.h + gates.recurrent_vjp(cell, gates.split_gates(cell, w), dmm))
-    dxp = dxp[0] if cell.num_gates == 1 else jnp.concatenate(dxp, axis=-1)
-    return dxp, dcarry0
+    partial = common.read_carry(cell, dcarry_refs)
+    dcarry = partial._replace(h=partial.h + gates.recurrent_vjp(cell, common.read(w_refs), common.read(dmm_refs)))
+    prev, res = common.read_carry(cell, prev_refs), common.read(res_refs)
+    dxp, dmm, dprev = gates.backward_gates_local(cell, prev, res, dcarry._replace(h=dcarry.h + dhs_ref[...]))
+    if masked:  # a padded step passes the carry's cotangent through
+        valid = valid_ref[...] != 0
+        dprev = common.select_carry(valid, dprev, dcarry)
+        dxp, dmm = where_valid(valid, (dxp, dmm))
+    common.write(dxp_refs, dxp)
+    common.write(dmm_out_refs, itertools.compress(dmm, distinct))
+    common.write(dprev_refs, dprev)

@@ -15,8 +15,11 @@ validation errors, the interpret-mode warning, tracing, and lowering for TPU
 / GPU without hardware.
 """
 
+import ast
 import dataclasses
 import functools
+import inspect
+import itertools
 import warnings
 
 import jax
@@ -27,9 +30,10 @@ from jax import export
 
 import jaxrnn
 from _util import assert_close
-from jaxrnn import runner
-from jaxrnn.kernels import Pallas, gates, pallas, pallas_split
+from jaxrnn import checks
+from jaxrnn.kernels import Pallas, common, gates, pallas, pallas_split
 from jaxrnn.kernels.pallas import BlockSizes, rnn_pallas
+from jaxrnn.scan import mask_step
 
 B, T, H, I = 3, 5, 5, 4
 LENGTHS = np.array([0, T, 2], np.int32)
@@ -336,19 +340,19 @@ def test_padding_rules(T_, B_, H_):
     one block more than needed; compiled for GPU also powers of two (at least
     16) and a single time chunk."""
     block = BlockSizes(batch=2, time=2, lanes=8)
-    Tp, Bp, Hp, rows, steps, tile = pallas._padded_sizes(T_, B_, H_, block, "tpu", False)
+    Tp, Bp, Hp, rows, steps, tile = common.padded_sizes(T_, B_, H_, block, "tpu", False)
     assert tile is None and (rows, steps) == (2, min(2, T_))
     assert Tp % steps == 0 and T_ <= Tp < T_ + steps
     assert Bp % rows == 0 and B_ <= Bp < B_ + rows
     assert Hp % 8 == 0 and H_ <= Hp < H_ + 8
     block = BlockSizes(batch=2, lanes=8)
-    Tp, Bp, Hp, rows, steps, _ = pallas._padded_sizes(T_, B_, H_, block, "gpu", False)
+    Tp, Bp, Hp, rows, steps, _ = common.padded_sizes(T_, B_, H_, block, "gpu", False)
     assert _is_power_of_2(rows) and rows >= 16 and Bp % rows == 0 and B_ <= Bp < B_ + rows
     lanes = -(-H_ // 8) * 8
     assert _is_power_of_2(Hp) and Hp >= max(16, lanes) and Hp // 2 < max(16, lanes)
     assert Tp == steps == T_
-    interpreted = pallas._padded_sizes(T_, B_, H_, block, "gpu", True)  # interpret mode: no GPU rules
-    assert interpreted == pallas._padded_sizes(T_, B_, H_, block, "cpu", True)
+    interpreted = common.padded_sizes(T_, B_, H_, block, "gpu", True)  # interpret mode: no GPU rules
+    assert interpreted == common.padded_sizes(T_, B_, H_, block, "cpu", True)
 
 
 @pytest.mark.parametrize("T_, B_, H_", [(5, 3, 20), (1, 17, 5), (9, 8, 128)])
@@ -356,12 +360,12 @@ def test_padding_rules_split(T_, B_, H_):
     """With ``block.hidden``: units padded to whole tiles (and lanes), one time
     chunk (the time loop is outside the kernels), a tile at most all units."""
     block = BlockSizes(batch=2, time=2, lanes=4, hidden=6)
-    sizes = pallas._padded_sizes(T_, B_, H_, block, "tpu", False)
+    sizes = common.padded_sizes(T_, B_, H_, block, "tpu", False)
     lanes = -(-H_ // 4) * 4
     tile = min(6, lanes)
     assert sizes.tile == tile and sizes.Hp % tile == 0 and sizes.Hp % 4 == 0
     assert H_ <= sizes.Hp < H_ + 12 and sizes.Tp == sizes.steps == T_
-    sizes = pallas._padded_sizes(T_, B_, H_, dataclasses.replace(block, time=1), "gpu", False)
+    sizes = common.padded_sizes(T_, B_, H_, dataclasses.replace(block, time=1), "gpu", False)
     assert _is_power_of_2(sizes.tile) and 16 <= sizes.tile <= sizes.Hp and sizes.Hp % sizes.tile == 0
     assert sizes.tile == min(16, sizes.Hp) and sizes.Tp == T_  # block.time is unused: no error
 
@@ -390,15 +394,79 @@ def test_gru_before_cannot_split():
 
 def test_gpu_rejects_time_chunks():
     with pytest.raises(ValueError, match=r"block.time: the GPU \(Triton\) lowering runs the whole sequence"):
-        pallas._padded_sizes(5, 3, 20, BlockSizes(time=2), "gpu", False)
+        common.padded_sizes(5, 3, 20, BlockSizes(time=2), "gpu", False)
+
+
+# --------------------------------------------------------------------------
+# The shared pieces (kernels/common.py) and the modules' import order
+# --------------------------------------------------------------------------
+def test_block_sizes_is_shared():
+    """Both kernel families and the backend configuration see one ``BlockSizes``."""
+    assert pallas.BlockSizes is common.BlockSizes is jaxrnn.kernels.BlockSizes
+
+
+def test_pad_gates_and_join_gates():
+    """Each gate's block is padded with zero columns; split, sliced back and
+    joined, the padded array is the original."""
+    cell = jaxrnn.GRU(2)  # 3 gates
+    a = jnp.arange(12.0).reshape(2, 6)
+    padded = common.pad_gates(a, 3, 2, 4, pad_rows=True)
+    assert padded.shape == (4, 12)
+    assert not np.any(padded[2:]) and not np.any(padded[:, 2:4])
+    back = common.join_gates(tuple(g[:2, :2] for g in gates.split_gates(cell, padded)))
+    np.testing.assert_array_equal(back, a)
+    assert common.join_gates((a,)) is a
+
+
+def test_unselect_inverts_compress():
+    values, flags = ("a", "b", "c"), (True, False, True)
+    assert common.unselect(itertools.compress(values, flags), flags, values) == values
+    assert common.unselect(["x"], (False, True), ("p", "q")) == ("p", "x")
+
+
+def test_select_carry_is_mask_step_on_a_column():
+    """The kernels' ``(rows, 1)`` form of the bottom layer's ``mask_step``."""
+    valid = jnp.array([True, False, True])
+    new = jaxrnn.LSTMCarry(jnp.ones((3, 4)), jnp.full((3, 4), 2.0))
+    old = jax.tree.map(jnp.zeros_like, new)
+    want = mask_step(valid, new, old)
+    got = common.select_carry(valid[:, None], new, old)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def _imports(module):
+    """``(module imported, names, at module level)`` of every import of ``module``'s source."""
+    tree = ast.parse(inspect.getsource(module))
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            found.append((node.module, [a.name for a in node.names], id(node) in top))
+        elif isinstance(node, ast.Import):
+            found.extend((a.name, [], id(node) in top) for a in node.names)
+    return found
+
+
+def test_kernel_modules_import_one_way():
+    """``common`` <- ``pallas_split`` <- ``pallas``: all at module level, no
+    private names across modules, and neither lower module imports a higher one."""
+    above = {common: ("pallas", "pallas_split"), pallas_split: ("pallas",), pallas: ()}
+    for module, higher in above.items():
+        for name, names, top_level in _imports(module):
+            if not name.startswith("jaxrnn"):
+                continue
+            assert top_level, f"{module.__name__}: function-level import of {name}"
+            assert not [n for n in names if n.startswith("_")], f"{module.__name__}: private {names} of {name}"
+            imported = {name.rsplit(".", 1)[-1], *(names if name == "jaxrnn.kernels" else ())}
+            assert not imported & set(higher), f"{module.__name__} imports {imported & set(higher)}"
 
 
 # --------------------------------------------------------------------------
 # Runner integration
 # --------------------------------------------------------------------------
-def test_cpu_warns_once():
-    message = "impl='pallas' on CPU runs the kernel in Pallas interpret mode (slow; for testing)."
-    runner.warn_once.__defaults__[0].discard(message)  # forget earlier tests' warning
+def test_cpu_warns_once(monkeypatch):
+    # A fresh record of the warnings given, so that earlier tests' warning does not count.
+    monkeypatch.setattr(jaxrnn.kernels, "warn_once", functools.partial(checks.warn_once, _seen=set()))
     cell, params, xs, _ = _problem("elman")
     with pytest.warns(UserWarning, match="interpret mode"):
         jaxrnn.rnn(cell, params, xs[:, :3], impl="pallas")

@@ -12,6 +12,13 @@ time steps at once by :meth:`input_projection` (one large matmul), and a
 recurrent part, computed step by step by :meth:`step_projected`. Runners and
 kernels rely on that split; ``step`` is their composition.
 
+Each cell's equations are written once, gate by gate, in :meth:`Cell.gate_step`
+(every gate its own ``(*batch, H)`` array, the recurrent matmul passed in):
+:meth:`step_projected`, :meth:`tanh_sites` and the fused kernels of
+:mod:`jaxrnn.kernels.gates` all compute through it. The nonlinearities and
+their derivatives are written once too, in :data:`ACTIVATIONS`,
+:data:`SIGMOID` and :data:`TANH`.
+
 Shapes: ``I`` input size, ``H`` hidden size, ``G = num_gates * H``.
 
 Dtypes. Parameters are stored in the ``dtype`` given to :meth:`init`
@@ -26,15 +33,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxrnn.checks import check_float_dtype, check_index, check_one_of, shape_of
 
 Array = jax.Array
 Initializer = Callable[..., Array]
+#: ``mm(a, k)``: the per-gate parts of ``a`` times the weights of recurrent matmul ``k`` (:meth:`Cell.recurrent_matmul`).
+MatmulFn = Callable[[Array, int], Tuple[Array, ...]]
 
 ACC_DTYPE = jnp.float32
 
@@ -44,6 +54,8 @@ def acc_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(ACC_DTYPE, dtype)
 
 __all__ = [
+    "ACTIVATIONS",
+    "Activation",
     "Carry",
     "Cell",
     "Elman",
@@ -53,8 +65,37 @@ __all__ = [
     "LSTM",
     "LSTMCarry",
     "LSTMParams",
+    "LINEAR",
+    "RELU",
+    "SIGMOID",
+    "TANH",
     "count_params",
 ]
+
+
+# --------------------------------------------------------------------------
+# Nonlinearities
+# --------------------------------------------------------------------------
+class Activation(NamedTuple):
+    """An elementwise nonlinearity ``φ`` and its derivative, written once for cells and kernels.
+
+    Attributes:
+      value: ``z ↦ φ(z)``.
+      deriv: ``y ↦ φ'(z)`` expressed through the output ``y = φ(z)`` (what a
+        hand-written backward has saved).
+    """
+
+    value: Callable[[Array], Array]
+    deriv: Callable[[Array], Array]
+
+
+TANH = Activation(jnp.tanh, lambda y: 1.0 - y * y)
+SIGMOID = Activation(jax.nn.sigmoid, lambda y: y * (1.0 - y))
+RELU = Activation(jax.nn.relu, lambda y: (y > 0).astype(y.dtype))
+LINEAR = Activation(lambda z: z, jnp.ones_like)
+
+#: The Elman activations by name.
+ACTIVATIONS = {"tanh": TANH, "relu": RELU, "linear": LINEAR}
 
 
 # --------------------------------------------------------------------------
@@ -172,8 +213,9 @@ def expand_bias(b: Array, like: Array) -> Array:
 class Cell:
     """Base class of the cells: configuration validation, initialisation and the step split.
 
-    Subclasses set ``num_gates`` and ``carry_type`` and implement
-    ``_make_params`` and :meth:`step_projected`.
+    Subclasses set ``num_gates``, ``carry_type`` and ``gate_activations`` and
+    implement ``_make_params``, :meth:`gate_step` (the cell's equations, the
+    one definition) and :meth:`tanh_sites`.
     """
 
     hidden_size: int
@@ -183,6 +225,8 @@ class Cell:
 
     num_gates = 1  # overridden
     carry_type = Carry
+    #: Per gate, the :class:`Activation` its pre-activation goes through.
+    gate_activations = ()  # overridden
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_size", check_index(self.hidden_size, "hidden_size"))
@@ -196,9 +240,29 @@ class Cell:
         """``G = num_gates * hidden_size``: width of the stacked pre-activations."""
         return self.num_gates * self.hidden_size
 
+    @property
+    def matmul_groups(self) -> Tuple[Tuple[int, int], ...]:
+        """The recurrent matmuls of a step: per matmul, the range ``(lo, hi)`` of gates it feeds.
+
+        One matmul ``h_{t-1} @ w_hh`` for all gates, except GRU with
+        ``reset="before"``: ``h_{t-1} @ [W_hr, W_hu]`` and ``(r ⊙ h_{t-1}) @ W_hn``.
+        """
+        return ((0, self.num_gates),)
+
     def input_size_of(self, params) -> int:
         """Input size ``I`` read off ``params.w_ih``."""
         return params.w_ih.shape[0]
+
+    def split_gates(self, a: Array, n: Optional[int] = None) -> Tuple[Array, ...]:
+        """``a``'s last axis ``(..., n·H')`` as a tuple of ``n`` (default ``num_gates``) ``(..., H')`` arrays."""
+        n = self.num_gates if n is None else n
+        width = a.shape[-1] // n
+        return tuple(a[..., k * width : (k + 1) * width] for k in range(n))
+
+    def weight_blocks(self, w_hh: Array) -> Tuple[Array, ...]:
+        """The column blocks of ``w_hh`` (``(H, G)``), one per matmul of :attr:`matmul_groups`."""
+        H = self.hidden_size
+        return tuple(w_hh[:, lo * H : hi * H] for lo, hi in self.matmul_groups)
 
     # -- initialisation -----------------------------------------------------
     def init(self, key: Array, input_size: int, dtype=jnp.float32):
@@ -249,6 +313,8 @@ class Cell:
     def dot(self, a: Array, w: Array) -> Array:
         """``a @ w`` with operands in the compute dtype, accumulated in float32 (float64 for float64).
 
+        The one matmul of cells and kernels (:meth:`dot_t` is its transposed form).
+
         Args:
           a: ``(..., K)``.
           w: ``(K, N)``.
@@ -256,8 +322,35 @@ class Cell:
         Returns:
           ``(..., N)`` in the accumulation dtype.
         """
+        return self._contract(a, w, 0)
+
+    def dot_t(self, a: Array, w: Array) -> Array:
+        """``a @ wᵀ`` for ``a`` ``(..., N)`` and ``w`` ``(K, N)``: ``(..., K)``, operands and accumulation as in :meth:`dot`."""
+        return self._contract(a, w, 1)
+
+    def _contract(self, a, w, w_axis):
         cd = a.dtype if self.compute_dtype is None else self.compute_dtype
-        return jnp.matmul(a.astype(cd), w.astype(cd), preferred_element_type=acc_dtype(cd))
+        dims = (((a.ndim - 1,), (w_axis,)), ((), ()))
+        return lax.dot_general(a.astype(cd), w.astype(cd), dims, preferred_element_type=acc_dtype(cd))
+
+    def recurrent_matmul(self, w: Tuple[Array, ...], per_gate: bool = False) -> MatmulFn:
+        """The recurrent matmul in the form :meth:`gate_step` calls it.
+
+        Args:
+          w: the weights, either one block per matmul of :attr:`matmul_groups`
+            (:meth:`weight_blocks`; multiplied at once, then split per gate)
+            or, with ``per_gate``, one ``(H, H')`` block per gate
+            (:meth:`split_gates` of ``w_hh``, or column tiles of them).
+          per_gate: whether ``w`` holds one block per gate.
+
+        Returns:
+          ``mm(a, k)``: the tuple of ``a @ W_j`` for the gates ``j`` of matmul
+          ``k``, each ``(*batch, H')`` in the accumulation dtype.
+        """
+        groups = self.matmul_groups
+        if per_gate:
+            return lambda a, k: tuple(self.dot(a, w[j]) for j in range(*groups[k]))
+        return lambda a, k: self.split_gates(self.dot(a, w[k]), groups[k][1] - groups[k][0])
 
     def input_projection(self, params, xs: Array) -> Array:
         """Input part of every gate for all steps at once: ``xs @ w_ih + b``.
@@ -276,6 +369,45 @@ class Cell:
         z = z + expand_bias(params.b, z)
         return z.reshape(*xs.shape[:-1], z.shape[-1])
 
+    def gate_step(self, carry, xp: Tuple[Array, ...], mm: MatmulFn, b_hn=None, h_tile=None):
+        """One step, gate by gate: the single definition of the cell's equations.
+
+        Every gate is its own array (no slicing or concatenation), so Pallas
+        kernels call this too. It also computes a column tile ``J`` of the
+        step: with ``mm`` giving the ``J`` columns of each gate, every output
+        is the ``J`` columns of the full step's. ``carry.h`` stays the whole
+        ``h_{t-1}`` (the matmul's left operand); the other carry leaves,
+        ``xp``, ``b_hn`` and ``h_tile`` are the ``J`` columns.
+
+        Args:
+          carry: the carry, leaves ``(*batch, H)`` (a tile: ``h`` whole, the
+            others ``(*batch, |J|)``).
+          xp: tuple of ``num_gates`` projected inputs (bias included),
+            ``(*batch, H)`` each (a tile: ``(*batch, |J|)``).
+          mm: the recurrent matmul, :meth:`recurrent_matmul`.
+          b_hn: GRU ``reset="after"``: the recurrent candidate bias ``(H,)``
+            (a tile: ``(|J|,)``); ``None`` otherwise.
+          h_tile: ``None``, or the ``J`` columns of ``carry.h``, where a tile's
+            gates read ``h_{t-1}`` elementwise (the GRU update).
+
+        Returns:
+          ``(new_carry, h, acts)``: the new carry and output (accumulation
+          dtype) and ``acts``, the gate activations: Elman ``(h,)``; LSTM
+          ``(i, f, g, o)``; GRU ``(r, u, n)``, plus ``m = h_{t-1} W_hn +
+          b_hn`` for ``reset="after"``.
+        """
+        raise NotImplementedError
+
+    def step_activations(self, params, carry, xp: Array):
+        """:meth:`step_projected` plus the gate activations: ``(new_carry, h, acts)`` as :meth:`gate_step` returns them.
+
+        The stacked weights and projected input split for :meth:`gate_step`
+        (one matmul per entry of :attr:`matmul_groups`). Arguments as
+        :meth:`step_projected`.
+        """
+        mm = self.recurrent_matmul(self.weight_blocks(params.w_hh))
+        return self.gate_step(carry, self.split_gates(xp), mm, getattr(params, "b_hn", None))
+
     def step_projected(self, params, carry, xp: Array):
         """One step given the projected input ``xp = input_projection(params, x)``.
 
@@ -286,6 +418,16 @@ class Cell:
 
         Returns:
           ``(new_carry, h)`` with float32 leaves ``(*batch, H)``.
+        """
+        new_carry, h, _ = self.step_activations(params, carry, xp)
+        return new_carry, h
+
+    def tanh_sites(self, params, carry, xp: Array) -> Dict[str, Array]:
+        """The cell's ``tanh`` outputs at one step: name -> ``(*batch, H)``.
+
+        Elman ``{"h": h_t}`` (whatever the activation); LSTM ``{"g": g_t,
+        "c": tanh(c_t)}``; GRU ``{"n": ñ_t}`` (the candidate). Arguments as
+        :meth:`step_projected`.
         """
         raise NotImplementedError
 
@@ -310,12 +452,14 @@ class Cell:
         return carry.h
 
 
+def _pre_activations(xp, mm, h):
+    """Per gate of matmul 0, ``xp_k + (h @ W_k)``."""
+    return tuple(x + r for x, r in zip(xp, mm(h, 0)))
+
+
 # --------------------------------------------------------------------------
 # The cells
 # --------------------------------------------------------------------------
-_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "linear": lambda z: z}
-
-
 @dataclasses.dataclass(frozen=True)
 class Elman(Cell):
     r"""Elman ("vanilla") RNN cell.
@@ -347,7 +491,11 @@ class Elman(Cell):
 
     def __post_init__(self):
         super().__post_init__()
-        check_one_of("activation", self.activation, tuple(_ACTIVATIONS))
+        check_one_of("activation", self.activation, tuple(ACTIVATIONS))
+
+    @property
+    def gate_activations(self):
+        return (ACTIVATIONS[self.activation],)
 
     def _recurrent_kwargs(self):
         return {"scale": self.recurrent_scale}
@@ -355,9 +503,14 @@ class Elman(Cell):
     def _make_params(self, w_ih, w_hh, b):
         return ElmanParams(w_ih, w_hh, b)
 
-    def step_projected(self, params, carry, xp):
-        h = _ACTIVATIONS[self.activation](xp + self.dot(carry.h, params.w_hh))
-        return Carry(h), h
+    def gate_step(self, carry, xp, mm, b_hn=None, h_tile=None):
+        (z,) = _pre_activations(xp, mm, carry.h)
+        h = self.gate_activations[0].value(z)
+        return Carry(h), h, (h,)
+
+    def tanh_sites(self, params, carry, xp):
+        _, h, _ = self.step_activations(params, carry, xp)
+        return {"h": h}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,6 +546,7 @@ class LSTM(Cell):
     forget_bias: float = 1.0
     num_gates = 4
     carry_type = LSTMCarry
+    gate_activations = (SIGMOID, SIGMOID, TANH, SIGMOID)
 
     def _init_bias(self, dtype):
         H = self.hidden_size
@@ -401,12 +555,20 @@ class LSTM(Cell):
     def _make_params(self, w_ih, w_hh, b):
         return LSTMParams(w_ih, w_hh, b)
 
-    def step_projected(self, params, carry, xp):
-        z = xp + self.dot(carry.h, params.w_hh)
-        i, f, g, o = jnp.split(z, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
-        return LSTMCarry(h, c), h
+    def gate_step(self, carry, xp, mm, b_hn=None, h_tile=None):
+        z = _pre_activations(xp, mm, carry.h)
+        acts = tuple(act.value(zk) for act, zk in zip(self.gate_activations, z))
+        new = self.state_update(carry, *acts)
+        return new, new.h, acts
+
+    def state_update(self, carry, i, f, g, o):
+        """The carry update from the gate activations: ``c_t = f ⊙ c_{t-1} + i ⊙ g``, ``h_t = o ⊙ tanh(c_t)``."""
+        c = f * carry.c + i * g
+        return LSTMCarry(o * TANH.value(c), c)
+
+    def tanh_sites(self, params, carry, xp):
+        new, _, (_, _, g, _) = self.step_activations(params, carry, xp)
+        return {"g": g, "c": TANH.value(new.c)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,29 +606,47 @@ class GRU(Cell):
 
     reset: str = "before"
     num_gates = 3
+    gate_activations = (SIGMOID, SIGMOID, TANH)
 
     def __post_init__(self):
         super().__post_init__()
         check_one_of("reset", self.reset, ("before", "after"))
 
+    @property
+    def matmul_groups(self):
+        return ((0, 3),) if self.reset == "after" else ((0, 2), (2, 3))
+
     def _make_params(self, w_ih, w_hh, b):
         b_hn = jnp.zeros((self.hidden_size,), b.dtype) if self.reset == "after" else None
         return GRUParams(w_ih, w_hh, b, b_hn)
 
-    def step_projected(self, params, carry, xp):
-        H = self.hidden_size
-        h_prev = carry.h
-        xr, xu, xn = jnp.split(xp, 3, axis=-1)
+    def gate_step(self, carry, xp, mm, b_hn=None, h_tile=None):
+        sig_r, sig_u, tanh_n = self.gate_activations
+        h_prev = carry.h if h_tile is None else h_tile
+        xr, xu, xn = xp
         if self.reset == "after":
-            hr, hu, hn = jnp.split(self.dot(h_prev, params.w_hh), 3, axis=-1)
-            r, u = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xu + hu)
-            n = jnp.tanh(xn + r * (hn + expand_bias(params.b_hn, hn)))
+            hr, hu, hn = mm(carry.h, 0)
+            m = hn + expand_bias(b_hn, hn)
+            r, u = sig_r.value(xr + hr), sig_u.value(xu + hu)
+            n = tanh_n.value(xn + r * m)
+            acts = (r, u, n, m)
         else:
-            hr, hu = jnp.split(self.dot(h_prev, params.w_hh[:, : 2 * H]), 2, axis=-1)
-            r, u = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xu + hu)
-            n = jnp.tanh(xn + self.dot(r * h_prev, params.w_hh[:, 2 * H :]))
+            if h_tile is not None:
+                raise ValueError(
+                    "h_tile: a GRU with reset='before' cannot be computed in column tiles "
+                    "(its candidate's matmul reads r ⊙ h_{t-1} for every unit)"
+                )
+            hr, hu = mm(carry.h, 0)
+            r, u = sig_r.value(xr + hr), sig_u.value(xu + hu)
+            (hn,) = mm(r * h_prev, 1)
+            n = tanh_n.value(xn + hn)
+            acts = (r, u, n)
         h = h_prev + u * (n - h_prev)  # = (1 - u) ⊙ h_prev + u ⊙ n
-        return Carry(h), h
+        return Carry(h), h, acts
+
+    def tanh_sites(self, params, carry, xp):
+        _, _, acts = self.step_activations(params, carry, xp)
+        return {"n": acts[2]}
 
 
 CELL_TYPES = (Elman, LSTM, GRU)

@@ -1,80 +1,91 @@
-"""``jaxrnn demo``: train a small character-level language model and show what it learned.
+"""The demo behind ``jaxrnn demo``: train small character-level language models and report what they learned.
 
-Trains an LSTM (``--cell``) on the embedded text of :mod:`jaxrnn.data` (or
-``--text FILE``) for a few hundred Adam steps with gradient clipping, printing
-a progress table; then prints text sampled before and after training, the
+Trains an LSTM (or the first of ``Config.cells``) on a text, by default the
+corpus shipped in :mod:`jaxrnn.data`, for a few hundred Adam steps with
+gradient clipping (the one training step of :mod:`jaxrnn.train`), printing a
+progress table; then prints text sampled before and after training, the
 validation perplexity before and after against a unigram baseline, and saves
-a figure of the training curves. Unless ``--no-compare``, GRU and Elman
-models are trained with the identical budget (steps, batch, hidden size,
-seed) and drawn on the same figure. About 30-60 s on two CPU cores.
+a figure of the training curves. Further cells are trained with the
+identical budget (steps, batch, hidden size, seed) and drawn on the same
+figure. The command line (argument checks, ``main``) is
+:mod:`jaxrnn.cli.demo`.
 
 Example:
-  $ jaxrnn demo --steps 300 --out out/demo
-  $ python -m jaxrnn demo --cell gru --hidden 64 --no-compare
+  >>> text = data.load_text()
+  >>> demo.run(demo.split_corpus(text, "the shipped text"), demo.Config(steps=100, cells=("gru",)))
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 import os
-import sys
 import time
+from typing import NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrnn import data, lm
+from jaxrnn import data
 from jaxrnn.cells import GRU, LSTM, Elman
-from jaxrnn.runner import IMPLS
+from jaxrnn.models import lm
 
 CELLS = {"lstm": ("LSTM", LSTM), "gru": ("GRU", GRU), "elman": ("Elman", Elman)}
 COLORS = {"lstm": "tab:blue", "gru": "tab:orange", "elman": "tab:green"}
 FIGURE_NAME = "lm_curves.png"
+VAL_FRACTION = 0.1
+SAMPLE_LENGTH = 240
 
 
-class _ArgumentError(ValueError):
-    """A bad command line (reported as one line, exit status 2)."""
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The demo's settings (the command line's options; checked there).
+
+    Attributes:
+      cells: names in :data:`CELLS`; the first is the main model (progress
+        table, samples), the others are trained with the same budget.
+      steps, batch, seq_len: training steps per model, windows per batch and
+        characters read per window.
+      hidden, layers, embed: the model's size.
+      lr, clip: Adam's learning rate and the global gradient-norm clip.
+      temperature, prompt: sampling.
+      seed: PRNG seed.
+      impl: recurrence implementation (:data:`jaxrnn.IMPLS`).
+      out: folder of the figure.
+    """
+
+    cells: Tuple[str, ...] = tuple(CELLS)
+    steps: int = 300
+    hidden: int = 128
+    layers: int = 1
+    embed: int = 32
+    batch: int = 32
+    seq_len: int = 64
+    lr: float = 3e-3
+    clip: float = 1.0
+    temperature: float = 0.8
+    prompt: str = "The "
+    seed: int = 0
+    impl: str = "auto"
+    out: str = os.path.join("out", "demo")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _ArgumentError(message)
+class Corpus(NamedTuple):
+    """A text as the demo uses it: its vocabulary, and its token ids split into training and validation parts."""
+
+    text: str
+    source: str
+    vocab: data.Vocab
+    train_ids: np.ndarray
+    val_ids: np.ndarray
 
 
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="jaxrnn demo", description="Train a small character-level language model and show what it learned.")
-    p.add_argument("--steps", type=_positive(int), default=300, help="training steps per model (300)")
-    p.add_argument("--cell", choices=sorted(CELLS), default="lstm", help="cell of the main model (lstm)")
-    p.add_argument("--hidden", type=_positive(int), default=128, help="hidden size H (128)")
-    p.add_argument("--layers", type=_positive(int), default=1, help="stacked layers (1)")
-    p.add_argument("--embed", type=_positive(int), default=32, help="embedding size (32)")
-    p.add_argument("--batch", type=_positive(int), default=32, help="windows per batch (32)")
-    p.add_argument("--seq-len", type=_positive(int), default=64, help="characters read per window (64)")
-    p.add_argument("--lr", type=_positive(float), default=3e-3, help="Adam learning rate (3e-3)")
-    p.add_argument("--clip", type=_positive(float), default=1.0, help="global gradient-norm clip (1.0)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0.8; 0 is greedy)")
-    p.add_argument("--prompt", default="The ", help="start of the samples ('The ')")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed (0)")
-    p.add_argument("--text", default=None, metavar="FILE", help="train on this UTF-8 text instead")
-    p.add_argument("--out", default=os.path.join("out", "demo"), metavar="DIR", help="figure folder (out/demo)")
-    p.add_argument("--impl", choices=list(IMPLS), default="auto", help="recurrence implementation (auto)")
-    p.add_argument("--no-compare", action="store_true", help="train only --cell, not all three cells")
-    return p
+def split_corpus(text: str, source: str) -> Corpus:
+    """The character vocabulary of ``text`` and its ids, the last :data:`VAL_FRACTION` held out for validation."""
+    vocab = data.Vocab.from_text(text)
+    train_ids, val_ids = data.train_val_split(vocab.encode(text), VAL_FRACTION)
+    return Corpus(text, source, vocab, train_ids, val_ids)
 
 
 # --------------------------------------------------------------------------
@@ -83,16 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
 def train(model, train_ids, val_windows, *, steps, batch, window, lr, clip, seed, on_eval=None):
     """Train ``model`` on random windows of ``train_ids``.
 
+    Every step is :func:`jaxrnn.models.lm.make_train_step`'s (Adam after
+    clipping the gradient norm to ``clip``); a step whose loss or gradient is
+    not finite is skipped.
+
     Returns:
       ``(params_before, params, history)``; ``history`` has the per-step
-      training ``loss`` (``(steps,)``), and ``eval_steps`` with the validation
-      perplexity ``val_ppl`` at each.
+      training ``loss`` (``(steps,)``), ``skipped`` (the number of non-finite
+      steps, not applied), and ``eval_steps`` with the validation perplexity
+      ``val_ppl`` at each.
     """
     k_init, k_data = jax.random.split(jax.random.key(seed))
     params = params0 = model.init(k_init)
-    optimizer = lm.make_optimizer(lr, clip)
-    opt_state = optimizer.init(params)
-    train_step = lm.make_train_step(model, optimizer)
+    train_step = lm.make_train_step(model, lm.make_optimizer(lr, clip))
+    opt_state = train_step.init(params)
     ids = jnp.asarray(train_ids)
 
     @jax.jit
@@ -100,13 +115,14 @@ def train(model, train_ids, val_windows, *, steps, batch, window, lr, clip, seed
         return train_step(params, opt_state, data.sample_windows(key, ids, batch, window))
 
     every = max(1, steps // 10)
-    losses, eval_steps, val_ppl = [], [0], [lm.perplexity(model, params, val_windows)]
+    losses, finite, eval_steps, val_ppl = [], [], [0], [lm.perplexity(model, params, val_windows)]
     start = time.perf_counter()
     if on_eval:
         on_eval(0, float("nan"), val_ppl[0], 0.0)
     for i, key in enumerate(jax.random.split(k_data, steps), start=1):
         params, opt_state, metrics = step(params, opt_state, key)
         losses.append(metrics["loss"])
+        finite.append(metrics["finite"])
         if i % every == 0 or i == steps:
             recent = float(np.mean(jax.device_get(losses[-every:])))
             eval_steps.append(i)
@@ -115,6 +131,7 @@ def train(model, train_ids, val_windows, *, steps, batch, window, lr, clip, seed
                 on_eval(i, recent, val_ppl[-1], time.perf_counter() - start)
     history = {
         "loss": np.asarray(jax.device_get(losses)),
+        "skipped": int(np.sum(~np.asarray(jax.device_get(finite)))),
         "eval_steps": np.asarray(eval_steps),
         "val_ppl": np.asarray(val_ppl),
         "seconds": time.perf_counter() - start,
@@ -169,51 +186,20 @@ def save_figure(path, histories, unigram_ppl, vocab_size, subtitle):
 
 
 # --------------------------------------------------------------------------
-# Main
+# The report
 # --------------------------------------------------------------------------
 def _indent(text, prefix="    "):
     return "\n".join(prefix + line for line in text.split("\n"))
 
 
-def _prepare(args):
-    """Validate the command line against the data; return everything training needs."""
-    text = data.load_text(args.text)
-    vocab = data.Vocab.from_text(text)
-    ids = vocab.encode(text)
-    window = args.seq_len + 1
-    train_ids, val_ids = data.train_val_split(ids, 0.1)
-    if val_ids.size < window or train_ids.size < window:
-        raise ValueError(
-            f"--seq-len: {args.seq_len} is too long for a text of {len(text)} characters "
-            f"(the 10% validation part must hold seq_len + 1 = {window})"
-        )
-    if not args.prompt:
-        raise ValueError("--prompt: expected at least one character")
-    missing = sorted(set(args.prompt) - set(vocab.chars))
-    if missing:
-        raise ValueError(f"--prompt: characters {''.join(missing)!r} do not occur in the text")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature: expected a value >= 0, got {args.temperature}")
-    return text, vocab, train_ids, val_ids, window
-
-
-def main(argv=None) -> int:
-    """Run the demo; returns the exit status (2 for a bad command line)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        text, vocab, train_ids, val_ids, window = _prepare(args)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jaxrnn demo: {e}", file=sys.stderr)
-        return 2
-
+def run(corpus: Corpus, config: Config) -> None:
+    """Train every cell of ``config`` on ``corpus``, print the report and save the figure in ``config.out``."""
     t_start = time.perf_counter()
+    text, source, vocab, train_ids, val_ids = corpus
+    window = config.seq_len + 1
     val_windows = data.split_windows(val_ids, window)
-    source = "the embedded text" if args.text is None else repr(args.text)
-    names = [args.cell] + ([] if args.no_compare else [n for n in CELLS if n != args.cell])
-    budget = f"{args.steps} steps of {args.batch} x {args.seq_len} chars, Adam {args.lr:g}, clip {args.clip:g}"
+    names = list(config.cells)
+    budget = f"{config.steps} steps of {config.batch} x {config.seq_len} chars, Adam {config.lr:g}, clip {config.clip:g}"
     print(f"jaxrnn demo: character-level language model on {source} ({len(text):,} chars, {vocab.size} distinct)")
     print(f"  train {train_ids.size:,} chars, validate on the last {val_ids.size:,}; {budget}")
 
@@ -221,11 +207,13 @@ def main(argv=None) -> int:
     for n, name in enumerate(names):
         label, cell_type = CELLS[name]
         model = lm.LanguageModel(
-            vocab.size, cell_type(args.hidden), num_layers=args.layers, embed_size=args.embed, impl=args.impl
+            vocab.size, cell_type(config.hidden), num_layers=config.layers, embed_size=config.embed, impl=config.impl
         )
         models[name] = model
         n_params = sum(x.size for x in jax.tree_util.tree_leaves(model.init(jax.random.key(0))))
-        print(f"\n{label}: {args.layers} layer(s), hidden {args.hidden}, embed {args.embed}, {n_params:,} parameters")
+        print(
+            f"\n{label}: {config.layers} layer(s), hidden {config.hidden}, embed {config.embed}, {n_params:,} parameters"
+        )
         if n == 0:
             print(f"  {'step':>5}  {'loss':>6}  {'train ppl':>9}  {'val ppl':>8}  {'time':>6}")
 
@@ -239,27 +227,29 @@ def main(argv=None) -> int:
             model,
             train_ids,
             val_windows,
-            steps=args.steps,
-            batch=args.batch,
+            steps=config.steps,
+            batch=config.batch,
             window=window,
-            lr=args.lr,
-            clip=args.clip,
-            seed=args.seed,
+            lr=config.lr,
+            clip=config.clip,
+            seed=config.seed,
             on_eval=on_eval,
         )
         h = results[name][2]
         if n > 0:
             print(f"  trained in {h['seconds']:.1f}s: final loss {np.mean(h['loss'][-10:]):.3f}")
+        if h["skipped"]:
+            print(f"  {h['skipped']} step(s) skipped: their loss or gradient was not finite")
 
     main_name = names[0]
     main_label, model = CELLS[main_name][0], models[main_name]
     params0, params, history = results[main_name]
-    prompt = vocab.encode(args.prompt)
-    key = jax.random.key(args.seed + 1)
+    prompt = vocab.encode(config.prompt)
+    key = jax.random.key(config.seed + 1)
     for when, p in (("before", params0), ("after", params)):
-        ids = lm.generate(model, p, key, prompt, 240, temperature=args.temperature)
-        print(f"\nSample {when} training ({main_label}, temperature {args.temperature:g}):")
-        print(_indent(args.prompt + vocab.decode(np.asarray(ids))))
+        ids = lm.generate(model, p, key, prompt, SAMPLE_LENGTH, temperature=config.temperature)
+        print(f"\nSample {when} training ({main_label}, temperature {config.temperature:g}):")
+        print(_indent(config.prompt + vocab.decode(np.asarray(ids))))
 
     unigram = lm.unigram_perplexity(train_ids, val_ids, vocab.size)
     print("\nValidation perplexity (lower is better; exp of the mean cross-entropy per character):")
@@ -278,14 +268,9 @@ def main(argv=None) -> int:
         )
         print(f"  best seen: {listed};\n  past its best a model memorises the training text (more text would help)")
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, FIGURE_NAME)
-    subtitle = f"{source}, hidden {args.hidden}, {budget}"
+    os.makedirs(config.out, exist_ok=True)
+    path = os.path.join(config.out, FIGURE_NAME)
+    subtitle = f"{source}, hidden {config.hidden}, {budget}"
     save_figure(path, {n: (CELLS[n][0], results[n][2]) for n in names}, unigram, vocab.size, subtitle)
     print(f"\nFigure: {path}")
     print(f"Done in {time.perf_counter() - t_start:.1f}s.")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,11 @@ backward) a ``concatenate`` of gate blocks, so the functions can run inside a
   :func:`prepare` (weights cast to the compute dtype, split into the blocks
   that are multiplied separately, and transposed for the backward).
 * :func:`forward` is ``cell.step_projected`` plus ``res``, a tuple of float32
-  ``(B, ·)`` residuals that :func:`backward` needs (gate activations).
+  ``(B, ·)`` residuals that :func:`backward` needs (gate activations). The
+  equations are the cell's own, :meth:`jaxrnn.cells.Cell.gate_step`: every
+  forward here computes through it, and the backward uses the derivatives of
+  the cell's ``gate_activations``. Matmuls are the cell's :meth:`~jaxrnn.cells.Cell.dot`
+  and :meth:`~jaxrnn.cells.Cell.dot_t`.
 * :func:`backward` takes the total cotangent ``dcarry`` of the *new* carry
   (for an LSTM ``(dh, dc)``; the cotangent of the output ``h`` must already be
   added to ``dcarry.h``) and returns the cotangents of the projected input,
@@ -63,9 +67,10 @@ from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jaxrnn.cells import GRU, LSTM, Carry, Elman, LSTMCarry, acc_dtype, check_cell
+from jaxrnn.cells import GRU, LSTM, SIGMOID, TANH, Carry, LSTMCarry, check_cell, expand_bias
 
 __all__ = [
     "Weights",
@@ -75,6 +80,7 @@ __all__ = [
     "flat_residuals",
     "forward",
     "forward_gates",
+    "fused_activations",
     "matmul_operands",
     "prepare",
     "recurrent_vjp",
@@ -84,83 +90,15 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------
-# Helpers
+# Weights and matmuls
 # --------------------------------------------------------------------------
-def _cd(cell, a):
-    """Matmul operand dtype: the cell's ``compute_dtype``, else the dtype of ``a``."""
-    return a.dtype if cell.compute_dtype is None else cell.compute_dtype
-
-
-def _dot(cell, a, w):
-    """``a @ w`` (``(..., K) @ (K, N)``), operands in the compute dtype, accumulated in
-    float32 (float64 for float64 operands)."""
-    cd = _cd(cell, a)
-    return jnp.matmul(a.astype(cd), w.astype(cd), preferred_element_type=acc_dtype(cd))
-
-
-def _splits(cell):
-    """Column blocks of ``w_hh`` that are multiplied separately: GRU ``reset="before"``
-    multiplies ``h`` by ``[W_hr, W_hu]`` and ``r ⊙ h`` by ``W_hn``."""
-    H, G = cell.hidden_size, cell.gate_size
-    if isinstance(cell, GRU) and cell.reset == "before":
-        return ((0, 2 * H), (2 * H, G))
-    return ((0, G),)
-
-
-def _w(cell, params, k):
-    """Block ``k`` of ``w_hh`` (see :func:`_splits`), prepared or sliced."""
-    if isinstance(params, Weights):
-        return params.blocks[k]
-    lo, hi = _splits(cell)[k]
-    return params.w_hh[:, lo:hi]
-
-
-def _dot_t(cell, a, params, k=0):
-    """``a @ w_blockᵀ`` for block ``k``; from the stored transpose when :func:`prepare` made one.
-
-    Operands in the compute dtype, accumulated as in :func:`_dot`.
-    """
-    if isinstance(params, Weights):
-        return _dot(cell, a, params.blocks_t[k])
-    cd = _cd(cell, a)
-    dims = (((a.ndim - 1,), (1,)), ((), ()))
-    return lax.dot_general(a.astype(cd), _w(cell, params, k).astype(cd), dims, preferred_element_type=acc_dtype(cd))
-
-
-def _row(v, like):
-    """A ``(N,)`` vector in ``like``'s dtype, shaped ``(1, ..., N)`` to broadcast against it."""
-    return v.astype(like.dtype).reshape((1,) * (like.ndim - 1) + v.shape)
-
-
-def _lstm_activations(z, H):
-    """``[σ(z_i), σ(z_f), tanh(z_g), σ(z_o)]`` with a single ``tanh`` over ``(B, 4H)``.
-
-    Uses ``σ(x) = (1 + tanh(x / 2)) / 2``: ``a = s ⊙ tanh(s ⊙ z) + (1 - s)``
-    with ``s = 1/2`` on the sigmoid gates and ``s = 1`` on ``g``; no slices or
-    concatenation.
-    """
-    col = lax.broadcasted_iota(jnp.int32, (1,) * (z.ndim - 1) + (4 * H,), z.ndim - 1)
-    is_g = (col >= 2 * H) & (col < 3 * H)
-    s = jnp.where(is_g, 1.0, 0.5).astype(z.dtype)
-    return s * jnp.tanh(s * z) + (1.0 - s)
-
-
-def _elman_deriv(activation, h):
-    """``φ'(z)`` expressed through ``h = φ(z)``."""
-    if activation == "tanh":
-        return 1.0 - h * h
-    if activation == "relu":
-        return (h > 0).astype(h.dtype)
-    return jnp.ones_like(h)
-
-
 class Weights(NamedTuple):
     """The recurrent weights prepared for a time loop (see :func:`prepare`).
 
     Attributes:
-      blocks: the column blocks of ``w_hh`` that are multiplied separately, in
-        the compute dtype: ``(w_hh,)``, or ``(w_hh[:, :2H], w_hh[:, 2H:])`` for
-        GRU with ``reset="before"``.
+      blocks: the column blocks of ``w_hh`` that are multiplied separately
+        (``cell.weight_blocks``), in the compute dtype: ``(w_hh,)``, or
+        ``(w_hh[:, :2H], w_hh[:, 2H:])`` for GRU with ``reset="before"``.
       blocks_t: their transposes, stored row-major.
       b_hn: GRU ``reset="after"`` recurrent candidate bias ``(H,)``, else ``None``.
     """
@@ -190,10 +128,55 @@ def prepare(cell, params, dtype):
       :class:`Weights`.
     """
     cd = dtype if cell.compute_dtype is None else cell.compute_dtype
-    w = params.w_hh.astype(cd)
-    blocks = tuple(w[:, lo:hi] for lo, hi in _splits(cell))
+    blocks = cell.weight_blocks(params.w_hh.astype(cd))
     blocks, blocks_t = lax.optimization_barrier((blocks, tuple(b.T for b in blocks)))
     return Weights(blocks, blocks_t, getattr(params, "b_hn", None))
+
+
+def _blocks(cell, params):
+    """The matmul blocks of ``w_hh``: prepared, or sliced from the parameters."""
+    return params.blocks if isinstance(params, Weights) else cell.weight_blocks(params.w_hh)
+
+
+def _block_vjp(cell, params):
+    """``mm_t(ds, k) = [ds…] @ block_kᵀ``: the transpose of matmul ``k`` of :meth:`~jaxrnn.cells.Cell.recurrent_matmul`
+    for the per-gate cotangents ``ds`` of its outputs; from the stored transpose when :func:`prepare` made one."""
+
+    def mm_t(ds, k):
+        d = ds[0] if len(ds) == 1 else jnp.concatenate(ds, axis=-1)
+        if isinstance(params, Weights):
+            return cell.dot(d, params.blocks_t[k])
+        return cell.dot_t(d, _blocks(cell, params)[k])
+
+    return mm_t
+
+
+def _per_gate_vjp(cell, w):
+    """``mm_t`` of :func:`_block_vjp` for per-gate weight blocks ``w``."""
+    return lambda ds, k: recurrent_vjp(cell, w[slice(*cell.matmul_groups[k])], ds)
+
+
+def _cat(parts):
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+#: ``s`` per activation that has the form ``φ(z) = s·tanh(s·z) + (1 - s)``:
+#: ``tanh`` (``s = 1``) and ``σ(z) = (1 + tanh(z/2)) / 2`` (``s = 1/2``).
+_TANH_FORM = {TANH: 1.0, SIGMOID: 0.5}
+
+
+def fused_activations(cell, z):
+    """The gate activations of :meth:`~jaxrnn.cells.Cell.gate_step`, concatenated, with a single ``tanh``.
+
+    A faster form (about 5% of an LSTM step on CPU) of applying
+    ``cell.gate_activations`` gate by gate to the pre-activations ``z``
+    (``(..., G)``): every gate's activation (``σ`` or ``tanh``) written as
+    ``s ⊙ tanh(s ⊙ z) + (1 - s)``, one ``tanh`` over all gates and no slices
+    or concatenation. Equal to the per-gate activations to rounding.
+    """
+    H = z.shape[-1] // cell.num_gates
+    s = expand_bias(np.repeat(np.asarray([_TANH_FORM[act] for act in cell.gate_activations]), H), z)
+    return s * jnp.tanh(s * z) + (1.0 - s)
 
 
 # --------------------------------------------------------------------------
@@ -201,6 +184,11 @@ def prepare(cell, params, dtype):
 # --------------------------------------------------------------------------
 def forward(cell, params, carry, xp):
     """One step: ``cell.step_projected`` plus the residuals for :func:`backward`.
+
+    The cell's :meth:`~jaxrnn.cells.Cell.gate_step` with one matmul per block
+    of ``w_hh``; for an LSTM the gate activations are computed in one pass
+    over ``(B, 4H)`` (:func:`fused_activations`) and fed to the cell's own
+    :meth:`~jaxrnn.LSTM.state_update`.
 
     Args:
       cell: an Elman, LSTM or GRU cell.
@@ -216,121 +204,22 @@ def forward(cell, params, carry, xp):
       ``(B, ·)`` arrays (see the module docstring).
     """
     check_cell(cell)
-    H = cell.hidden_size
     if isinstance(cell, LSTM):
-        a = _lstm_activations(xp + _dot(cell, carry.h, _w(cell, params, 0)), H)
-        c = a[..., H : 2 * H] * carry.c + a[..., :H] * a[..., 2 * H : 3 * H]
-        h = a[..., 3 * H :] * jnp.tanh(c)
-        return LSTMCarry(h, c), h, (a,)
-    if isinstance(cell, GRU):
-        h_prev = carry.h
-        if cell.reset == "after":
-            mm = _dot(cell, h_prev, _w(cell, params, 0))
-            ru = jax.nn.sigmoid(xp[..., : 2 * H] + mm[..., : 2 * H])
-            r, u = ru[..., :H], ru[..., H:]
-            m = mm[..., 2 * H :] + _row(params.b_hn, mm)
-            n = jnp.tanh(xp[..., 2 * H :] + r * m)
-            res = (ru, n, m)
-        else:
-            ru = jax.nn.sigmoid(xp[..., : 2 * H] + _dot(cell, h_prev, _w(cell, params, 0)))
-            r, u = ru[..., :H], ru[..., H:]
-            n = jnp.tanh(xp[..., 2 * H :] + _dot(cell, r * h_prev, _w(cell, params, 1)))
-            res = (ru, n)
-        h = h_prev + u * (n - h_prev)
-        return Carry(h), h, res
-    if isinstance(cell, Elman):
-        z = xp + _dot(cell, carry.h, _w(cell, params, 0))
-        h = {"tanh": jnp.tanh, "relu": jax.nn.relu, "linear": lambda v: v}[cell.activation](z)
-        return Carry(h), h, (h,)
-    raise TypeError(f"cell: expected an Elman, LSTM or GRU cell, got {type(cell).__name__}")
-
-
-# --------------------------------------------------------------------------
-# Backward
-# --------------------------------------------------------------------------
-def backward(cell, params, carry_prev, res, dcarry):
-    r"""The VJP of one step, without the recurrent weight's gradient.
-
-    For an LSTM, with ``c_t = f ⊙ c_{t-1} + i ⊙ g`` and ``h_t = o ⊙ tanh(c_t)``:
-
-    .. math::
-        \bar c &= \bar c_t + \bar h_t \odot o \odot (1 - \tanh^2 c_t) \\
-        \bar z &= [\bar c g\, i(1-i),\ \bar c c_{t-1} f(1-f),\
-                  \bar c i (1-g^2),\ \bar h_t \tanh(c_t)\, o(1-o)] \\
-        \bar c_{t-1} &= \bar c \odot f, \qquad \bar h_{t-1} = \bar z W_{hh}^\top
-
-    Args:
-      cell: an Elman, LSTM or GRU cell.
-      params: its parameters (``w_hh`` ``(H, G)``; ``b_hn`` is not needed) or
-        the :class:`Weights` of :func:`prepare`.
-      carry_prev: the carry the step started from, float32 leaves ``(B, H)``.
-      res: the residuals :func:`forward` returned for this step.
-      dcarry: cotangent of the new carry, float32 leaves ``(B, H)``, with the
-        cotangent of the step's output ``h`` already added to ``dcarry.h``.
-
-    Returns:
-      ``(dxp, dcarry_prev, dmm)``: ``dxp`` ``(B, G)``, the previous carry's
-      cotangent (leaves ``(B, H)``) and ``dmm``, a tuple with the cotangent of
-      each recurrent matmul's output (see :func:`matmul_operands`).
-    """
-    check_cell(cell)
-    H = cell.hidden_size
-    if isinstance(cell, LSTM):
-        (a,) = res
-        i, f, g, o = a[..., :H], a[..., H : 2 * H], a[..., 2 * H : 3 * H], a[..., 3 * H :]
-        tc = jnp.tanh(f * carry_prev.c + i * g)
-        dh = dcarry.h
-        dc = dcarry.c + dh * o * (1.0 - tc * tc)
-        di, df = dc * g * i * (1.0 - i), dc * carry_prev.c * f * (1.0 - f)
-        dg, do = dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o)
-        dz = jnp.concatenate([di, df, dg, do], axis=-1)
-        dh_prev = _dot_t(cell, dz, params)
-        return dz, LSTMCarry(dh_prev, dc * f), (dz,)
-    if isinstance(cell, GRU):
-        h_prev, dh = carry_prev.h, dcarry.h
-        ru, n = res[0], res[1]
-        r, u = ru[..., :H], ru[..., H:]
-        dn = dh * u * (1.0 - n * n)
-        du = dh * (n - h_prev) * u * (1.0 - u)
-        if cell.reset == "after":
-            m = res[2]
-            dr = dn * m * r * (1.0 - r)
-            dmm = jnp.concatenate([dr, du, dn * r], axis=-1)
-            dh_prev = dh * (1.0 - u) + _dot_t(cell, dmm, params)
-            return jnp.concatenate([dr, du, dn], axis=-1), Carry(dh_prev), (dmm,)
-        drh = _dot_t(cell, dn, params, 1)
-        dr = drh * h_prev * r * (1.0 - r)
-        dru = jnp.concatenate([dr, du], axis=-1)
-        dh_prev = dh * (1.0 - u) + drh * r + _dot_t(cell, dru, params, 0)
-        return jnp.concatenate([dru, dn], axis=-1), Carry(dh_prev), (dru, dn)
-    if isinstance(cell, Elman):
-        (h,) = res
-        dz = dcarry.h * _elman_deriv(cell.activation, h)
-        return dz, Carry(_dot_t(cell, dz, params)), (dz,)
-    raise TypeError(f"cell: expected an Elman, LSTM or GRU cell, got {type(cell).__name__}")
-
-
-# --------------------------------------------------------------------------
-# The same step, gate by gate (for kernels that cannot slice values)
-# --------------------------------------------------------------------------
-def split_gates(cell, a):
-    """``a``'s last axis ``(..., n·H)`` as a tuple of ``n`` per-gate ``(..., H)`` arrays."""
-    H = a.shape[-1] // cell.num_gates
-    return tuple(a[..., k * H : (k + 1) * H] for k in range(cell.num_gates))
-
-
-def _dot_nt(cell, a, w):
-    """``a @ wᵀ`` for a per-gate block ``w`` ``(H, H)``, accumulated as in :func:`_dot`."""
-    cd = _cd(cell, a)
-    dims = (((a.ndim - 1,), (1,)), ((), ()))
-    return lax.dot_general(a.astype(cd), w.astype(cd), dims, preferred_element_type=acc_dtype(cd))
+        (w,) = _blocks(cell, params)
+        a = fused_activations(cell, xp + cell.dot(carry.h, w))
+        new = cell.state_update(carry, *cell.split_gates(a))
+        return new, new.h, (a,)
+    mm = cell.recurrent_matmul(_blocks(cell, params))
+    new, h, acts = cell.gate_step(carry, cell.split_gates(xp), mm, getattr(params, "b_hn", None))
+    return new, h, flat_residuals(cell, acts)
 
 
 def forward_gates(cell, w, b_hn, carry, xp, h_tile=None):
     """:func:`forward` with every gate in its own array: no slices, no concatenation.
 
     The form for kernels whose compilers cannot slice or concatenate values
-    (Triton), and whose per-gate tiles are then each a power of two wide.
+    (Triton), and whose per-gate tiles are then each a power of two wide:
+    the cell's :meth:`~jaxrnn.cells.Cell.gate_step` with one matmul per gate.
 
     It also computes a column tile of the step: with ``w`` holding only the
     columns ``J`` of each gate's block, every output is the ``J`` columns of
@@ -359,37 +248,66 @@ def forward_gates(cell, w, b_hn, carry, xp, h_tile=None):
       :func:`forward`'s ``res``.
     """
     check_cell(cell)
-    h_mm = carry.h
-    h_prev = h_mm if h_tile is None else h_tile
+    return cell.gate_step(carry, xp, cell.recurrent_matmul(w, per_gate=True), b_hn, h_tile)
+
+
+def split_gates(cell, a):
+    """``a``'s last axis ``(..., n·H)`` as a tuple of ``n`` per-gate ``(..., H)`` arrays."""
+    return cell.split_gates(a)
+
+
+def flat_residuals(cell, res):
+    """:func:`forward_gates`' per-gate residuals in :func:`forward`'s layout (any leading shape)."""
     if isinstance(cell, LSTM):
-        z = [x + _dot(cell, h_mm, wk) for x, wk in zip(xp, w)]
-        i, f, o = jax.nn.sigmoid(z[0]), jax.nn.sigmoid(z[1]), jax.nn.sigmoid(z[3])
-        g = jnp.tanh(z[2])
-        c = f * carry.c + i * g
-        h = o * jnp.tanh(c)
-        return LSTMCarry(h, c), h, (i, f, g, o)
+        return (_cat(res),)
     if isinstance(cell, GRU):
-        r = jax.nn.sigmoid(xp[0] + _dot(cell, h_mm, w[0]))
-        u = jax.nn.sigmoid(xp[1] + _dot(cell, h_mm, w[1]))
-        if cell.reset == "after":
-            m = _dot(cell, h_mm, w[2]) + _row(b_hn, h_mm)
-            n = jnp.tanh(xp[2] + r * m)
-            res = (r, u, n, m)
-        else:
-            if h_tile is not None:
-                raise ValueError(
-                    "h_tile: a GRU with reset='before' cannot be computed in column tiles "
-                    "(its candidate's matmul reads r ⊙ h_{t-1} for every unit)"
-                )
-            n = jnp.tanh(xp[2] + _dot(cell, r * h_prev, w[2]))
-            res = (r, u, n)
-        h = h_prev + u * (n - h_prev)
-        return Carry(h), h, res
-    if isinstance(cell, Elman):
-        z = xp[0] + _dot(cell, h_mm, w[0])
-        h = {"tanh": jnp.tanh, "relu": jax.nn.relu, "linear": lambda v: v}[cell.activation](z)
-        return Carry(h), h, (h,)
-    raise TypeError(f"cell: expected an Elman, LSTM or GRU cell, got {type(cell).__name__}")
+        return (_cat(res[:2]),) + tuple(res[2:])
+    return tuple(res)
+
+
+def _gate_residuals(cell, res):
+    """:func:`forward`'s residuals split per gate, as :func:`forward_gates` returns them."""
+    if isinstance(cell, LSTM):
+        return cell.split_gates(res[0])
+    if isinstance(cell, GRU):
+        return cell.split_gates(res[0], 2) + tuple(res[1:])
+    return tuple(res)
+
+
+# --------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------
+def backward(cell, params, carry_prev, res, dcarry):
+    r"""The VJP of one step, without the recurrent weight's gradient.
+
+    For an LSTM, with ``c_t = f ⊙ c_{t-1} + i ⊙ g`` and ``h_t = o ⊙ tanh(c_t)``:
+
+    .. math::
+        \bar c &= \bar c_t + \bar h_t \odot o \odot (1 - \tanh^2 c_t) \\
+        \bar z &= [\bar c g\, i(1-i),\ \bar c c_{t-1} f(1-f),\
+                  \bar c i (1-g^2),\ \bar h_t \tanh(c_t)\, o(1-o)] \\
+        \bar c_{t-1} &= \bar c \odot f, \qquad \bar h_{t-1} = \bar z W_{hh}^\top
+
+    :func:`backward_gates` on the concatenated layout, with one transposed
+    matmul per block of ``w_hh``.
+
+    Args:
+      cell: an Elman, LSTM or GRU cell.
+      params: its parameters (``w_hh`` ``(H, G)``; ``b_hn`` is not needed) or
+        the :class:`Weights` of :func:`prepare`.
+      carry_prev: the carry the step started from, float32 leaves ``(B, H)``.
+      res: the residuals :func:`forward` returned for this step.
+      dcarry: cotangent of the new carry, float32 leaves ``(B, H)``, with the
+        cotangent of the step's output ``h`` already added to ``dcarry.h``.
+
+    Returns:
+      ``(dxp, dcarry_prev, dmm)``: ``dxp`` ``(B, G)``, the previous carry's
+      cotangent (leaves ``(B, H)``) and ``dmm``, a tuple with the cotangent of
+      each recurrent matmul's output (see :func:`matmul_operands`).
+    """
+    check_cell(cell)
+    dxp, dprev, dmm = _backward(cell, _block_vjp(cell, params), carry_prev, _gate_residuals(cell, res), dcarry)
+    return _cat(dxp), dprev, tuple(map(_cat, dmm))
 
 
 def backward_gates(cell, w, carry_prev, res, dcarry):
@@ -407,17 +325,33 @@ def backward_gates(cell, w, carry_prev, res, dcarry):
       cotangents of the projected inputs, and of the previous carry.
     """
     check_cell(cell)
+    dxp, dprev, _ = _backward(cell, _per_gate_vjp(cell, w), carry_prev, res, dcarry)
+    return dxp, dprev
+
+
+def _backward(cell, mm_t, carry_prev, res, dcarry):
+    """The step's VJP from per-gate residuals; ``mm_t(ds, k)`` is the transpose of recurrent matmul ``k``.
+
+    Returns:
+      ``(dxp, dprev, dmm)``: per-gate ``dxp``, the previous carry's
+      cotangent, and per recurrent matmul the per-gate cotangents of its outputs.
+    """
     if isinstance(cell, GRU) and cell.reset == "before":
         h_prev, dh = carry_prev.h, dcarry.h
         r, u, n = res
-        dn = dh * u * (1.0 - n * n)
-        du = dh * (n - h_prev) * u * (1.0 - u)
-        drh = _dot_nt(cell, dn, w[2])
-        dr = drh * h_prev * r * (1.0 - r)
-        dh_prev = dh * (1.0 - u) + drh * r + _dot_nt(cell, dr, w[0]) + _dot_nt(cell, du, w[1])
-        return (dr, du, dn), Carry(dh_prev)
+        dn, du = _gru_update_vjp(cell, h_prev, dh, u, n)
+        drh = mm_t((dn,), 1)
+        dr = cell.gate_activations[0].deriv(r) * (drh * h_prev)
+        dh_prev = dh * (1.0 - u) + drh * r + mm_t((dr, du), 0)
+        return (dr, du, dn), Carry(dh_prev), ((dr, du), (dn,))
     dxp, dmm, dprev = backward_gates_local(cell, carry_prev, res, dcarry)
-    return dxp, dprev._replace(h=dprev.h + recurrent_vjp(cell, w, dmm))
+    return dxp, dprev._replace(h=dprev.h + mm_t(dmm, 0)), (dmm,)
+
+
+def _gru_update_vjp(cell, h_prev, dh, u, n):
+    """``(dz_n, dz_u)`` of ``h = h_prev + u ⊙ (n - h_prev)``, through the gates' activations."""
+    _, sig_u, tanh_n = cell.gate_activations
+    return tanh_n.deriv(n) * (dh * u), sig_u.deriv(u) * (dh * (n - h_prev))
 
 
 def backward_gates_local(cell, carry_prev, res, dcarry):
@@ -447,24 +381,21 @@ def backward_gates_local(cell, carry_prev, res, dcarry):
     dh = dcarry.h
     if isinstance(cell, LSTM):
         i, f, g, o = res
-        tc = jnp.tanh(f * carry_prev.c + i * g)
-        dc = dcarry.c + dh * o * (1.0 - tc * tc)
-        dz = (dc * g * i * (1.0 - i), dc * carry_prev.c * f * (1.0 - f), dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o))
+        tc = TANH.value(cell.state_update(carry_prev, i, f, g, o).c)
+        dc = dcarry.c + dh * o * TANH.deriv(tc)
+        da = (dc * g, dc * carry_prev.c, dc * i, dh * tc)
+        dz = tuple(act.deriv(a) * d for act, a, d in zip(cell.gate_activations, res, da))
         return dz, dz, LSTMCarry(jnp.zeros_like(dh), dc * f)
     if isinstance(cell, GRU):
         if cell.reset == "before":
             raise ValueError("cell: backward_gates_local needs a GRU with reset='after' (see backward_gates)")
-        h_prev = carry_prev.h
         r, u, n, m = res
-        dn = dh * u * (1.0 - n * n)
-        du = dh * (n - h_prev) * u * (1.0 - u)
-        dr = dn * m * r * (1.0 - r)
+        dn, du = _gru_update_vjp(cell, carry_prev.h, dh, u, n)
+        dr = cell.gate_activations[0].deriv(r) * (dn * m)
         return (dr, du, dn), (dr, du, dn * r), Carry(dh * (1.0 - u))
-    if isinstance(cell, Elman):
-        (h,) = res
-        dz = dh * _elman_deriv(cell.activation, h)
-        return (dz,), (dz,), Carry(jnp.zeros_like(dh))
-    raise TypeError(f"cell: expected an Elman, LSTM or GRU cell, got {type(cell).__name__}")
+    (h,) = res
+    dz = cell.gate_activations[0].deriv(h) * dh
+    return (dz,), (dz,), Carry(jnp.zeros_like(dh))
 
 
 def recurrent_vjp(cell, w, dmm):
@@ -479,16 +410,7 @@ def recurrent_vjp(cell, w, dmm):
     Returns:
       float32 ``(B, H)`` (a tile: ``(B, |J|)``).
     """
-    return sum(_dot_nt(cell, d, wk) for d, wk in zip(dmm, w))
-
-
-def flat_residuals(cell, res):
-    """:func:`forward_gates`' per-gate residuals in :func:`forward`'s layout (any leading shape)."""
-    if isinstance(cell, LSTM):
-        return (jnp.concatenate(res, axis=-1),)
-    if isinstance(cell, GRU):
-        return (jnp.concatenate(res[:2], axis=-1),) + tuple(res[2:])
-    return tuple(res)
+    return sum(cell.dot_t(d, wk) for d, wk in zip(dmm, w))
 
 
 # --------------------------------------------------------------------------
@@ -536,13 +458,9 @@ def weight_grads(cell, lhs, dmm):
     """
 
     def block(x, d):
-        cd = _cd(cell, x)
-        x2, d2 = x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1])
-        dims = (((0,), (0,)), ((), ()))
-        return lax.dot_general(x2.astype(cd), d2.astype(cd), dims, preferred_element_type=acc_dtype(cd))
+        return cell.dot(x.reshape(-1, x.shape[-1]).T, d.reshape(-1, d.shape[-1]))
 
-    blocks = [block(x, d) for x, d in zip(lhs, dmm)]
-    dw_hh = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=-1)
+    dw_hh = _cat([block(x, d) for x, d in zip(lhs, dmm)])
     db_hn = None
     if isinstance(cell, GRU) and cell.reset == "after":
         H = cell.hidden_size

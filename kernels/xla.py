@@ -60,7 +60,7 @@ from jax import lax
 
 from jaxrnn.cells import GRU, LSTM, Elman, acc_dtype, check_cell
 from jaxrnn.kernels import gates
-from jaxrnn.scan import rnn_reference
+from jaxrnn.scan import mask_step, rnn_reference, where_valid
 
 Array = jax.Array
 
@@ -164,16 +164,21 @@ def rnn_xla(cell, params, xs, carry0, lengths, reverse, *, projection="auto", pl
     return _recurrence(cell, bool(reverse), projection == "in_loop", params, xs, carry0, mask)
 
 
-def _where(valid, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(valid[:, None], n, o), new, old)
-
-
 def _index(tree, t):
     return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, t, keepdims=False), tree)
 
 
 def _put(tree, t, values):
     return jax.tree.map(lambda b, v: lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), t, 0), tree, values)
+
+
+def _zero_stack(ref, like):
+    """Zeros ``(T, *like.shape)`` in ``like``'s dtype (``like``: ``(B, ·)``), built from ``ref`` ``(T, B, ·)``.
+
+    Under ``shard_map`` they then vary over the same mesh axes as ``ref``, as
+    the loop's outputs written into them do.
+    """
+    return jnp.broadcast_to(jnp.zeros_like(ref[:, :, :1], like.dtype), (ref.shape[0], *like.shape))
 
 
 def _reuses_input_buffer(cell):
@@ -202,7 +207,7 @@ def _forward(cell, reverse, w_hh, b_hn, xp, bias, carry0, mask, save):
     # A GRU step reads its projected input at two offsets: load it one step
     # ahead (see ``load`` in :func:`_recurrence_bwd`).
     prefetch = isinstance(cell, GRU)
-    zeros = lambda a: jnp.zeros((T, *a.shape), a.dtype)  # noqa: E731
+    zeros = functools.partial(_zero_stack, xp)
     if save:
         outs = (tuple(map(zeros, res_shapes[int(reuse) :])), jax.tree.map(zeros, carry0))
     else:
@@ -219,9 +224,9 @@ def _forward(cell, reverse, w_hh, b_hn, xp, bias, carry0, mask, save):
         new, h, res = gates.forward(cell, weights, carry, xp_t + bias[None, :])
         valid = None if mask is None else _index(mask, t)
         if valid is not None:
-            new = _where(valid, new, carry)
+            new = mask_step(valid, new, carry)
         if not save:
-            return new, upcoming, xp_buf, _put(outs, t, h if valid is None else jnp.where(valid[:, None], h, 0.0))
+            return new, upcoming, xp_buf, _put(outs, t, h if valid is None else where_valid(valid, h))
         if reuse:
             xp_buf, res = _put(xp_buf, t, res[0]), res[1:]
         return new, upcoming, xp_buf, (_put(outs[0], t, tuple(res)), _put(outs[1], t, new))
@@ -253,10 +258,10 @@ def _forward_in_loop(cell, reverse, params, xs, carry0, mask):
         new, h, _ = gates.forward(cell, weights, carry, cell.input_projection(params, _index(xs, t)))
         if mask is not None:
             valid = _index(mask, t)
-            new, h = _where(valid, new, carry), jnp.where(valid[:, None], h, 0.0)
+            new, h = mask_step(valid, new, carry), where_valid(valid, h)
         return new, _put(hs, t, h)
 
-    hs = jnp.zeros((T, *h_shape.shape), h_shape.dtype)
+    hs = _zero_stack(xs, h_shape)
     return lax.fori_loop(0, T, body, (carry0, hs), unroll=FORWARD_UNROLL)
 
 
@@ -301,7 +306,7 @@ def _recurrence_fwd(cell, reverse, in_loop, params, xs, carry0, mask):
     final, carries, res = _forward(cell, reverse, params.w_hh, _b_hn(params), xp, bias, carry0, mask, save=True)
     hs = cell.hidden(carries)
     if mask is not None:
-        hs = jnp.where(mask[..., None], hs, 0.0)
+        hs = where_valid(mask, hs)
     # Without in-place residuals, xp's buffer is free after the forward loop:
     # the backward writes dxp over it instead of into a fresh zero-filled stack.
     spare = None if _reuses_input_buffer(cell) else xp
@@ -340,8 +345,8 @@ def _recurrence_bwd(cell, reverse, in_loop, saved, cotangents):
         total = dcarry._replace(h=dcarry.h + dh_t)
         dxp_t, dprev, _ = gates.backward(cell, weights, carry_prev, res_t, total)
         if valid is not None:
-            dxp_t = jnp.where(valid[:, None], dxp_t, 0.0)
-            dprev = _where(valid, dprev, dcarry)
+            dxp_t = where_valid(valid, dxp_t)
+            dprev = mask_step(valid, dprev, dcarry)
         # Load the next step's inputs from the updated buffer: reading it after
         # the write lets XLA update it in place instead of copying it.
         dxp_buf = _put(dxp_buf, t, dxp_t)

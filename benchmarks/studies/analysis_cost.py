@@ -12,7 +12,7 @@ cells and random draws: :func:`benchmarks.impls.jaxrnn_setup`; GRU with
 * forward+backward: ``jax.value_and_grad(J)`` with respect to the
   parameters, compiled ahead of time, the model run by
   ``jaxrnn.rnn(..., impl=impl)``;
-* all-t norms: ``grad_norms_through_time(cell, params, xs, impl=impl)`` called
+* all-t norms: ``grad_norms_through_time(cell, params, xs)`` (always the reference recurrence) called
   as a user calls it (argument validation included).
 
 Timing is the suites' (:func:`benchmarks.measure.time_rounds`): each is
@@ -52,7 +52,7 @@ def measure_cell(name, *, seq_len, hidden, batch, input_size, repeats, impl, see
     _, fwd_bwd = impls.JaxWork(jax.value_and_grad(loss), (params, xs), "jaxrnn.rnn value_and_grad").compile()
 
     def norms():
-        return jax.block_until_ready(grad_norms_through_time(cell, params, xs, impl=impl).h)
+        return jax.block_until_ready(grad_norms_through_time(cell, params, xs).h)
 
     times = measure.time_rounds({"fwd_bwd": fwd_bwd, "grad_norms": norms}, repeats, warmup=1)
     t_train = measure.summarize_times(times["fwd_bwd"])["median_s"]

@@ -7,6 +7,7 @@ Example:
   >>> params, opt_state, metrics = step(params, opt_state, batch)
 """
 
+from jaxrnn.train.clipping import ClippedOptimizer, split_clipping
 from jaxrnn.train.step import StepMetrics, TrainStep, make_train_step, tree_select
 
-__all__ = ["StepMetrics", "TrainStep", "make_train_step", "tree_select"]
+__all__ = ["ClippedOptimizer", "StepMetrics", "TrainStep", "make_train_step", "split_clipping", "tree_select"]

@@ -39,7 +39,7 @@ class StepMetrics(NamedTuple):
     Attributes:
       loss: scalar float32 loss at the parameters the step started from.
       grad_norm: scalar global L2 norm of the gradient before clipping
-        (``optax.global_norm``).
+        (``optax.tree.norm``, formerly ``optax.global_norm``).
       clipped: scalar bool, ``grad_norm > max_grad_norm`` (``False`` without clipping).
       finite: scalar bool, loss and gradient finite; when ``False`` the step
         was not applied.
@@ -122,7 +122,7 @@ def make_train_step(
 
     def step(params, opt_state, batch):
         loss, aux, grads = value_and_grad(params, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         clipped = jnp.asarray(False) if max_grad_norm is None else grad_norm > max_grad_norm
         # A non-finite gradient never reaches the optimiser (whose moments it would poison).

@@ -1,6 +1,8 @@
 """jaxrnn.analysis: every quantity against brute force (jax.grad/jacrev of the unrolled
 map, a Python loop over cell.step), finite differences in float64, and the lectures' theory."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -255,6 +257,83 @@ def test_stack_seq_lengths():
         for d in range(2):
             assert_close(grads[layer][d].h[1, :3], short[layer][d].h)
             np.testing.assert_array_equal(np.asarray(grads[layer][d].h[1, 3:]), 0.0)
+
+
+# --------------------------------------------------------------------------
+# The runner's carry_perturbation hook, impl, padding
+# --------------------------------------------------------------------------
+def hook_grads(model, params, xs, loss_fn, seq_lengths=None):
+    """∂J/∂carry_t straight from jaxrnn.rnn / Stack.apply(carry_perturbation=0), J summed over steps."""
+    if isinstance(model, jaxrnn.Stack):
+        zeros = model.zero_carry(xs.shape[:2])
+        run = lambda d: model.apply(params, xs, seq_lengths=seq_lengths, impl="reference", carry_perturbation=d)  # noqa: E731
+    else:
+        zeros = model.zero_carry(xs.shape[:-1])
+        run = lambda d: jaxrnn.rnn(model, params, xs, seq_lengths=seq_lengths, impl="reference", carry_perturbation=d)  # noqa: E731
+    J = lambda d: sum(loss_fn(y) for y in jnp.moveaxis(run(d)[0], -2, 0))  # noqa: E731
+    plain = dict(seq_lengths=seq_lengths, impl="reference")
+    ys_plain = (model.apply(params, xs, **plain) if isinstance(model, jaxrnn.Stack)
+                else jaxrnn.rnn(model, params, xs, **plain))[0]  # fmt: skip
+    assert_close(run(zeros)[0], ys_plain)  # at zero the hook changes nothing
+    return jax.value_and_grad(J)(zeros)
+
+
+@pytest.mark.parametrize(
+    "model,batch",
+    [
+        (CELLS["lstm"], 3),
+        (CELLS["gru_after"], 0),
+        (jaxrnn.Stack(jaxrnn.LSTM(4), num_layers=2, bidirectional=True, connection="residual"), 2),
+    ],
+    ids=["lstm", "gru-unbatched", "stack-bidir"],
+)
+def test_grads_equal_the_runner_hook(model, batch):
+    """The analysis' gradients are those of jaxrnn.rnn / Stack.apply with a zero carry_perturbation."""
+    params = model.init(jax.random.key(6), I)
+    shape = (batch, T, I) if batch else (T, I)
+    xs = jax.random.normal(jax.random.key(7), shape)
+    lengths = jnp.array([T, 4, 1][:batch]) if batch else None
+    loss, grads = A.grads_through_time(model, params, xs, wavy, loss_at="sum", seq_lengths=lengths)
+    want_loss, want = hook_grads(model, params, xs, wavy, lengths)
+    assert_close(loss, want_loss)
+    for got, ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want)):
+        assert got.shape == ref.shape
+        assert_close(got, ref)
+
+
+def test_impl_is_deprecated_and_ignored():
+    cell = CELLS["elman"]
+    params, xs = setup(cell)
+    loss, grads = A.grads_through_time(cell, params, xs, wavy)
+    norms = A.grad_norms_through_time(cell, params, xs, wavy)
+    for impl in ("reference", "xla", "auto"):
+        with pytest.warns(DeprecationWarning, match="impl.*ignored.*reference recurrence"):
+            loss2, grads2 = A.grads_through_time(cell, params, xs, wavy, impl=impl)
+        assert_close(loss2, loss)
+        assert_close(grads2.h, grads.h)
+        with pytest.warns(DeprecationWarning, match="grad_norms_through_time.*ignored"):
+            assert_close(A.grad_norms_through_time(cell, params, xs, wavy, impl=impl).h, norms.h)
+    with pytest.raises(ValueError, match="impl"):  # still validated
+        A.grads_through_time(cell, params, xs, impl="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no warning without impl
+        A.grads_through_time(cell, params, xs)
+        A.grad_norms_through_time(cell, params, xs)
+
+
+@pytest.mark.parametrize("loss_at", ["last", "sum"])
+def test_nan_in_padding_does_not_reach_the_norms(loss_at):
+    """Padded positions are zeroed by the runner before any computation: NaN there changes nothing."""
+    cell = CELLS["lstm"]
+    params, xs = setup(cell, batch=3)
+    lengths = jnp.array([T, 4, 1])
+    pad = jnp.arange(T)[None, :, None] >= lengths[:, None, None]
+    clean = A.grad_norms_through_time(cell, params, jnp.where(pad, 0.0, xs), wavy, loss_at=loss_at, seq_lengths=lengths)
+    dirty = A.grad_norms_through_time(cell, params, jnp.where(pad, jnp.nan, xs), wavy, loss_at=loss_at, seq_lengths=lengths)
+    for got, want in ((dirty.h, clean.h), (dirty.c, clean.c)):
+        assert np.all(np.isfinite(np.asarray(got)))
+        assert_close(got, want)
+    assert np.isfinite(float(dirty.loss))
 
 
 # --------------------------------------------------------------------------

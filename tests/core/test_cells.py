@@ -8,6 +8,7 @@ from jax.test_util import check_grads
 
 import jaxrnn
 from _util import assert_close, tol
+from jaxrnn.cells import ACTIVATIONS, SIGMOID, TANH
 
 B, I, H = 3, 4, 5
 
@@ -44,10 +45,13 @@ def gru_ref(params, h, x, reset):
     return (1 - u) * h + u * h_tilde
 
 
+PHI = {"tanh": np.tanh, "relu": lambda v: np.maximum(v, 0), "linear": lambda v: v}
+
+
 def elman_ref(params, h, x, activation):
     w_ih, w_hh, b = _np(params)
     z = x @ w_ih + h @ w_hh + b
-    return {"tanh": np.tanh, "relu": lambda v: np.maximum(v, 0), "linear": lambda v: v}[activation](z)
+    return PHI[activation](z)
 
 
 def _random_params(cell, key, scale=0.5):
@@ -271,3 +275,86 @@ def test_bad_input_size():
 
 def test_tolerance_table_is_the_one_used():
     assert tol(jnp.float32) == dict(rtol=1e-5, atol=1e-5)
+
+
+
+# ---------------------------------------------------------------- one definition
+def _tanh_sites_ref(cell, params, h, c, xp):
+    """Hand-written tanh sites of one step from the projected input ``xp`` (float64 NumPy)."""
+    w_hh, b_hn = _np(params)[1], getattr(params, "b_hn", None)
+    blk = lambda a, k: a[..., k * H : (k + 1) * H]  # noqa: E731
+    if isinstance(cell, jaxrnn.LSTM):
+        z = xp + h @ w_hh
+        i, f, g = _sigmoid(blk(z, 0)), _sigmoid(blk(z, 1)), np.tanh(blk(z, 2))
+        return {"g": g, "c": np.tanh(f * c + i * g)}
+    if isinstance(cell, jaxrnn.GRU):
+        r = _sigmoid(blk(xp, 0) + h @ blk(w_hh, 0))
+        if cell.reset == "before":
+            return {"n": np.tanh(blk(xp, 2) + (r * h) @ blk(w_hh, 2))}
+        return {"n": np.tanh(blk(xp, 2) + r * (h @ blk(w_hh, 2) + np.asarray(b_hn, np.float64)))}
+    return {"h": PHI[cell.activation](xp + h @ w_hh)}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_tanh_sites_match_hand_formulas(cell):
+    params = _random_params(cell, jax.random.key(0))
+    carry = jax.tree_util.tree_map(lambda z: jax.random.normal(jax.random.key(2), z.shape), cell.zero_carry(B))
+    xp = cell.input_projection(params, jax.random.normal(jax.random.key(3), (B, I)))
+    sites = cell.resolve(jnp.float32).tanh_sites(params, carry, xp)
+    c = np.asarray(getattr(carry, "c", carry.h), np.float64)
+    expected = _tanh_sites_ref(cell, params, np.asarray(carry.h, np.float64), c, np.asarray(xp, np.float64))
+    assert set(sites) == set(expected)
+    assert_close(sites, expected)
+    assert all(v.shape == (B, H) for v in sites.values())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_tanh_sites_are_the_steps_own(cell):
+    """The sites are intermediate values of ``step_projected`` itself: Elman's is the new ``h``, the
+    LSTM's ``c`` site is ``tanh`` of the new ``c``; with leading ``(T, B)`` axes too."""
+    params = _random_params(cell, jax.random.key(1))
+    carry = jax.tree_util.tree_map(lambda z: jax.random.normal(jax.random.key(4), z.shape), cell.zero_carry((2, B)))
+    xp = cell.input_projection(params, jax.random.normal(jax.random.key(5), (2, B, I)))
+    cell = cell.resolve(jnp.float32)
+    new, h = cell.step_projected(params, carry, xp)
+    sites = cell.tanh_sites(params, carry, xp)
+    if isinstance(cell, jaxrnn.Elman):
+        assert_close(sites["h"], h)
+    if isinstance(cell, jaxrnn.LSTM):
+        assert_close(sites["c"], jnp.tanh(new.c))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_projected_is_gate_step(cell):
+    """``step_projected`` (stacked matmul blocks) is ``gate_step`` with one matmul per gate."""
+    params = _random_params(cell, jax.random.key(0))
+    carry = jax.tree_util.tree_map(lambda z: jax.random.normal(jax.random.key(2), z.shape), cell.zero_carry(B))
+    cell = cell.resolve(jnp.float32)
+    xp = cell.input_projection(params, jax.random.normal(jax.random.key(3), (B, I)))
+    mm = cell.recurrent_matmul(cell.split_gates(params.w_hh), per_gate=True)
+    new, h, acts = cell.gate_step(carry, cell.split_gates(xp), mm, getattr(params, "b_hn", None))
+    assert_close(cell.step_projected(params, carry, xp), (new, h))
+    assert_close(cell.step_activations(params, carry, xp), (new, h, acts))
+    assert len(acts) == cell.num_gates + (getattr(cell, "reset", None) == "after")
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu", "linear", "sigmoid"])
+def test_activation_derivative_from_output_is_the_derivative(act):
+    """``Activation.deriv(φ(z)) = φ'(z)`` for every activation the cells and kernels use."""
+    a = SIGMOID if act == "sigmoid" else ACTIVATIONS[act]
+    z = jnp.linspace(-4.0, 4.0, 41) + 0.05  # off relu's kink
+    assert_close(a.deriv(a.value(z)), jax.vmap(jax.grad(a.value))(z))
+    assert ACTIVATIONS["tanh"] is TANH
+    assert jaxrnn.LSTM(H).gate_activations == (SIGMOID, SIGMOID, TANH, SIGMOID)
+    assert jaxrnn.GRU(H).gate_activations == (SIGMOID, SIGMOID, TANH)
+    assert jaxrnn.Elman(H, activation="relu").gate_activations == (ACTIVATIONS["relu"],)
+
+
+@pytest.mark.parametrize("cd", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_dot_t_is_dot_of_the_transpose(cd):
+    cell = jaxrnn.LSTM(H, compute_dtype=cd)
+    a = jax.random.normal(jax.random.key(0), (2, B, 4 * H))
+    w = jax.random.normal(jax.random.key(1), (H, 4 * H))
+    got = cell.dot_t(a, w)
+    assert got.dtype == jnp.float32 and got.shape == (2, B, H)
+    assert_close(got, cell.dot(a, w.T))

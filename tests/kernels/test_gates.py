@@ -183,3 +183,41 @@ def test_gru_before_cannot_be_tiled():
     _, _, res = gates.forward_gates(cell, w, None, carry, xps)
     with pytest.raises(ValueError, match=r"backward_gates_local needs a GRU with reset='after'"):
         gates.backward_gates_local(cell, carry, res, carry)
+
+
+# ---------------------------------------------------------------- one definition
+def _definition(cell, params, carry, xp):
+    """The cell's equations, ``gate_step``, with one matmul per gate: the reference every variant must equal."""
+    mm = cell.recurrent_matmul(gates.split_gates(cell, params.w_hh), per_gate=True)
+    return cell.gate_step(carry, gates.split_gates(cell, xp), mm, getattr(params, "b_hn", None))
+
+
+@pytest.mark.parametrize("cd", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("name", list(CELLS))
+def test_every_forward_variant_is_gate_step(name, cd):
+    """``forward`` (parameters or prepared weights; LSTM: the single-``tanh`` activations),
+    ``forward_gates`` and ``step_projected`` all equal the cell's ``gate_step``."""
+    cell, params, carry, xp = _setup(name, cd, seed=7)
+    new, h, acts = _definition(cell, params, carry, xp)
+    flat = gates.flat_residuals(cell, acts)
+    for p in (params, gates.prepare(cell, params, jnp.float32)):
+        assert_close(gates.forward(cell, p, carry, xp), (new, h, flat), dtype=jnp.float32)
+    w = gates.split_gates(cell, params.w_hh)
+    got = gates.forward_gates(cell, w, getattr(params, "b_hn", None), carry, gates.split_gates(cell, xp))
+    assert_close(got, (new, h, acts), dtype=jnp.float32)
+    assert_close(cell.step_projected(params, carry, xp), (new, h), dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru_before", "elman_tanh"])
+def test_fused_activations_are_the_gate_activations(name):
+    """The single-``tanh`` form equals each gate's own activation, over a wide range."""
+    cell = CELLS[name](jnp.float32)
+    z = jnp.linspace(-30.0, 30.0, 7 * cell.gate_size).reshape(7, cell.gate_size)
+    per_gate = [act.value(zk) for act, zk in zip(cell.gate_activations, gates.split_gates(cell, z))]
+    assert_close(gates.fused_activations(cell, z), jnp.concatenate(per_gate, axis=-1), dtype=jnp.float32)
+
+
+def test_fused_activations_need_tanh_or_sigmoid_gates():
+    with pytest.raises(KeyError):
+        gates.fused_activations(CELLS["elman_relu"](jnp.float32), jnp.ones((2, H)))
+

@@ -6,6 +6,10 @@ and the initial carry. Plus finite differences, tracing and validation.
 """
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +270,34 @@ def test_validation():
         xla.rnn_xla(cell, params._replace(w_ih=params.w_ih[:, :16]), xs, carry0, None, False)
     with pytest.raises(ValueError, match=r"projection: expected one of \('auto', 'hoisted', 'in_loop'\), got 'x'"):
         xla.rnn_xla(cell, params, xs, carry0, None, False, projection="x")
+
+
+SHARD_MAP_FORWARD = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np, jaxrnn
+    from jax.sharding import PartitionSpec as P
+    try:
+        from jax import shard_map
+    except ImportError:
+        from jax.experimental.shard_map import shard_map
+    mesh = jax.make_mesh((2,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+    for cell in [jaxrnn.Elman(5), jaxrnn.LSTM(5), jaxrnn.GRU(5)]:
+        p = cell.init(jax.random.key(0), 3)
+        xs = jax.random.normal(jax.random.key(1), (4, 6, 3))
+        lengths = jnp.arange(4) % 7
+        want = jaxrnn.rnn(cell, p, xs, seq_lengths=lengths, impl="reference")[0]
+        for projection in ["hoisted", "in_loop"]:
+            impl = jaxrnn.kernels.XLA(projection=projection)
+            f = shard_map(lambda p, xs, l: jaxrnn.rnn(cell, p, xs, seq_lengths=l, impl=impl)[0],
+                          mesh=mesh, in_specs=(P(), P("b"), P("b")), out_specs=P("b"))
+            np.testing.assert_allclose(f(p, xs, lengths), want, rtol=1e-5, atol=1e-5)
+    print("ok")
+    """
+)
+
+
+def test_forward_under_shard_map():
+    """The loop's zero-filled output stacks vary over the batch's mesh axis, as the values written into them."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SHARD_MAP_FORWARD], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

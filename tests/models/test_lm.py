@@ -1,17 +1,20 @@
-"""The language model (jaxrnn.lm) and its data helpers (jaxrnn.data), against
-hand-written references: Python loops over ``cell.step`` with an explicit
-log-softmax, per-row evaluation, and ``jaxrnn.rnn`` over the full prefix."""
+"""The language model (jaxrnn.models.lm, also jaxrnn.lm) against hand-written references: Python
+loops over ``cell.step`` with an explicit log-softmax, per-row evaluation, and ``jaxrnn.rnn`` over
+the full prefix; its train step (jaxrnn.train's: clipping measured, non-finite steps never applied);
+token ids out of range (an error where concrete, a NaN loss under jit, never a clamp)."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from _util import assert_close
 
 import jaxrnn
-from jaxrnn import data, lm
+from jaxrnn import data, lm, models
+from jaxrnn.models import lm as models_lm
 
 CELLS = {
     "lstm": jaxrnn.LSTM(5),
@@ -187,6 +190,8 @@ def test_training_learns_a_repetitive_text():
     assert norm > 0.1  # clipping at 0.1 is active: the metric is the norm before clipping
     assert_close(metrics["grad_norm"], np.float32(norm))
     assert_close(metrics["loss"], lm.loss(model, params, windows))
+    assert set(metrics) == {"loss", "grad_norm", "clipped", "finite"}
+    assert bool(metrics["clipped"]) and bool(metrics["finite"])
 
     for _ in range(100):
         params, opt_state, metrics = train_step(params, opt_state, windows)
@@ -194,48 +199,110 @@ def test_training_learns_a_repetitive_text():
     assert final < 0.2 * unigram_entropy, (final, unigram_entropy)
 
 
+def test_train_step_state_and_plain_optax_optimizer():
+    model = tiny_model("gru", layers=1)
+    params = random_params(model)
+    tokens = random_tokens(jax.random.key(10), (3, 6))
+    optimizer = lm.make_optimizer(1e-2, clip_norm=1e6)
+    train_step = lm.make_train_step(model, optimizer)
+    # optimizer.init (what callers did) and train_step.init make the same state.
+    a, b = optimizer.init(params), train_step.init(params)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    _, _, metrics = train_step(params, a, tokens)
+    assert not bool(metrics["clipped"]) and bool(metrics["finite"])
+    # Any optax transformation: no clipping, and the state from train_step.init.
+    sgd_step = lm.make_train_step(model, optax.sgd(0.1))
+    new, _, metrics = sgd_step(params, sgd_step.init(params), tokens)
+    grad = jax.grad(lambda p: lm.loss(model, p, tokens))(params)
+    assert_close(new, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grad))
+    assert not bool(metrics["clipped"])
+    with pytest.raises(TypeError, match="model: expected a LanguageModel"):
+        lm.make_train_step("lstm", optimizer)
+    with pytest.raises(ValueError, match="clip_norm"):
+        lm.make_optimizer(1e-2, clip_norm=0.0)
+
+
+def test_train_step_never_applies_out_of_range_ids():
+    """Under the step's jit ids cannot be checked: an id outside [0, V) makes the loss NaN and the step is
+    rejected (parameters and optimiser state unchanged and finite), wherever it is, padding included."""
+    model = tiny_model("lstm")
+    params = random_params(model)
+    optimizer = lm.make_optimizer(1e-2, clip_norm=1.0)
+    train_step = lm.make_train_step(model, optimizer)
+    tokens = random_tokens(jax.random.key(11), (3, 6))
+    params, opt_state, metrics = train_step(params, train_step.init(params), tokens)
+    assert bool(metrics["finite"])
+    lengths = jnp.array([6, 4, 6], jnp.int32)
+    for bad, seq_lengths in (
+        (tokens.at[1, 2].set(7), None),  # an input
+        (tokens.at[0, 5].set(9), None),  # a target only
+        (tokens.at[2, 0].set(-1), None),  # negative: no wrap-around either
+        (tokens.at[1, 5].set(7), lengths),  # in padding
+    ):
+        new_params, new_state, metrics = train_step(params, opt_state, bad, seq_lengths)
+        assert not bool(metrics["finite"]) and np.isnan(float(metrics["loss"]))
+        for x, y in zip(jax.tree_util.tree_leaves((new_params, new_state)), jax.tree_util.tree_leaves((params, opt_state))):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(new_params))
+
+
 # --------------------------------------------------------------------------
-# Data helpers
+# Token ids out of range: an error where concrete, NaN under jit, never a clamp
 # --------------------------------------------------------------------------
-def test_vocab_round_trip_on_default_text():
-    text = data.load_text()
-    assert text == data.DEFAULT_TEXT and len(text) > 5000 and text.isascii()
-    vocab = data.Vocab.from_text(text)
-    ids = vocab.encode(text)
-    assert ids.dtype == np.int32 and ids.max() == vocab.size - 1
-    assert vocab.decode(ids) == text
+def test_out_of_range_ids_raise_where_concrete():
+    model = tiny_model("gru")
+    params = model.init(jax.random.key(0))
+    ok = jnp.zeros((2, 4), jnp.int32)
+    for bad, lo, hi in ((ok.at[1, 2].set(7), 0, 7), (ok.at[0, 0].set(-2), -2, 0), (ok.at[0, 1].set(12), 0, 12)):
+        expected = rf"tokens: expected token ids in \[0, 7\), got min {lo} and max {hi}"
+        with pytest.raises(ValueError, match=expected):
+            model.apply(params, bad)
+        with pytest.raises(ValueError, match=expected):
+            lm.loss(model, params, bad)
+        with pytest.raises(ValueError, match=expected):
+            lm.nll(model, params, bad, jnp.array([4, 2]))  # padding is checked too
+    with pytest.raises(ValueError, match=r"tokens: expected token ids in \[0, 7\), got min 0 and max 8"):
+        model.step(params, model.zero_carry((2,)), jnp.array([0, 8]))
+    with pytest.raises(ValueError, match=r"tokens: expected shape \(batch,\), got \(2, 4\)"):
+        model.step(params, model.zero_carry((2,)), ok)
+    with pytest.raises(ValueError, match=r"prompt: expected token ids in \[0, 7\), got min -1 and max 0"):
+        lm.generate(model, params, jax.random.key(0), jnp.array([0, -1]), 3)
 
 
-def test_split_windows_cover_every_target_once():
-    ids = np.arange(23, dtype=np.int32)
-    w = data.split_windows(ids, 5)
-    assert w.shape == ((23 - 1) // 4, 5)
-    np.testing.assert_array_equal(w[:, 1:].ravel(), ids[1 : 1 + w.shape[0] * 4])
-    np.testing.assert_array_equal(w[1:, 0], w[:-1, -1])  # consecutive windows overlap by one
+def test_out_of_range_ids_are_nan_under_jit():
+    model = tiny_model("lstm")
+    params = random_params(model)
+    tokens = random_tokens(jax.random.key(12), (3, 6))
+    loss = jax.jit(lambda p, t, n=None: lm.loss(model, p, t, n))
+    apply = jax.jit(lambda p, t: model.apply(p, t)[0])
+    step = jax.jit(lambda p, t: model.step(p, model.zero_carry((3,)), t)[1])
+    assert np.isfinite(float(loss(params, tokens)))
+    assert_close(loss(params, tokens), lm.loss(model, params, tokens))
+    for bad_id in (7, 100, -1, -7):
+        bad = tokens.at[1, 3].set(bad_id)
+        assert np.isnan(float(loss(params, bad)))
+        logits = np.asarray(apply(params, bad))
+        assert np.isnan(logits[1, 3:]).all()  # from the bad id on: its row of the batch only
+        assert np.isfinite(logits[1, :3]).all() and np.isfinite(logits[[0, 2]]).all()
+        step_logits = np.asarray(step(params, bad[:, 3]))
+        assert np.isnan(step_logits[1]).all() and np.isfinite(step_logits[[0, 2]]).all()
+    # A bad target (the last token is only a target) and a bad id in padding make the loss NaN too.
+    assert np.isnan(float(loss(params, tokens.at[0, 5].set(7))))
+    assert np.isnan(float(loss(params, tokens.at[0, 5].set(7), jnp.array([4, 6, 6], jnp.int32))))
 
 
-def test_sample_windows_are_slices():
-    ids = jnp.arange(100, dtype=jnp.int32) * 3
-    w = np.asarray(data.sample_windows(jax.random.key(0), ids, 16, 9))
-    assert w.shape == (16, 9)
-    starts = w[:, 0] // 3
-    np.testing.assert_array_equal(w, 3 * (starts[:, None] + np.arange(9)[None, :]))
-    assert starts.max() <= 100 - 9 and len(set(starts.tolist())) > 1
-
-
-def test_train_val_split_and_load_text_file(tmp_path):
-    a, b = data.train_val_split(np.arange(10), 0.25)
-    np.testing.assert_array_equal(np.concatenate([a, b]), np.arange(10))
-    assert b.size == 3
-    path = tmp_path / "t.txt"
-    path.write_text("hello world\n", encoding="utf-8")
-    assert data.load_text(path) == "hello world\n"
+def test_models_package_and_old_names():
+    assert jaxrnn.LanguageModel is models.LanguageModel is lm.LanguageModel is models_lm.LanguageModel
+    assert jaxrnn.LMParams is models.LMParams is lm.LMParams
+    for name in models_lm.__all__:
+        assert getattr(lm, name) is getattr(models, name) is getattr(models_lm, name), name
+    assert lm.generate is models.generate and lm.make_train_step is models.make_train_step
 
 
 # --------------------------------------------------------------------------
 # Bad input: clear errors before any XLA error
 # --------------------------------------------------------------------------
-def test_bad_input_errors(tmp_path):
+def test_bad_input_errors():
     model = tiny_model("lstm")
     params = model.init(jax.random.key(0))
     ok = jnp.zeros((2, 4), jnp.int32)
@@ -269,19 +336,3 @@ def test_bad_input_errors(tmp_path):
         lm.LanguageModel(5, "lstm")
     with pytest.raises(ValueError, match="impl: expected one of"):
         lm.LanguageModel(5, jaxrnn.LSTM(4), impl="cudnn")
-
-    vocab = data.Vocab.from_text("abc")
-    with pytest.raises(ValueError, match="text: character 'z' is not in the vocabulary"):
-        vocab.encode("abz")
-    with pytest.raises(ValueError, match=r"ids: expected values in \[0, 3\), got min 0 and max 3"):
-        vocab.decode([0, 3])
-    with pytest.raises(ValueError, match="chars: expected distinct characters"):
-        data.Vocab("aba")
-    with pytest.raises(ValueError, match="ids: expected at least 5 tokens for window=5, got 4"):
-        data.split_windows(np.arange(4), 5)
-    with pytest.raises(ValueError, match="window: expected an int >= 2, got 1"):
-        data.split_windows(np.arange(4), 1)
-    with pytest.raises(ValueError, match="ids: expected at least window=9 tokens, got 4"):
-        data.sample_windows(jax.random.key(0), jnp.arange(4), 2, 9)
-    with pytest.raises(FileNotFoundError, match="text: no such file"):
-        data.load_text(tmp_path / "missing.txt")

@@ -1,25 +1,22 @@
-"""Figures and tables for vanishing and exploding gradients (``jaxrnn gradients``).
+"""Figures of vanishing and exploding gradients (the PNGs of ``jaxrnn gradients``).
 
 Each ``plot_*`` function takes the data computed by :mod:`jaxrnn.analysis`
 (or by the ``*_data`` helpers here), writes one PNG and returns its path.
 Figures are drawn on a bare :class:`matplotlib.figure.Figure` with the Agg
-canvas, so importing this module never changes pyplot's backend.
+canvas, so importing this module never changes pyplot's backend. It is the
+only module of :mod:`jaxrnn.analysis` that imports matplotlib, and
+``jaxrnn.analysis`` imports it only on first use (``import jaxrnn`` does not
+load matplotlib).
 
-Command line::
-
-    jaxrnn gradients [--out DIR] [--figures time lambda training cliff] ...
-
-writes ``gradients_through_time.png``, ``lambda_grid.png``,
-``training_profile.png`` and ``cliff.png`` and prints a table for each.
+Example:
+  >>> from jaxrnn.analysis import figures
+  >>> figures.plot_cliff(*figures.cliff_data(), "out/cliff.png")
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,21 +25,23 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-import jaxrnn
-from jaxrnn import analysis
+from jaxrnn.analysis.clipping import CliffCurve, scalar_rnn_cliff
+from jaxrnn.analysis.gradients import grad_norms_through_time, gradient_ratios, memory_horizon
+from jaxrnn.analysis.jacobians import spectral_radius
+from jaxrnn.analysis.profile import TrainingProfile
+from jaxrnn.analysis.saturation import tanh_saturation
+from jaxrnn.cells import GRU, LSTM, Elman
 
 __all__ = [
     "cliff_data",
     "gradients_through_time_data",
     "lambda_grid_data",
-    "main",
     "plot_cliff",
     "plot_gradients_through_time",
     "plot_lambda_grid",
     "plot_training_profile",
 ]
 
-FIGURES = ("time", "lambda", "training", "cliff")
 _LECTURE_POINTS = ((0.9, 100), (0.95, 50), (0.95, 100), (1.1, 100))
 
 
@@ -58,22 +57,6 @@ def _save(fig, path):
     return path
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain fixed-width text table."""
-    cols = [header, *rows]
-    widths = [max(len(str(r[k])) for r in cols) for k in range(len(header))]
-
-    def line(row):
-        return "  ".join(str(v).rjust(w) if k else str(v).ljust(w) for k, (v, w) in enumerate(zip(row, widths)))
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
-def _sci(x) -> str:
-    x = float(x)
-    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
-
-
 # --------------------------------------------------------------------------
 # (a) gradient magnitude through time, Elman vs LSTM vs GRU
 # --------------------------------------------------------------------------
@@ -84,7 +67,7 @@ def gradients_through_time_data(
     batch_size: int = 8,
     seed: int = 0,
     threshold: float = 0.01,
-    impl: str = "reference",
+    impl: Any = None,
 ) -> Dict[str, dict]:
     """Gradient ratios of several cells on the same inputs.
 
@@ -100,6 +83,9 @@ def gradients_through_time_data(
     (``f ≈ 0.95``, the open highway), GRU with default initialisation and with
     update-gate bias -3 (``u ≈ 0.05``: ``h`` mostly copied).
 
+    ``impl`` is deprecated and ignored, as in
+    :func:`jaxrnn.analysis.grad_norms_through_time` (passed on to it, which warns).
+
     Returns:
       label -> dict with ``ratio_h (T,)``, ``ratio_c (T,) or None``,
       ``horizon``, ``radius`` (max over gates), ``saturation`` (``(2,)``:
@@ -108,29 +94,29 @@ def gradients_through_time_data(
     H = hidden_size
     k_x, k_p = jax.random.split(jax.random.key(seed))
     xs = jax.random.normal(k_x, (batch_size, seq_len, input_size))
-    gru = jaxrnn.GRU(H)
+    gru = GRU(H)
     gru_params = gru.init(k_p, input_size)
     models = {
-        "Elman (tanh)": (jaxrnn.Elman(H), None),
-        "LSTM, forget bias 1": (jaxrnn.LSTM(H), None),
-        "LSTM, forget bias 3": (jaxrnn.LSTM(H, forget_bias=3.0), None),
+        "Elman (tanh)": (Elman(H), None),
+        "LSTM, forget bias 1": (LSTM(H), None),
+        "LSTM, forget bias 3": (LSTM(H, forget_bias=3.0), None),
         "GRU": (gru, gru_params),
         "GRU, update bias -3": (gru, gru_params._replace(b=gru_params.b.at[H : 2 * H].set(-3.0))),
     }
     out = {}
     for label, (cell, params) in models.items():
         params = cell.init(k_p, input_size) if params is None else params
-        norms = analysis.grad_norms_through_time(cell, params, xs, reduce="mean", impl=impl)
-        sat = analysis.tanh_saturation(cell, params, xs)
+        norms = grad_norms_through_time(cell, params, xs, reduce="mean", impl=impl)
+        sat = tanh_saturation(cell, params, xs)
         ratio_c = None
         if norms.c is not None:
             ratio_c = np.array(jnp.flip(norms.c) / norms.h[-1])
             ratio_c[0] = np.nan  # ∂J/∂c_{T-1} = 0: a last-step loss reads h_T, already computed from c_{T-1}
         out[label] = dict(
-            ratio_h=np.asarray(analysis.gradient_ratios(norms.h)),
+            ratio_h=np.asarray(gradient_ratios(norms.h)),
             ratio_c=ratio_c,
-            horizon=int(analysis.memory_horizon(norms.h, threshold)),
-            radius=float(np.max(analysis.spectral_radius(cell, params))),
+            horizon=int(memory_horizon(norms.h, threshold)),
+            radius=float(np.max(spectral_radius(cell, params))),
             saturation=np.mean(np.stack([np.asarray(v) for v in sat.overall.values()]), axis=0),
         )
     return out
@@ -175,14 +161,14 @@ def lambda_grid_data(lams: Sequence[float], lengths: Sequence[int], hidden_size:
     """
     lengths = [int(n) for n in lengths]
     T = max(lengths) + 1
-    cell = jaxrnn.Elman(hidden_size, activation="linear")
+    cell = Elman(hidden_size, activation="linear")
     k_p, k_x = jax.random.split(jax.random.key(seed))
     params = cell.init(k_p, 4)  # orthogonal W_hh = Q (gain 1)
     xs = jax.random.normal(k_x, (T, 4))
     measured = []
     for lam in lams:
         p = params._replace(w_hh=lam * params.w_hh)
-        ratios = analysis.gradient_ratios(analysis.grad_norms_through_time(cell, p, xs).h)
+        ratios = gradient_ratios(grad_norms_through_time(cell, p, xs).h)
         measured.append(np.asarray(ratios)[lengths])
     theory = np.asarray(lams, np.float64)[:, None] ** np.asarray(lengths, np.float64)[None, :]
     return theory, np.stack(measured)
@@ -220,7 +206,7 @@ def plot_lambda_grid(path: str, lams: Optional[np.ndarray] = None, lengths: Opti
 # --------------------------------------------------------------------------
 # (c) the profile while training
 # --------------------------------------------------------------------------
-def plot_training_profile(run: analysis.TrainingProfile, path: str, label: str = "") -> str:
+def plot_training_profile(run: TrainingProfile, path: str, label: str = "") -> str:
     """Figure (c): heatmap of ``log10 ‖∂h_T/∂h_{T-ℓ}‖`` over training steps, and the loss."""
     steps = np.asarray(run.steps)
     prof = np.log10(np.maximum(np.asarray(run.profiles)[:, ::-1], 1e-30))  # (K, T), column ℓ
@@ -246,15 +232,15 @@ def plot_training_profile(run: analysis.TrainingProfile, path: str, label: str =
 # --------------------------------------------------------------------------
 def cliff_data(num: int = 801, seq_len: int = 50, impl: str = "reference"):
     """The tanh and linear scalar-RNN loss curves of :func:`jaxrnn.analysis.scalar_rnn_cliff`."""
-    tanh = analysis.scalar_rnn_cliff(jnp.linspace(0.0, 2.5, num), seq_len=seq_len, impl=impl)
-    linear = analysis.scalar_rnn_cliff(
+    tanh = scalar_rnn_cliff(jnp.linspace(0.0, 2.5, num), seq_len=seq_len, impl=impl)
+    linear = scalar_rnn_cliff(
         jnp.linspace(0.5, 1.3, num), activation="linear", bias=0.0, h0=1.0, seq_len=seq_len, impl=impl
     )
     return tanh, linear
 
 
 def plot_cliff(
-    tanh: analysis.CliffCurve, linear: analysis.CliffCurve, path: str, max_norm: float = 1.0, seq_len: int = 50
+    tanh: CliffCurve, linear: CliffCurve, path: str, max_norm: float = 1.0, seq_len: int = 50
 ) -> str:
     """Figure (d): loss against the recurrent weight and the gradient before/after clipping."""
     fig = _figure(9.0, 6.0)
@@ -278,151 +264,3 @@ def plot_cliff(
     title = f"Exploding gradients: a one-unit RNN (T = {seq_len}) has a cliff in its loss; clipping bounds the step"
     fig.suptitle(title, fontsize=11)
     return _save(fig, path)
-
-
-# --------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise _UsageError(message)
-
-
-def _number(kind, check, what):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-_positive = _number(float, lambda v: v > 0, "a positive number")
-_ratio = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``jaxrnn gradients`` argument parser (errors raise instead of exiting)."""
-    p = _Parser(
-        prog="jaxrnn gradients",
-        description="Vanishing/exploding-gradient figures (PNG) and tables: how much of the gradient "
-        "from the last step reaches ℓ steps back, for Elman, LSTM and GRU.",
-    )
-    add = p.add_argument
-    add("--out", default=os.path.join("out", "gradients"), help="output folder (default: out/gradients)")
-    add("--figures", nargs="+", choices=FIGURES, default=list(FIGURES), help="which figures (default: all)")
-    add("--seq-len", type=_positive_int, default=100, help="T of the through-time figure (default 100)")
-    add("--hidden", type=_positive_int, default=32, help="hidden size H (default 32)")
-    add("--batch", type=_positive_int, default=8, help="batch size of the through-time figure (default 8)")
-    add("--threshold", type=_ratio, default=0.01, help="gradient ratio defining the memory horizon (default 0.01)")
-    add("--train-cell", choices=("elman", "lstm", "gru"), default="elman", help="cell of the training figure")
-    add("--train-steps", type=_positive_int, default=80, help="optimiser steps of the training figure (default 80)")
-    add("--every", type=_positive_int, default=5, help="record the profile every K steps (default 5)")
-    add("--train-seq-len", type=_positive_int, default=15, help="T of the training task (default 15)")
-    add("--learning-rate", type=_positive, default=1e-2, help="Adam step size of the training figure (default 0.01)")
-    add("--max-norm", type=_positive, default=1.0, help="clipping threshold in the cliff figure (default 1)")
-    add("--seed", type=int, default=0, help="random seed (default 0)")
-    add("--impl", choices=jaxrnn.IMPLS, default="reference", help="runner implementation (default reference)")
-    return p
-
-
-def _horizon(value, available):
-    return str(value) if value < available else f">={available}"
-
-
-def _report_time(args, out):
-    T, thr = args.seq_len, args.threshold
-    data = gradients_through_time_data(
-        T, args.hidden, batch_size=args.batch, seed=args.seed, threshold=thr, impl=args.impl
-    )
-    subtitle = f"\nH = {args.hidden}, T = {T}, batch {args.batch}"
-    path = plot_gradients_through_time(data, os.path.join(out, "gradients_through_time.png"), thr, subtitle)
-    ells = [ell for ell in (10, 50, T - 1) if ell < T]
-    rows = []
-    for label, d in data.items():
-        ratios = [_sci(d["ratio_h"][ell]) for ell in ells]
-        c = "" if d["ratio_c"] is None else _sci(d["ratio_c"][T - 1])
-        sat = [f"{v:.3f}" for v in d["saturation"]]
-        rows.append([label, *ratios, c, _horizon(d["horizon"], T), f"{d['radius']:.3f}", *sat])
-    header = ["cell", *[f"r(ℓ={ell})" for ell in ells], f"c(ℓ={T - 1})", f"horizon@{thr:g}", "ρ(W_hh)"]
-    header += ["tanh'<.19", "tanh'<.02"]
-    print(f"(a) gradient ratio r(ℓ) = ‖∂J/∂h_(T-ℓ)‖/‖∂J/∂h_T‖, loss at the last step  [{path}]")
-    print(_table(header, rows))
-
-
-def _report_lambda(args, out):
-    lams, lengths = (0.9, 0.95, 1.0, 1.1), (10, 50, 100)
-    theory, measured = lambda_grid_data(lams, lengths, seed=args.seed)
-    path = plot_lambda_grid(os.path.join(out, "lambda_grid.png"))
-    rows = [
-        [f"{lam:g}", *[f"{_sci(m)} ({_sci(t)})" for m, t in zip(ms, ts)]] for lam, ms, ts in zip(lams, measured, theory)
-    ]
-    err = float(np.max(np.abs(measured / theory - 1)))
-    print(f"(b) linear RNN, W_hh = λ·Q: measured ratio (theory λ^ℓ), max rel. error {err:.1e}  [{path}]")
-    print(_table(["λ", *[f"ℓ={n}" for n in lengths]], rows))
-
-
-def _report_training(args, out):
-    cell = {"elman": jaxrnn.Elman, "lstm": jaxrnn.LSTM, "gru": jaxrnn.GRU}[args.train_cell](args.hidden)
-    T = args.train_seq_len
-    run = analysis.profile_during_training(
-        cell, seq_len=T, num_steps=args.train_steps, every=args.every,
-        learning_rate=args.learning_rate, key=jax.random.key(args.seed), impl=args.impl,
-    )  # fmt: skip
-    name = type(cell).__name__
-    label = f": {name}, H = {args.hidden}, T = {T}"
-    path = plot_training_profile(run, os.path.join(out, "training_profile.png"), label=label)
-    losses = np.asarray(run.losses)
-    rows = []
-    for step, prof in zip(np.asarray(run.steps), run.profiles):
-        loss = losses[min(int(step), len(losses) - 1)]
-        horizon = int(analysis.memory_horizon(prof, args.threshold))
-        rows.append([str(int(step)), f"{loss:.4f}", _sci(prof[0]), _horizon(horizon, T)])
-    print(f"(c) {name} trained to recall x_0 after {T} steps: ‖∂h_T/∂h_0‖ over training  [{path}]")
-    print(_table(["step", "loss", "‖∂h_T/∂h_0‖", f"horizon@{args.threshold:g}"], rows))
-
-
-def _report_cliff(args, out):
-    tanh, linear = cliff_data(impl=args.impl)
-    path = plot_cliff(tanh, linear, os.path.join(out, "cliff.png"), args.max_norm)
-    rows = []
-    for name, curve in (("tanh, b = -0.1", tanh), ("linear", linear)):
-        slope = np.abs(np.asarray(curve.slope))
-        i = int(np.argmax(slope))
-        clipped = min(slope[i], args.max_norm)
-        rows.append([name, f"{float(curve.ws[i]):.4f}", _sci(slope[i]), _sci(np.median(slope)), _sci(clipped)])
-    print(f"(d) one-unit RNN, loss (h_T - 0.5)² against w: steepest point, clipped to {args.max_norm:g}  [{path}]")
-    print(_table(["activation", "w", "max |dL/dw|", "median |dL/dw|", "clipped"], rows))
-
-
-def main(argv=None) -> int:
-    """``jaxrnn gradients``: write the figures and print the tables; returns the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except _UsageError as e:
-        print(f"jaxrnn gradients: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    start = time.perf_counter()
-    reports = {"time": _report_time, "lambda": _report_lambda, "training": _report_training, "cliff": _report_cliff}
-    for name in FIGURES:
-        if name in args.figures:
-            reports[name](args, args.out)
-            print()
-    print(f"wrote {len(set(args.figures))} figure(s) to {args.out} in {time.perf_counter() - start:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,6 +7,8 @@ Example:
   >>> ys, carry = jaxrnn.rnn(cell, params, jnp.ones((8, 100, 16)))
 """
 
+import importlib as _importlib
+
 try:  # kernels/ is installed as jaxrnn.kernels (pyproject's package-dir); a bare checkout lacks it
     import jaxrnn.kernels  # noqa: F401
 except ModuleNotFoundError as _error:  # pragma: no cover - exercised by the packaging test
@@ -36,11 +38,24 @@ from jaxrnn.interop import (
     carry_to_torch,
     from_flax,
     from_torch,
+    to_flax,
 )
-from jaxrnn.lm import LanguageModel, LMParams
+from jaxrnn.models import LanguageModel, LMParams
 from jaxrnn.runner import IMPLS, rnn
+from jaxrnn.sequence import Encoder, EncoderParams, attention_pool, embed, last_valid, pool, sequence_mask
 from jaxrnn.stack import HighwayParams, LayerParams, Stack
-from jaxrnn import analysis
+from jaxrnn import analysis, data, models, sequence, train
+
+#: Submodules that import flax when loaded: imported on first access (``jaxrnn.nnx``), so
+#: that ``import jaxrnn`` stays light.
+_LAZY = ("linen", "nnx")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return _importlib.import_module(f"jaxrnn.{name}")
+    raise AttributeError(f"module 'jaxrnn' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -50,6 +65,8 @@ __all__ = [
     "LSTM",
     "Carry",
     "Cell",
+    "Encoder",
+    "EncoderParams",
     "Elman",
     "ElmanParams",
     "GRUParams",
@@ -61,12 +78,24 @@ __all__ = [
     "LayerParams",
     "Stack",
     "analysis",
+    "attention_pool",
     "carry_from_flax",
     "carry_from_torch",
     "carry_to_flax",
     "carry_to_torch",
     "count_params",
+    "data",
+    "embed",
     "from_flax",
     "from_torch",
+    "last_valid",
+    "linen",
+    "models",
+    "nnx",
+    "pool",
     "rnn",
+    "sequence",
+    "sequence_mask",
+    "to_flax",
+    "train",
 ]

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from jaxrnn.cells import check_cell, check_params
 from jaxrnn.runner import check_impl, rnn
 from jaxrnn.stack import Stack
 
-__all__ = ["RNN", "StackRNN", "box_params", "unbox_params"]
+__all__ = ["RNN", "StackRNN", "box_params", "params_from_state", "unbox_params"]
 
 
 def _is_variable(x) -> bool:
@@ -42,27 +42,88 @@ def box_params(params):
 
 
 def unbox_params(boxed):
-    """The plain-array pytree of :func:`box_params`'s output (or of a gradient ``State`` merged back)."""
+    """The plain-array pytree of :func:`box_params`'s output, in the same structure.
+
+    Only for the boxed NamedTuples themselves (``model.params``). An
+    ``nnx.State`` (``nnx.state(model, nnx.Param)``, or what ``nnx.grad``
+    returns) is a nested dict with sorted keys: its leaves are not in the
+    order of :class:`~jaxrnn.LayerParams` leaves; use
+    :func:`params_from_state` for it.
+
+    Example:
+      >>> params = unbox_params(model.params)  # == model.get_params()
+    """
     return jax.tree.map(lambda v: v[...], boxed, is_leaf=_is_variable)
+
+
+def _state_key(key):
+    for attr in ("idx", "name", "key"):  # SequenceKey, GetAttrKey, DictKey
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    raise TypeError(f"unexpected pytree key {key!r}")  # pragma: no cover - jax has no other kinds
+
+
+def params_from_state(model, state):
+    """An ``nnx.State`` of ``model``'s parameters as the functional core's parameters, matched by name.
+
+    ``nnx.grad`` returns (and ``nnx.state(model, nnx.Param)`` gives) a
+    ``State``: a nested dict keyed ``['params'][layer]['fwd']['w_ih']``, in
+    sorted key order. This looks each parameter up by that name and returns
+    the structure :meth:`StackRNN.get_params` returns: a tuple of
+    :class:`~jaxrnn.LayerParams` for a :class:`StackRNN`, the cell's
+    NamedTuple for an :class:`RNN`. Zipping ``jax.tree.leaves(state)`` with
+    the parameters' leaves instead pairs them wrongly (``b`` sorts before
+    ``w_ih``, ``bwd`` before ``fwd``).
+
+    Args:
+      model: the :class:`RNN` or :class:`StackRNN` whose parameters ``state`` holds.
+      state: an ``nnx.State`` or nested dict, with or without the top-level
+        ``'params'`` key (``nnx.grad(loss)(model)``, ``nnx.state(model, nnx.Param)``,
+        ``nnx.to_pure_dict(...)``); leaves ``nnx.Param`` or arrays, shaped as the parameters.
+
+    Returns:
+      The parameters' structure with ``state``'s arrays, e.g. gradients
+      equal to ``jax.grad`` of the functional core.
+
+    Raises:
+      TypeError: ``model`` is not one of this module's models.
+      ValueError: ``state`` lacks one of the model's parameters (the message
+        names it and the keys found).
+
+    Example:
+      >>> grads = nnx.grad(loss_fn)(model)
+      >>> layer_grads = params_from_state(model, grads)  # tuple of LayerParams
+      >>> layer_grads[0].fwd.w_ih.shape
+      (16, 256)
+    """
+    if not isinstance(model, (RNN, StackRNN)):
+        raise TypeError(f"model: expected a jaxrnn.nnx RNN or StackRNN, got {type(model).__name__}")
+    root = state["params"] if isinstance(state, Mapping) and "params" in state else state
+
+    def lookup(path, boxed):
+        node = root
+        for depth, key in enumerate(path):
+            k = _state_key(key)
+            if not isinstance(node, Mapping) or k not in node:
+                found = sorted(map(str, node)) if isinstance(node, Mapping) else type(node).__name__
+                raise ValueError(
+                    f"state: expected an entry ['params']{jax.tree_util.keystr(path)} for model.params, "
+                    f"found {found} at ['params']{jax.tree_util.keystr(path[:depth])}"
+                )
+            node = node[k]
+        value = node[...] if _is_variable(node) else jnp.asarray(node)
+        if value.shape != boxed[...].shape:
+            raise ValueError(
+                f"state['params']{jax.tree_util.keystr(path)}: expected shape {boxed[...].shape}, got {value.shape}"
+            )
+        return value
+
+    return jax.tree_util.tree_map_with_path(lookup, model.params, is_leaf=_is_variable)
 
 
 def _check_input_size(input_size):
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
         raise ValueError(f"input_size: expected a positive int, got {input_size!r}")
-
-
-def _check_stack_params(stack, params):
-    if not isinstance(params, (tuple, list)) or len(params) != stack.num_layers:
-        got = f"{len(params)} layers" if isinstance(params, (tuple, list)) else type(params).__name__
-        raise TypeError(f"params: expected a tuple of {stack.num_layers} LayerParams, got {got}")
-    for layer, p in enumerate(params):
-        check_params(stack.cell, p.fwd, name=f"params[{layer}].fwd")
-        if stack.bidirectional != (p.bwd is not None):
-            want = "backward-cell parameters" if stack.bidirectional else "None"
-            raise ValueError(f"params[{layer}].bwd: expected {want} for bidirectional={stack.bidirectional}")
-        if p.bwd is not None:
-            check_params(stack.cell, p.bwd, name=f"params[{layer}].bwd")
-    return tuple(params)
 
 
 class RNN(nnx.Module):
@@ -222,7 +283,8 @@ class StackRNN(nnx.Module):
                 raise TypeError("rngs: expected nnx.Rngs to initialise parameters, got None")
             params = stack.init(rngs.params(), input_size, param_dtype)
         else:
-            params = _check_stack_params(stack, params)
+            stack.check_params(params)  # names wrong structures: a bare LayerParams, a (fwd, bwd) pair, ...
+            params = tuple(params)
             got = params[0].fwd.w_ih.shape
             if input_size is not None and input_size != got[0]:
                 raise ValueError(f"input_size: {input_size} disagrees with params[0].fwd.w_ih of shape {tuple(got)}")

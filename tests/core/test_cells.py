@@ -7,7 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxrnn
-from _util import assert_close, tol
+from _util import CELL_VARIANTS, assert_close, make_cell, randomize, to64, tol
 from jaxrnn.cells import ACTIVATIONS, SIGMOID, TANH
 
 B, I, H = 3, 4, 5
@@ -56,22 +56,10 @@ def elman_ref(params, h, x, activation):
 
 def _random_params(cell, key, scale=0.5):
     """Non-trivial parameters: random biases too (init sets them to zero/one)."""
-    params = cell.init(key, I)
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
-    )
+    return randomize(cell.init(key, I), jax.random.fold_in(key, 1), scale)
 
 
-CELLS = [
-    pytest.param(jaxrnn.Elman(H), id="elman-tanh"),
-    pytest.param(jaxrnn.Elman(H, activation="relu"), id="elman-relu"),
-    pytest.param(jaxrnn.Elman(H, activation="linear"), id="elman-linear"),
-    pytest.param(jaxrnn.LSTM(H), id="lstm"),
-    pytest.param(jaxrnn.GRU(H), id="gru-before"),
-    pytest.param(jaxrnn.GRU(H, reset="after"), id="gru-after"),
-]
+CELLS = [pytest.param(make_cell(name, H), id=name) for name in CELL_VARIANTS]
 
 
 def _reference_step(cell, params, carry, x):
@@ -125,7 +113,6 @@ def test_step_gradients_match_finite_differences(cell):
     carry = jax.tree_util.tree_map(lambda z: 0.5 * jax.random.normal(jax.random.key(2), z.shape), cell.zero_carry(2))
     x = jax.random.normal(jax.random.key(3), (2, I)) + 0.1  # keep relu away from its kink
     with jax.enable_x64(True):
-        to64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
         f = lambda p, c, x: cell.step(p, c, x)[1]  # noqa: E731
         check_grads(f, (to64(params), to64(carry), to64(x)), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 

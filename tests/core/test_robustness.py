@@ -17,18 +17,13 @@ import numpy as np
 import pytest
 
 import jaxrnn
-from _util import assert_close
+from _util import MAIN_CELLS, assert_close, make_cell
 from jaxrnn.kernels import Pallas
 
 B, T, I, H = 3, 6, 4, 5
 LENGTHS = np.array([6, 2, 0])
 BACKENDS = ["reference", "xla", Pallas(interpret=True)]
-CELLS = {
-    "elman": jaxrnn.Elman(H),
-    "lstm": jaxrnn.LSTM(H),
-    "gru": jaxrnn.GRU(H),
-    "gru_after": jaxrnn.GRU(H, reset="after"),
-}
+CELLS = {name: make_cell(name, H) for name in MAIN_CELLS}
 
 
 def _inputs(poison):
@@ -93,7 +88,7 @@ def test_empty_batch_through_stack():
     assert ys.shape == (0, T, 2 * H) and finals[1][0].h.shape == (0, H)
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru"])
+@pytest.mark.parametrize("name", ["lstm", "gru_before"])
 def test_forward_mode_on_the_default_path(name):
     """jax.jvp / jacfwd / hessian work with impl="auto" (they fall back to the reference recurrence)."""
     cell = CELLS[name]

@@ -8,17 +8,12 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxrnn
-from _util import assert_close
+from _util import MAIN_CELLS, assert_close, make_cell
 
 B, T, I, H = 3, 6, 4, 5
 IMPL = "reference"
 
-CELLS = [
-    pytest.param(jaxrnn.Elman(H), id="elman"),
-    pytest.param(jaxrnn.LSTM(H), id="lstm"),
-    pytest.param(jaxrnn.GRU(H), id="gru-before"),
-    pytest.param(jaxrnn.GRU(H, reset="after"), id="gru-after"),
-]
+CELLS = [pytest.param(make_cell(name, H), id=name) for name in MAIN_CELLS]
 
 
 def _params(cell, seed=0):

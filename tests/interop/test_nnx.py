@@ -186,3 +186,79 @@ def test_nnx_errors():
     with pytest.raises(ValueError, match="rngs: dropout is on"):
         model(_xs())
     assert_close(model(_xs(), deterministic=True), stack.apply(model.get_params(), _xs(), impl=IMPL)[0])
+
+
+# --------------------------------------------------------------------------
+# Loading functional parameters; gradients back in the core's structure
+# --------------------------------------------------------------------------
+def test_params_from_state_equals_core_grad_by_name():
+    """nnx.grad's State → tuple of LayerParams, equal to jax.grad of the core leaf for leaf, by name."""
+    stack = jaxrnn.Stack(jaxrnn.LSTM(H), num_layers=2, bidirectional=True, connection="highway")
+    model = jnnx.StackRNN(stack, I, rngs=nnx.Rngs(0), deterministic=True, impl=IMPL)
+    xs, targets = _xs(4), _xs(5, (B, T, 1))
+    grads = nnx.grad(lambda m: jnp.mean((m(xs, seq_lengths=LENGTHS)[..., :1] - targets) ** 2))(model)
+    got = jnnx.params_from_state(model, grads)
+    want = jax.grad(lambda p: _loss_core(stack, p, xs, targets))(model.get_params())
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, g), (path_w, w) in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)):
+        assert path == path_w
+        assert_close(g, w, err_msg=jax.tree_util.keystr(path))
+    # The module's own parameter State converts the same way (and to the plain parameters).
+    assert_close(jnnx.params_from_state(model, nnx.state(model, nnx.Param)), model.get_params())
+    assert_close(jnnx.params_from_state(model, nnx.to_pure_dict(nnx.state(model, nnx.Param))), model.get_params())
+    # Zipping the State's leaves with the parameters' leaves pairs them wrongly (sorted keys: b before w_ih).
+    state_shapes = [leaf.shape for leaf in jax.tree.leaves(grads)]
+    assert state_shapes != [leaf.shape for leaf in jax.tree.leaves(want)]
+
+    cell = CELLS["gru_after"]
+    layer = jnnx.RNN(cell, I, rngs=nnx.Rngs(1), impl=IMPL)
+    grads = nnx.grad(lambda m: jnp.sum(m(xs, seq_lengths=LENGTHS) ** 2))(layer)
+    want = jax.grad(lambda p: jnp.sum(jaxrnn.rnn(cell, p, xs, seq_lengths=LENGTHS, impl=IMPL)[0] ** 2))(layer.get_params())
+    got = jnnx.params_from_state(layer, grads)
+    assert type(got) is type(want)
+    assert_close(got, want)
+
+
+def test_params_from_state_errors():
+    model = jnnx.RNN(CELLS["lstm"], I, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="model: expected a jaxrnn.nnx RNN or StackRNN, got Linear"):
+        jnnx.params_from_state(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), {})
+    with pytest.raises(ValueError, match=r"state: expected an entry \['params'\]\.w_ih.*found \['b', 'w_hh'\]"):
+        state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        del state["params"]["w_ih"]
+        jnnx.params_from_state(model, state)
+
+
+def test_load_converted_torch_and_flax_parameters():
+    """params= takes what from_torch / from_flax return; the module computes what the source computes."""
+    torch = pytest.importorskip("torch")
+    from flax import linen as nn
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True)
+    stack, params = jaxrnn.from_torch(lstm)
+    model = jnnx.StackRNN(stack, params=params, deterministic=True, impl=IMPL)
+    xs = _xs(6)
+    lengths = torch.tensor(np.array(LENGTHS), dtype=torch.int64)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.tensor(np.array(xs)), lengths, batch_first=True, enforce_sorted=False)
+    with torch.no_grad():
+        out, _ = lstm(packed)
+    ys_ref, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
+    assert_close(model(xs, seq_lengths=LENGTHS), ys_ref.numpy())
+
+    flax_cell = nn.GRUCell(H)
+    variables = nn.RNN(flax_cell).init(jax.random.key(0), xs)
+    cell, cell_params = jaxrnn.from_flax(flax_cell, variables)  # the cell inside nn.RNN's variables
+    layer = jnnx.RNN(cell, params=cell_params, impl=IMPL)
+    valid = (jnp.arange(T)[None, :] < LENGTHS[:, None])[..., None]
+    ys_ref = nn.RNN(flax_cell).apply(variables, xs, seq_lengths=LENGTHS)
+    assert_close(jnp.where(valid, layer(xs, seq_lengths=LENGTHS), 0.0), jnp.where(valid, ys_ref, 0.0))
+
+    # The structures a conversion hands out, given to the wrong wrapper, get Stack.check_params's diagnosis.
+    with pytest.raises(TypeError, match="got the parameters of a single cell"):
+        jnnx.StackRNN(jaxrnn.Stack(cell), params=cell_params)
+    with pytest.raises(TypeError, match=r"got a single LayerParams; wrap it: \(params,\)"):
+        jnnx.StackRNN(stack, params=params[0])
+    with pytest.raises(TypeError, match="got a pair of cell parameters"):
+        one = jaxrnn.Stack(stack.cell, bidirectional=True)
+        jnnx.StackRNN(one, params=(params[0].fwd, params[0].bwd))

@@ -1,28 +1,23 @@
 """kernels/gates.py: the hand-written step VJP against ``jax.vjp`` of ``cell.step_projected``."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 import jaxrnn
 from jaxrnn.kernels import gates
-from _util import assert_close
+from _util import CELL_VARIANTS, assert_close, make_cell
 
 B, H, I = 3, 5, 4
 
-CELLS = {
-    "elman_tanh": lambda cd: jaxrnn.Elman(H, compute_dtype=cd),
-    "elman_relu": lambda cd: jaxrnn.Elman(H, activation="relu", compute_dtype=cd),
-    "elman_linear": lambda cd: jaxrnn.Elman(H, activation="linear", compute_dtype=cd),
-    "lstm": lambda cd: jaxrnn.LSTM(H, compute_dtype=cd),
-    "gru_before": lambda cd: jaxrnn.GRU(H, reset="before", compute_dtype=cd),
-    "gru_after": lambda cd: jaxrnn.GRU(H, reset="after", compute_dtype=cd),
-}
+CELLS = {name: functools.partial(make_cell, name, H) for name in CELL_VARIANTS}
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
 def _setup(name, cd, seed=0, lead=(B,)):
-    cell = CELLS[name](cd)
+    cell = CELLS[name](compute_dtype=cd)
     keys = jax.random.split(jax.random.key(seed), 8)
     params = cell.init(keys[0], I)
     # Non-zero biases everywhere (b_hn included) so every term is exercised.
@@ -208,10 +203,10 @@ def test_every_forward_variant_is_gate_step(name, cd):
     assert_close(cell.step_projected(params, carry, xp), (new, h), dtype=jnp.float32)
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru_before", "elman_tanh"])
+@pytest.mark.parametrize("name", ["lstm", "gru_before", "elman"])
 def test_fused_activations_are_the_gate_activations(name):
     """The single-``tanh`` form equals each gate's own activation, over a wide range."""
-    cell = CELLS[name](jnp.float32)
+    cell = CELLS[name](compute_dtype=jnp.float32)
     z = jnp.linspace(-30.0, 30.0, 7 * cell.gate_size).reshape(7, cell.gate_size)
     per_gate = [act.value(zk) for act, zk in zip(cell.gate_activations, gates.split_gates(cell, z))]
     assert_close(gates.fused_activations(cell, z), jnp.concatenate(per_gate, axis=-1), dtype=jnp.float32)
@@ -219,5 +214,5 @@ def test_fused_activations_are_the_gate_activations(name):
 
 def test_fused_activations_need_tanh_or_sigmoid_gates():
     with pytest.raises(KeyError):
-        gates.fused_activations(CELLS["elman_relu"](jnp.float32), jnp.ones((2, H)))
+        gates.fused_activations(CELLS["elman_relu"](compute_dtype=jnp.float32), jnp.ones((2, H)))
 

@@ -29,7 +29,7 @@ import pytest
 from jax import export
 
 import jaxrnn
-from _util import assert_close
+from _util import MAIN_CELLS, assert_close, make_cell, randomize
 from jaxrnn import checks
 from jaxrnn.kernels import Pallas, common, gates, pallas, pallas_split
 from jaxrnn.kernels.pallas import BlockSizes, rnn_pallas
@@ -41,12 +41,7 @@ VARIANTS = [(lengths, reverse) for lengths in (None, LENGTHS) for reverse in (Fa
 SMALL = BlockSizes(batch=2, time=2, lanes=4)  # nothing divides: B=3, T=5, H=5
 DEFAULTS = {platform: BlockSizes.get_default(platform) for platform in ("cpu", "gpu")}  # before patching
 
-CELLS = {
-    "elman": lambda hidden=H: jaxrnn.Elman(hidden),
-    "lstm": lambda hidden=H: jaxrnn.LSTM(hidden),
-    "gru_before": lambda hidden=H: jaxrnn.GRU(hidden, reset="before"),
-    "gru_after": lambda hidden=H: jaxrnn.GRU(hidden, reset="after"),
-}
+CELLS = {name: functools.partial(make_cell, name) for name in MAIN_CELLS}
 SPLIT_CELLS = ("elman", "lstm", "gru_after")  # a GRU with reset="before" cannot split
 
 # Equivalence, not speed, is tested: skip LLVM's optimisations (compile time).
@@ -55,20 +50,14 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 pytestmark = pytest.mark.filterwarnings("ignore:impl='pallas' on CPU:UserWarning")
 
 
-def _randomize(tree, key, scale=0.3):
-    """Perturb every leaf (biases, ``b_hn``) so that every term matters."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [a + scale * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noisy)
 
 
 def _problem(name, dtype=jnp.float32, seed=0, hidden=H):
     cell = CELLS[name](hidden)
     k = jax.random.split(jax.random.key(seed), 4)
-    params = _randomize(cell.init(k[0], I), k[1])
+    params = randomize(cell.init(k[0], I), k[1])
     xs = jax.random.normal(k[2], (B, T, I)).astype(dtype)
-    carry0 = _randomize(cell.zero_carry(B), k[3], scale=1.0)
+    carry0 = randomize(cell.zero_carry(B), k[3], scale=1.0)
     return cell, params, xs, carry0
 
 
@@ -85,7 +74,7 @@ def _vjp_all(run, variants=VARIANTS):
             (ys, final), vjp = jax.vjp(lambda p, x, c: run(p, x, c, lengths, reverse), params, xs, carry0)  # noqa: B023
             k1, k2 = jax.random.split(key)
             dys = jax.random.normal(k1, ys.shape).astype(ys.dtype)
-            dfinal = _randomize(jax.tree.map(jnp.zeros_like, final), k2, scale=1.0)
+            dfinal = randomize(jax.tree.map(jnp.zeros_like, final), k2, scale=1.0)
             plain = run(params, xs, carry0, lengths, reverse)
             out[lengths is not None, reverse] = (ys, final, vjp((dys, dfinal)), plain)
         return out

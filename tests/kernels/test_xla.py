@@ -18,7 +18,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxrnn
-from _util import assert_close
+from _util import assert_close, make_cell, randomize, to64
 from jaxrnn.kernels import xla
 from jaxrnn.runner import rnn_reference
 
@@ -26,29 +26,17 @@ B, T, H, I = 3, 7, 5, 4
 LENGTHS = np.array([0, T, 3], np.int32)
 CONFIGS = [(lengths, reverse) for lengths in (None, LENGTHS) for reverse in (False, True)]
 
-CELLS = {
-    "elman_tanh": lambda: jaxrnn.Elman(H),
-    "elman_relu": lambda: jaxrnn.Elman(H, activation="relu"),
-    "lstm": lambda: jaxrnn.LSTM(H),
-    "gru_before": lambda: jaxrnn.GRU(H, reset="before"),
-    "gru_after": lambda: jaxrnn.GRU(H, reset="after"),
-}
+CELLS = {name: functools.partial(make_cell, name, H) for name in ("elman", "elman_relu", "lstm", "gru_before", "gru_after")}
 
 
-def _randomize(tree, key, scale=0.3):
-    """Perturb every leaf (biases and ``b_hn`` included) so every term matters."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [a + scale * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noisy)
 
 
 def _problem(name, dtype, seed=0, param_dtype=jnp.float32):
     cell = CELLS[name]()
     k = jax.random.split(jax.random.key(seed), 4)
-    params = _randomize(cell.init(k[0], I, dtype=param_dtype), k[1])
+    params = randomize(cell.init(k[0], I, dtype=param_dtype), k[1])
     xs = jax.random.normal(k[2], (B, T, I)).astype(dtype)
-    carry0 = _randomize(cell.zero_carry(B), k[3], scale=1.0)
+    carry0 = randomize(cell.zero_carry(B), k[3], scale=1.0)
     return cell, params, xs, carry0
 
 
@@ -65,7 +53,7 @@ def _all_configs(impl):
             (ys, final), vjp = jax.vjp(f, params, xs, carry0)
             k1, k2 = jax.random.split(cot_key)
             dys = jax.random.normal(k1, ys.shape).astype(ys.dtype)
-            dfinal = _randomize(jax.tree.map(jnp.zeros_like, final), k2, scale=1.0)
+            dfinal = randomize(jax.tree.map(jnp.zeros_like, final), k2, scale=1.0)
             plain, _ = f(params, xs, carry0)
             out[(lengths is not None, reverse)] = (ys, final, vjp((dys, dfinal)), plain)
         return out
@@ -134,7 +122,6 @@ def test_check_grads_float64(name):
     """Finite differences of the whole map (params, xs, carry0) -> (ys, carry), in float64."""
     with jax.enable_x64(True):
         cell, params, xs, carry0 = _problem(name, jnp.float32, seed=3)
-        to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
         lengths = np.array([0, 2, 4], np.int32)
 
         def f(p, x, c):
@@ -165,7 +152,7 @@ def test_no_retrace(monkeypatch):
     jax.block_until_ready(grad(params, xs))
     first = len(traces)
     assert first >= 1
-    jax.block_until_ready(grad(_randomize(params, jax.random.key(9)), xs + 1.0))
+    jax.block_until_ready(grad(randomize(params, jax.random.key(9)), xs + 1.0))
     assert len(traces) == first, "the jitted gradient was traced again"
     jax.block_until_ready(jaxrnn.rnn(jaxrnn.LSTM(H), params, xs, impl="xla"))
     second = len(traces)
@@ -211,7 +198,7 @@ def _projection_configs(projection):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("projection", ["hoisted", "in_loop"])
-@pytest.mark.parametrize("name", ["elman_tanh", "lstm", "gru_before", "gru_after"])
+@pytest.mark.parametrize("name", ["elman", "lstm", "gru_before", "gru_after"])
 def test_projection_modes_match_reference(name, projection, dtype):
     """Both places of the forward-only input projection agree with the reference, every config."""
     cell, params, xs, carry0 = _problem(name, dtype)

@@ -30,7 +30,7 @@ from jaxrnn.cells import acc_dtype, check_carry, check_cell, check_params
 from jaxrnn.checks import check_inputs, check_lengths, check_static, in_forward_mode, shape_of
 from jaxrnn.checks import warn_once  # noqa: F401  (re-exported: older code imports it from here)
 from jaxrnn.scan import mask_step  # noqa: F401  (re-exported, likewise)
-from jaxrnn.scan import rnn_reference, scan_reference, sequence_mask, where_valid
+from jaxrnn.scan import rnn_reference, scan_reference, sequence_mask, vary_like, where_valid
 
 Array = jax.Array
 
@@ -208,6 +208,7 @@ def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl
             backend = rnn_reference
         else:
             _, backend = resolve_backend(impl, cell)
+        params, carry0 = vary_like((params, carry0), xs)
         hs, final = backend(cell, params, xs, carry0, lengths, reverse)
     ys = hs.astype(out_dtype)
 

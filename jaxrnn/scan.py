@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["mask_step", "rnn_reference", "scan_reference", "sequence_mask", "where_valid"]
+__all__ = ["mask_step", "rnn_reference", "scan_reference", "sequence_mask", "vary_like", "where_valid"]
 
 
 def sequence_mask(seq_lengths, T: int, time_major: bool = False):
@@ -125,3 +125,32 @@ def rnn_reference(cell, params, xs, carry0, lengths, reverse):
     time-major inputs in place of ``xp``.
     """
     return scan_reference(cell, params, cell.input_projection(params, xs), carry0, lengths, reverse)
+
+
+def vary_like(tree, ref):
+    """``tree`` marked as varying over every manual mesh axis ``ref`` varies over (inside ``shard_map``).
+
+    Replicated parameters enter a ``shard_map`` over the batch as invariant
+    values; a backend with a custom VJP returns their cotangents per device
+    (varying), which JAX rejects. Casting them to varying *before* the
+    backend (``lax.pcast(..., to="varying")``) makes autodiff insert the
+    ``psum`` of the cotangents itself. Outside ``shard_map`` this is the identity.
+    """
+    want = _varying_axes(ref)
+    if not want:
+        return tree
+
+    def one(x):
+        missing = tuple(sorted(want - _varying_axes(x)))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over (JAX >= 0.10: ``aval.manual_axis_type.varying``; older: ``aval.vma``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))

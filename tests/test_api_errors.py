@@ -114,3 +114,29 @@ def test_train_step_rejects_a_non_scalar_loss():
     step = train.make_train_step(lambda p, b: p * b, optax.sgd(0.1))
     with pytest.raises(ValueError, match=r"loss_fn: expected a scalar loss, got shape \(3,\)"):
         step(jnp.ones(3), step.init(jnp.ones(3)), jnp.ones(3))
+
+
+ANALYSIS_CASES = [
+    ("loss_fn", TypeError, dict(loss_fn=lambda y: None)),
+    ("loss_fn", TypeError, dict(loss_fn=lambda y: (jnp.sum(y), 1.0))),
+    ("loss_fn", ValueError, dict(loss_fn=lambda y: y)),
+    ("loss_fn", TypeError, dict(loss_fn="sum")),
+    ("loss_at", ValueError, dict(loss_at="first")),
+]
+
+
+@pytest.mark.parametrize("name, exc, kwargs", ANALYSIS_CASES, ids=[c[0] + "-" + str(i) for i, c in enumerate(ANALYSIS_CASES)])
+def test_analysis_arguments_are_named(name, exc, kwargs):
+    from jaxrnn import analysis
+
+    with pytest.raises(exc, match=rf"^{name}: expected"):
+        analysis.grad_norms_through_time(LSTM, P, XS, **kwargs)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 1.5, -0.1, float("nan")])
+def test_memory_horizon_threshold_is_a_ratio(threshold):
+    from jaxrnn import analysis
+
+    norms = analysis.grad_norms_through_time(LSTM, P, XS)
+    with pytest.raises(ValueError, match=r"^threshold: expected a gradient ratio in \(0, 1\)"):
+        analysis.memory_horizon(norms.h, threshold)

@@ -150,6 +150,8 @@ def run_model(model, params, xs, initial_carry=None, seq_lengths=None, impl="ref
 def _scalar(loss_fn: Callable[[Array], Array]):
     def fn(y):
         J = loss_fn(y)
+        if not hasattr(J, "shape") and not isinstance(J, (int, float)):
+            raise TypeError(f"loss_fn: expected a scalar array, got {type(J).__name__} for outputs {y.shape}")
         if jnp.shape(J) != ():
             raise ValueError(f"loss_fn: expected a scalar loss, got shape {jnp.shape(J)} for outputs {y.shape}")
         return J

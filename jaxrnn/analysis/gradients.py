@@ -275,7 +275,7 @@ def memory_horizon(norms: Array, threshold: float = 0.01, seq_lengths: Optional[
 
     Args:
       norms: ``(..., T)`` norms by position (from a loss at the last step).
-      threshold: a positive ratio, e.g. 0.01 for "1% of the gradient".
+      threshold: a ratio in (0, 1), e.g. 0.01 for "1% of the gradient".
       seq_lengths: optional ``(B,)`` valid lengths; see :func:`gradient_ratios`.
 
     Returns:
@@ -285,7 +285,7 @@ def memory_horizon(norms: Array, threshold: float = 0.01, seq_lengths: Optional[
       >>> memory_horizon(0.9 ** jnp.arange(100.0)[::-1], threshold=0.01)  # 0.9^44 < 0.01
       Array(44, dtype=int32)
     """
-    check_rate("threshold", threshold, 0.0, float("inf"), closed_low=False)
+    check_rate("threshold", threshold, 0.0, 1.0, closed_low=False, what="a gradient ratio")
     ratios = gradient_ratios(norms, seq_lengths)
     below = ratios < threshold  # NaN compares False
     T = ratios.shape[-1]

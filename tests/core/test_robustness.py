@@ -157,6 +157,12 @@ SHARD_MAP = textwrap.dedent(
                           mesh=mesh, in_specs=(P(), P("b"), P("b")), out_specs=P("b"))
             got = f(p, jax.device_put(xs, NamedSharding(mesh, P("b"))), jax.device_put(lengths, NamedSharding(mesh, P("b"))))
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            # gradients of replicated parameters: each device's share, summed by autodiff
+            loss = lambda p, xs, l: jaxrnn.rnn(cell, p, xs, seq_lengths=l, impl=impl)[0].sum()
+            g = shard_map(jax.grad(loss), mesh=mesh, in_specs=(P(), P("b"), P("b")), out_specs=P())(p, xs, lengths)
+            g_want = jax.grad(loss)(p, xs, lengths)
+            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_want)):
+                np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
     print("ok")
     """
 )

@@ -336,3 +336,146 @@ def test_bad_input_errors():
         lm.LanguageModel(5, "lstm")
     with pytest.raises(ValueError, match="impl: expected one of"):
         lm.LanguageModel(5, jaxrnn.LSTM(4), impl="cudnn")
+
+
+# --------------------------------------------------------------------------
+# Weight tying, embedding dropout, a Stack as the recurrent part
+# --------------------------------------------------------------------------
+def test_tied_logits_are_h_times_embedding_transposed():
+    model = lm.LanguageModel(7, jaxrnn.LSTM(4), num_layers=2, embed_size=4, impl="reference", tie_weights=True)
+    params = random_params(model, seed=5)
+    assert params.w_out is None
+    tokens = random_tokens(jax.random.key(20), (2, 5))
+    logits, _ = model.apply(params, tokens)
+    h = params.embed[tokens]
+    for layer in params.rnn:
+        h, _ = jaxrnn.rnn(model.cell, layer.fwd, h, impl="reference")
+    E, b = np.asarray(params.embed, np.float64), np.asarray(params.b_out, np.float64)
+    expected = np.asarray(h, np.float64) @ E.T + b  # (B, T, V), by hand
+    assert_close(logits, expected.astype(np.float32))
+    # The reference loop with w_out = E.T gives the tied loss.
+    untied_view = params._replace(w_out=params.embed.T)
+    per_token = np.concatenate([reference_nll(model, untied_view, np.asarray(r)) for r in tokens])
+    assert_close(lm.loss(model, params, tokens), np.float32(per_token.mean()))
+
+
+def test_tied_gradient_is_sum_of_embedding_and_output_gradients():
+    tied = lm.LanguageModel(7, jaxrnn.GRU(4), embed_size=4, impl="reference", tie_weights=True)
+    untied = lm.LanguageModel(7, jaxrnn.GRU(4), embed_size=4, impl="reference")
+    params = random_params(tied, seed=6)
+    tokens = random_tokens(jax.random.key(21), (3, 6))
+    g_tied = jax.grad(lambda p: lm.loss(tied, p, tokens))(params)
+    untied_params = params._replace(w_out=params.embed.T)  # equal matrices
+    g_untied = jax.grad(lambda p: lm.loss(untied, p, tokens))(untied_params)
+    assert_close(lm.loss(tied, params, tokens), lm.loss(untied, untied_params, tokens))
+    assert_close(g_tied.embed, g_untied.embed + g_untied.w_out.T)
+    assert_close(g_tied.rnn, g_untied.rnn)
+    assert_close(g_tied.b_out, g_untied.b_out)
+    assert float(jnp.abs(g_untied.w_out).max()) > 1e-3 and float(jnp.abs(g_untied.embed).max()) > 1e-3
+
+
+def test_tie_weights_errors():
+    with pytest.raises(ValueError, match=r"tie_weights: expected embed_size == hidden_size .*got embed_size=3 and hidden_size=5"):
+        lm.LanguageModel(7, jaxrnn.LSTM(5), embed_size=3, tie_weights=True)
+    with pytest.raises(TypeError, match="tie_weights: expected a bool, got str 'yes'"):
+        lm.LanguageModel(7, jaxrnn.LSTM(5), embed_size=5, tie_weights="yes")
+    model = lm.LanguageModel(7, jaxrnn.LSTM(5), embed_size=5, tie_weights=True)
+    params = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"params.w_out: expected None \(tie_weights=True\), got shape \(5, 7\)"):
+        model.apply(params._replace(w_out=jnp.zeros((5, 7))), jnp.zeros((1, 3), jnp.int32))
+    with pytest.raises(ValueError, match=r"embedding_dropout: expected a rate in \[0, 1\), got 1.0"):
+        lm.LanguageModel(7, jaxrnn.LSTM(5), embedding_dropout=1.0)
+
+
+def test_embedding_dropout_matches_hand_masked_embeddings():
+    rate = 0.4
+    model = lm.LanguageModel(7, jaxrnn.GRU(5), embed_size=3, impl="reference", embedding_dropout=rate)
+    params = random_params(model, seed=7)
+    tokens = random_tokens(jax.random.key(22), (3, 6))
+    key = jax.random.key(23)
+    # Reference: the documented mask, k_embed = split(key)[0], applied to the embeddings by hand.
+    k_embed, _ = jax.random.split(key)
+    keep = np.asarray(jax.random.bernoulli(k_embed, 1 - rate, (3, 5, 3)))
+    assert 0 < keep.mean() < 1
+    xs = np.asarray(params.embed)[np.asarray(tokens[:, :-1])] * keep / (1 - rate)
+    ys, _ = jaxrnn.rnn(model.cell, params.rnn[0].fwd, jnp.asarray(xs, jnp.float32), impl="reference")
+    logits = np.asarray(ys, np.float64) @ np.asarray(params.w_out, np.float64) + np.asarray(params.b_out)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(logp, np.asarray(tokens[:, 1:])[..., None], -1).mean()
+    assert_close(lm.loss(model, params, tokens, dropout_key=key), np.float32(expected))
+    # Without a key there is no dropout (evaluation); the train step takes the key.
+    assert_close(lm.loss(model, params, tokens), np.float32(np.mean([reference_nll(model, params, np.asarray(r)) for r in tokens])))
+    step = lm.make_train_step(model, optax.sgd(0.0))
+    _, _, metrics = step(params, step.init(params), tokens, dropout_key=key)
+    assert_close(metrics["loss"], np.float32(expected))
+
+
+def test_stack_as_the_recurrent_part():
+    stack = jaxrnn.Stack(jaxrnn.LSTM(4), num_layers=3, connection="dense")
+    model = lm.LanguageModel(7, stack, embed_size=3, impl="reference")
+    assert model.stack is stack and model.num_layers == 3 and model.hidden_size == 4
+    params = random_params(model, seed=8)
+    tokens = random_tokens(jax.random.key(24), (2, 6))
+    logits, _ = model.apply(params, tokens)
+    ys, _ = stack.apply(params.rnn, params.embed[tokens], impl="reference")
+    assert_close(logits, ys @ params.w_out + params.b_out[None, None])
+    # step() follows the connections too: stepping token by token gives apply's logits.
+    carry, stepped = model.zero_carry((2,)), []
+    for t in range(6):
+        carry, out = model.step(params, carry, tokens[:, t])
+        stepped.append(out)
+    assert_close(jnp.stack(stepped, axis=1), logits)
+    with pytest.raises(ValueError, match="cell: expected a unidirectional Stack"):
+        lm.LanguageModel(7, jaxrnn.Stack(jaxrnn.LSTM(4), bidirectional=True))
+    with pytest.raises(ValueError, match="num_layers: expected 1 or the Stack's num_layers 3, got 2"):
+        lm.LanguageModel(7, stack, num_layers=2)
+
+
+# --------------------------------------------------------------------------
+# Bits per token and whole-split evaluation
+# --------------------------------------------------------------------------
+def test_bits_per_token_is_nll_over_ln2():
+    model = tiny_model("gru", layers=1)
+    params = random_params(model)
+    tokens = random_tokens(jax.random.key(25), (4, 7))
+    total, count = lm.nll(model, params, tokens)
+    nats = float(total) / int(count)
+    assert lm.bits_per_token(model, params, tokens, batch_size=3) == pytest.approx(nats / math.log(2), rel=1e-6)
+    assert 2 ** lm.bits_per_token(model, params, tokens) == pytest.approx(lm.perplexity(model, params, tokens), rel=1e-6)
+    result = lm.Evaluation.from_total(6.0, 4)
+    assert result == (1.5, math.exp(1.5), 1.5 / math.log(2), 4)
+
+
+@pytest.mark.parametrize("batch, window", [(1, 4), (1, 50), (3, 2), (4, 3)])
+def test_evaluate_whole_split_matches_direct_computation(batch, window):
+    model = tiny_model("lstm", layers=2)
+    params = random_params(model, seed=9)
+    ids = np.asarray(random_tokens(jax.random.key(26), (23,)))
+    result = lm.evaluate(model, params, ids, window=window, batch=batch)
+    # Direct: the Python loop over cell.step on each stream of predictions, carry never reset inside a stream.
+    count = ids.size - 1
+    per_stream = -(-count // batch)
+    terms = []
+    for b in range(batch):
+        lo, hi = b * per_stream, min((b + 1) * per_stream, count)
+        if lo < hi:
+            terms.append(reference_nll(model, params, ids[lo : hi + 1]))  # inputs lo..hi-1, targets lo+1..hi
+    terms = np.concatenate(terms)
+    assert terms.size == count == result.count
+    assert result.nll == pytest.approx(terms.mean(), rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(terms.mean()), rel=1e-5)
+    assert result.bits_per_token == pytest.approx(terms.mean() / math.log(2), rel=1e-5)
+    if batch == 1:  # one stream: the whole sequence, i.e. the loss of the single row
+        assert result.nll == pytest.approx(float(lm.loss(model, params, jnp.asarray(ids)[None])), rel=1e-5)
+
+
+def test_evaluate_errors():
+    model = tiny_model("gru", layers=1)
+    params = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"token_ids: expected a 1-D integer array of at least 2 ids, got shape \(1,\)"):
+        lm.evaluate(model, params, np.array([3]))
+    with pytest.raises(ValueError, match=r"token_ids: expected token ids in \[0, 7\), got min 0 and max 9"):
+        lm.evaluate(model, params, np.array([0, 9, 1]))
+    with pytest.raises(ValueError, match="window: expected a positive int, got 0"):
+        lm.evaluate(model, params, np.array([0, 1, 2]), window=0)

@@ -153,7 +153,7 @@ class StackRNN(nn.Module):
             self.stack.check_params(self.get_variable("params", "layers"), name="params['layers']")
         params = self.param("layers", lambda key: self.stack.init(key, xs.shape[-1], self.param_dtype))
         dropout_key = None
-        if self.stack.dropout > 0 and self.stack.num_layers > 1:
+        if self.stack.uses_dropout:
             if not nn.module.merge_param("deterministic", self.deterministic, deterministic):
                 dropout_key = self.make_rng("dropout")
         ys, carries = self.stack.apply(

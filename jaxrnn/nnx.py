@@ -293,7 +293,7 @@ class StackRNN(nnx.Module):
         self.impl = impl
         self.deterministic = bool(deterministic)
         self.params = nnx.data(box_params(params))
-        uses_dropout = stack.dropout > 0 and stack.num_layers > 1
+        uses_dropout = stack.uses_dropout
         self.rngs = nnx.data(_dropout_stream(rngs) if uses_dropout and rngs is not None else None)
 
     def get_params(self):
@@ -328,7 +328,7 @@ class StackRNN(nnx.Module):
         """
         deterministic = self.deterministic if deterministic is None else deterministic
         dropout_key = None
-        if not deterministic and self.stack.dropout > 0 and self.stack.num_layers > 1:
+        if not deterministic and self.stack.uses_dropout:
             if self.rngs is None:
                 raise ValueError(
                     "rngs: dropout is on (deterministic=False) but the module was built without nnx.Rngs; "

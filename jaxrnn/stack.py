@@ -16,6 +16,20 @@ deep (8+ layer) stacks are available:
 Residual and highway connections join two tensors of equal width, so they
 apply at every layer whose input width equals its output width (every layer
 but the first, unless ``input_size`` equals the output width).
+
+Dropout (only when :meth:`Stack.apply` gets a ``dropout_key``) acts on the
+stack's input (rate ``input_dropout``) and on each layer's output but the
+last (rate ``dropout``), i.e. on the input of every layer. Two kinds of mask:
+
+* ``dropout_mode="per_step"`` (the default): a fresh mask at every time step,
+  as ``torch.nn.LSTM(dropout=...)``;
+* ``dropout_mode="variational"``: one mask per sequence (and feature), reused
+  at every time step (Gal & Ghahramani 2016, "A Theoretically Grounded
+  Application of Dropout in Recurrent Neural Networks"). Only the inputs and
+  the outputs between layers are masked, not the recurrent state ``h_{t-1}``
+  inside a layer's recurrence.
+
+Kept units are scaled by ``1 / (1 - rate)``, so every mask has expectation 1.
 """
 
 from __future__ import annotations
@@ -33,9 +47,11 @@ from jaxrnn.scan import sequence_mask
 
 Array = jax.Array
 
-__all__ = ["HighwayParams", "LayerParams", "Stack"]
+__all__ = ["DROPOUT_MODES", "HighwayParams", "LayerParams", "Stack", "apply_dropout"]
 
 CONNECTIONS = (None, "residual", "dense", "highway")
+#: The ``dropout_mode`` names :class:`Stack` accepts.
+DROPOUT_MODES = ("per_step", "variational")
 HIGHWAY_BIAS = -1.0
 
 
@@ -72,11 +88,17 @@ class Stack:
       connection: ``None``, ``"residual"``, ``"dense"`` or ``"highway"``.
       dropout: dropout rate on each layer's output except the last, applied
         only when ``apply`` gets a ``dropout_key``.
+      dropout_mode: ``"per_step"`` (a new mask at every step, the default) or
+        ``"variational"`` (one mask per sequence, the same at every step).
+      input_dropout: dropout rate on the stack's input ``xs`` (the first
+        layer's input; 0 by default), drawn in ``dropout_mode`` too.
 
     Example:
       >>> stack = Stack(jaxrnn.LSTM(128), num_layers=2, bidirectional=True)
       >>> params = stack.init(jax.random.key(0), 32)
       >>> ys, carries = stack.apply(params, xs, seq_lengths=lengths)  # ys: (B, T, 256)
+      >>> awd = Stack(jaxrnn.LSTM(128), 3, dropout=0.3, dropout_mode="variational", input_dropout=0.2)
+      >>> ys, _ = awd.apply(awd.init(key, 32), xs, dropout_key=jax.random.key(1))  # training
     """
 
     cell: Any
@@ -84,6 +106,8 @@ class Stack:
     bidirectional: bool = False
     connection: Optional[str] = None
     dropout: float = 0.0
+    dropout_mode: str = "per_step"
+    input_dropout: float = 0.0
 
     def __post_init__(self):
         check_cell(self.cell)
@@ -91,6 +115,13 @@ class Stack:
         object.__setattr__(self, "bidirectional", check_static("bidirectional", self.bidirectional))
         check_one_of("connection", self.connection, CONNECTIONS)
         object.__setattr__(self, "dropout", check_rate("dropout", self.dropout))
+        check_one_of("dropout_mode", self.dropout_mode, DROPOUT_MODES)
+        object.__setattr__(self, "input_dropout", check_rate("input_dropout", self.input_dropout))
+
+    @property
+    def uses_dropout(self) -> bool:
+        """Whether a ``dropout_key`` changes anything: ``input_dropout > 0``, or ``dropout > 0`` with 2+ layers."""
+        return self.input_dropout > 0 or (self.dropout > 0 and self.num_layers > 1)
 
     # -- shapes -------------------------------------------------------------
     @property
@@ -161,7 +192,12 @@ class Stack:
             padded steps are zero in every layer, connections included.
           initial_carry: a tuple with one carry per layer (a ``(forward,
             backward)`` pair per layer when bidirectional); zeros by default.
-          dropout_key: enables dropout (rate ``self.dropout``) between layers.
+          dropout_key: enables dropout: rate ``self.input_dropout`` on ``xs``
+            and ``self.dropout`` on each layer's output but the last, masks
+            per ``self.dropout_mode``. With ``keys = jax.random.split(dropout_key,
+            num_layers)``, layer ``i``'s output mask is drawn from ``keys[i]``
+            (``i < num_layers - 1``) and the input mask from ``keys[-1]``
+            (which no output uses), each by :func:`apply_dropout`.
           time_major: inputs and outputs are time-major.
           impl: implementation of every layer's recurrence; see :func:`jaxrnn.rnn`.
           carry_perturbation: the analysis hook of :func:`jaxrnn.rnn`, per
@@ -193,10 +229,14 @@ class Stack:
             mask = sequence_mask(jnp.clip(jnp.asarray(seq_lengths), 0, T), T, time_major=time_major)[..., None]
         keys = (
             jax.random.split(dropout_key, self.num_layers)
-            if dropout_key is not None and self.dropout > 0
+            if dropout_key is not None and self.uses_dropout
             else [None] * self.num_layers
         )
         run = dict(seq_lengths=seq_lengths, time_major=time_major, impl=impl)
+        variational = self.dropout_mode == "variational"
+        time_axis = 0 if (unbatched or time_major) else 1
+        if keys[-1] is not None and self.input_dropout > 0:
+            xs = apply_dropout(keys[-1], xs, self.input_dropout, variational=variational, time_axis=time_axis)
 
         if carry_perturbation is not None and (
             not isinstance(carry_perturbation, (tuple, list)) or len(carry_perturbation) != self.num_layers
@@ -223,9 +263,8 @@ class Stack:
             if mask is not None:
                 out = jnp.where(mask, out, jnp.zeros((), out.dtype))
             last = layer == self.num_layers - 1
-            if keys[layer] is not None and not last:
-                keep = jax.random.bernoulli(keys[layer], 1.0 - self.dropout, out.shape)
-                out = jnp.where(keep, out / (1.0 - self.dropout), 0).astype(out.dtype)
+            if keys[layer] is not None and not last and self.dropout > 0:
+                out = apply_dropout(keys[layer], out, self.dropout, variational=variational, time_axis=time_axis)
             if self.connection == "dense" and not last:
                 inputs = jnp.concatenate([inputs, out], axis=-1)
             else:
@@ -334,3 +373,30 @@ class Stack:
                     check_carry(self.cell, c, batch_shape, name=f"initial_carry[{layer}][{d}]")
             else:
                 check_carry(self.cell, carry, batch_shape, name=f"initial_carry[{layer}]")
+
+
+def apply_dropout(key: Array, x: Array, rate: float, *, variational: bool = False, time_axis: int = 1) -> Array:
+    """Inverted dropout: zero each unit with probability ``rate``, scale the kept ones by ``1 / (1 - rate)``.
+
+    Args:
+      key: PRNG key.
+      x: ``(B, T, D)`` activations (any layout; ``time_axis`` names the time axis).
+      rate: drop probability in ``[0, 1)``.
+      variational: draw one mask per sequence and feature, ``x.shape`` with
+        ``time_axis`` set to 1, and reuse it at every step (Gal & Ghahramani
+        2016); otherwise a mask of ``x.shape`` (a new one at every step).
+      time_axis: the time axis of ``x`` (1 batch-major, 0 time-major or unbatched).
+
+    Returns:
+      ``x * keep / (1 - rate)`` in ``x``'s dtype, ``keep = jax.random.bernoulli(key, 1 - rate, mask_shape)``;
+      zeros in ``x`` (padding) stay zero.
+
+    Example:
+      >>> ys = apply_dropout(jax.random.key(0), ys, 0.25, variational=True)  # the same units off at every step
+    """
+    rate = check_rate("rate", rate)
+    shape = list(x.shape)
+    if variational:
+        shape[time_axis] = 1
+    keep = jax.random.bernoulli(key, 1.0 - rate, tuple(shape))
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

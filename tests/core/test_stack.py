@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxrnn
-from jaxrnn.stack import HIGHWAY_BIAS
+from jaxrnn.stack import HIGHWAY_BIAS, apply_dropout
 from _util import assert_close
 
 B, T, I, H = 3, 5, 4, 6
@@ -215,3 +215,125 @@ def test_bad_apply_arguments():
         uni.apply(params, xs)
     with pytest.raises(ValueError, match="impl: expected one of"):
         stack.apply(params, xs, impl="fast")
+
+
+# ---------------------------------------------------------------- variational dropout
+def _mask_probe(rate, time_major=False, seed=5, batch=B, width=H):
+    """The input mask a stack draws, read off a run: a linear Elman layer with ``w_ih = I``,
+    ``w_hh = 0``, ``b = 0`` outputs its (dropped) input, and the input is all ones."""
+    stack = jaxrnn.Stack(jaxrnn.Elman(width, activation="linear"), 1, dropout_mode="variational", input_dropout=rate)
+    params = (jaxrnn.LayerParams(jaxrnn.ElmanParams(jnp.eye(width), jnp.zeros((width, width)), jnp.zeros(width))),)
+    shape = (T, batch, width) if time_major else (batch, T, width)
+    return stack.apply(params, jnp.ones(shape), dropout_key=jax.random.key(seed), time_major=time_major, impl=IMPL)[0]
+
+
+def test_variational_stack_equals_manual_composition_with_one_mask_per_sequence():
+    stack = jaxrnn.Stack(
+        jaxrnn.LSTM(H), 3, bidirectional=True, dropout=0.5, dropout_mode="variational", input_dropout=0.3
+    )
+    params, xs = _perturb(stack.init(jax.random.key(0), I)), _xs()
+    lengths = jnp.array([T, 2, 4])
+    key = jax.random.key(3)
+    ys, finals = stack.apply(params, xs, seq_lengths=lengths, dropout_key=key, impl=IMPL)
+    # The documented draw: keys = split(key, L); outputs of layer i from keys[i], the input from keys[-1];
+    # each mask has shape (B, 1, D): one per sequence and feature, broadcast over time.
+    keys = jax.random.split(key, 3)
+    in_keep = jax.random.bernoulli(keys[-1], 0.7, (B, 1, I))
+    out_keep = [jax.random.bernoulli(keys[i], 0.5, (B, 1, 2 * H)) for i in range(2)]
+    mask = (jnp.arange(T)[None, :] < lengths[:, None])[..., None]
+    u, finals_ref = jnp.where(in_keep, xs / 0.7, 0.0), []
+    for i, p in enumerate(params):
+        yf, ff = jaxrnn.rnn(stack.cell, p.fwd, u, seq_lengths=lengths, impl=IMPL)
+        yb, fb = jaxrnn.rnn(stack.cell, p.bwd, u, seq_lengths=lengths, reverse=True, impl=IMPL)
+        finals_ref.append((ff, fb))
+        u = jnp.where(mask, jnp.concatenate([yf, yb], -1), 0.0)
+        if i < 2:
+            u = jnp.where(out_keep[i], u / 0.5, 0.0)
+    assert_close(ys, u)
+    assert_close(finals, tuple(finals_ref))
+    np.testing.assert_array_equal(ys[1, 2:], 0.0)  # padding stays zero
+    np.testing.assert_array_equal(ys[2, 4:], 0.0)
+    # Without a key: no dropout at all.
+    assert_close(stack.apply(params, xs, seq_lengths=lengths, impl=IMPL)[0], manual(stack, params, xs, lengths)[0])
+
+
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch-major", "time-major"])
+def test_variational_mask_is_constant_over_time_and_varies_over_sequences(time_major):
+    probe = np.asarray(_mask_probe(0.5, time_major=time_major))
+    masks = np.swapaxes(probe, 0, 1) if time_major else probe  # (B, T, H)
+    np.testing.assert_array_equal(masks, np.broadcast_to(masks[:, :1], masks.shape))  # same at every step
+    assert set(np.unique(masks)) <= {0.0, 2.0}  # kept units scaled by 1 / (1 - 0.5)
+    assert 0 < (masks[:, 0] == 0).sum() < masks[:, 0].size  # some dropped, some kept
+    assert not np.array_equal(masks[0, 0], masks[1, 0])  # a different mask per sequence
+    per_step = jaxrnn.Stack(jaxrnn.Elman(H), 1, input_dropout=0.5)  # default mode: masks vary over time
+    assert per_step.dropout_mode == "per_step"
+    step_masks = np.asarray(apply_dropout(jax.random.key(5), jnp.ones((B, T, H)), 0.5))
+    assert not np.array_equal(step_masks, np.broadcast_to(step_masks[:, :1], step_masks.shape))
+
+
+def test_variational_masks_preserve_the_expectation():
+    # 4096 sequences x 8 features = 32768 independent mask entries, each 0 or 1/(1-p) with mean 1 and
+    # variance p/(1-p) = 3/7: the sample mean has standard deviation sqrt(3/7 / 32768) ≈ 0.0036.
+    # The bound 0.02 is 5.5 standard deviations (a false failure has probability < 1e-7).
+    probe = _mask_probe(0.3, batch=4096, width=8)
+    per_sequence = probe[:, 0]  # (4096, 8): one draw per sequence and feature
+    assert abs(float(per_sequence.mean()) - 1.0) < 0.02
+    assert abs(float((per_sequence == 0).mean()) - 0.3) < 0.02 * 0.7  # the drop rate, same bound scaled
+
+
+def test_variational_dropout_ignores_poisoned_padding_in_values_and_gradients():
+    stack = jaxrnn.Stack(jaxrnn.GRU(H), 2, dropout=0.4, dropout_mode="variational", input_dropout=0.2)
+    params, xs = stack.init(jax.random.key(0), I), _xs()
+    lengths = jnp.array([T, 2, 3])
+    pad = ~(jnp.arange(T)[None, :] < lengths[:, None])[..., None]
+    poisoned = jnp.where(pad, jnp.nan, xs)
+    clean = jnp.where(pad, 0.0, xs)
+    key = jax.random.key(11)
+
+    def f(p, x):
+        ys, _ = stack.apply(p, x, seq_lengths=lengths, dropout_key=key, impl=IMPL)
+        return jnp.sum(ys**2), ys
+
+    (v1, ys1), g1 = jax.value_and_grad(f, has_aux=True)(params, poisoned)
+    (v2, ys2), g2 = jax.value_and_grad(f, has_aux=True)(params, clean)
+    assert_close(ys1, ys2)
+    assert_close(v1, v2)
+    assert_close(g1, g2)
+    np.testing.assert_array_equal(ys1[1, 2:], 0.0)
+
+
+def test_per_step_is_still_the_default_and_unchanged():
+    explicit = jaxrnn.Stack(jaxrnn.LSTM(H), 3, dropout=0.5, dropout_mode="per_step")
+    default = jaxrnn.Stack(jaxrnn.LSTM(H), 3, dropout=0.5)
+    assert default.dropout_mode == "per_step" and default.input_dropout == 0.0
+    params, xs = default.init(jax.random.key(0), I), _xs()
+    key = jax.random.key(3)
+    ys, _ = explicit.apply(params, xs, dropout_key=key)
+    assert_close(ys, default.apply(params, xs, dropout_key=key)[0])
+    assert_close(ys, manual(default, params, xs, dropout_keys=jax.random.split(key, 3))[0])
+    variational = jaxrnn.Stack(jaxrnn.LSTM(H), 3, dropout=0.5, dropout_mode="variational")
+    assert float(jnp.abs(variational.apply(params, xs, dropout_key=key)[0] - ys).max()) > 1e-3
+
+
+def test_input_dropout_alone_acts_on_a_single_layer():
+    stack = jaxrnn.Stack(jaxrnn.LSTM(H), 1, input_dropout=0.5)
+    assert stack.uses_dropout and not jaxrnn.Stack(jaxrnn.LSTM(H), 1, dropout=0.5).uses_dropout
+    params, xs = stack.init(jax.random.key(0), I), _xs()
+    key = jax.random.key(4)
+    keep = jax.random.bernoulli(jax.random.split(key, 1)[-1], 0.5, xs.shape)  # per step: a mask of xs's shape
+    ys_ref, _ = jaxrnn.rnn(stack.cell, params[0].fwd, jnp.where(keep, xs / 0.5, 0.0), impl=IMPL)
+    assert_close(stack.apply(params, xs, dropout_key=key, impl=IMPL)[0], ys_ref)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(dropout_mode="gal"), ValueError, r"dropout_mode: expected one of \('per_step', 'variational'\), got 'gal'"),
+        (dict(input_dropout=1.0), ValueError, r"input_dropout: expected a rate in \[0, 1\), got 1.0"),
+        (dict(input_dropout=-0.1), ValueError, r"input_dropout: expected a rate in \[0, 1\)"),
+        (dict(input_dropout="0.1"), TypeError, r"input_dropout: expected a rate in \[0, 1\), got str"),
+    ],
+)
+def test_bad_dropout_config(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        jaxrnn.Stack(jaxrnn.LSTM(H), 2, **kwargs)

@@ -178,10 +178,22 @@ _INPUT_INITS = ("lecun_normal", "lecun_uniform", "glorot_normal", "glorot_unifor
 _RECURRENT_INITS = ("orthogonal", "identity")
 
 
+def _call_initializer(name, fn, key, shape, dtype):
+    """``fn(key, shape, dtype)`` (a ``jax.nn.initializers`` signature), checked: errors say what is expected."""
+    expected = f"a callable init(key, shape, dtype) -> array of shape {shape}, like jax.nn.initializers.lecun_normal()"
+    try:
+        value = fn(key, shape, dtype)
+    except TypeError as e:
+        raise TypeError(f"{name}: expected {expected}; calling it failed: {e}") from e
+    if shape_of(value) != shape:
+        raise ValueError(f"{name}: expected {expected}, got an array of shape {shape_of(value)}")
+    return jnp.asarray(value, dtype)
+
+
 def _input_kernel(name_or_fn, key, input_size, hidden_size, num_gates, dtype):
     """``(I, G)`` kernel initialised gate by gate (fan_out = H per gate)."""
     if callable(name_or_fn):
-        return jnp.asarray(name_or_fn(key, (input_size, num_gates * hidden_size), dtype), dtype)
+        return _call_initializer("kernel_init", name_or_fn, key, (input_size, num_gates * hidden_size), dtype)
     if name_or_fn == "irnn":  # Le et al. 2015: small Gaussian input weights.
         return 1e-3 * jax.random.normal(key, (input_size, num_gates * hidden_size), dtype)
     init = getattr(jax.nn.initializers, name_or_fn)()
@@ -193,7 +205,7 @@ def _recurrent_kernel(name_or_fn, key, hidden_size, num_gates, dtype, scale=1.0)
     """``(H, G)`` kernel; each gate's ``(H, H)`` block is orthogonal or ``scale·I``."""
     shape = (hidden_size, num_gates * hidden_size)
     if callable(name_or_fn):
-        return jnp.asarray(name_or_fn(key, shape, dtype), dtype)
+        return _call_initializer("recurrent_init", name_or_fn, key, shape, dtype)
     if name_or_fn == "identity":
         return jnp.tile(scale * jnp.eye(hidden_size, dtype=dtype), (1, num_gates))
     init = jax.nn.initializers.orthogonal(scale)

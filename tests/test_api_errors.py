@@ -140,3 +140,16 @@ def test_memory_horizon_threshold_is_a_ratio(threshold):
     norms = analysis.grad_norms_through_time(LSTM, P, XS)
     with pytest.raises(ValueError, match=r"^threshold: expected a gradient ratio in \(0, 1\)"):
         analysis.memory_horizon(norms.h, threshold)
+
+
+@pytest.mark.parametrize("field", ["kernel_init", "recurrent_init"])
+def test_callable_initialisers_get_the_expected_signature_in_errors(field):
+    cell = jaxrnn.LSTM(H, **{field: lambda key, shape: jnp.zeros(shape)})  # missing dtype
+    with pytest.raises(TypeError, match=rf"^{field}: expected a callable init\(key, shape, dtype\)"):
+        cell.init(jax.random.key(0), I)
+    cell = jaxrnn.LSTM(H, **{field: lambda key, shape, dtype: jnp.zeros((2, 2), dtype)})
+    with pytest.raises(ValueError, match=rf"^{field}: expected .* got an array of shape \(2, 2\)"):
+        cell.init(jax.random.key(0), I)
+    good = jaxrnn.LSTM(H, **{field: lambda key, shape, dtype: jnp.full(shape, 0.5, dtype)})
+    params = good.init(jax.random.key(0), I)
+    assert np.all(np.asarray(params.w_ih if field == "kernel_init" else params.w_hh) == 0.5)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 __all__ = [
     "Parser",
@@ -27,6 +28,7 @@ __all__ = [
     "finite_float",
     "number",
     "output_dir",
+    "parse",
     "positive_float",
     "positive_int",
     "nonnegative_int",
@@ -46,6 +48,35 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+
+def parse(parser: argparse.ArgumentParser, argv=None, prepare=None):
+    """Parse (and check) a subcommand's arguments: ``(args, None)``, or ``(None, status)`` after one line on stderr.
+
+    Args:
+      parser: the subcommand's :class:`Parser`.
+      argv: the arguments (``sys.argv[1:]`` by default).
+      prepare: optional ``prepare(args)`` run inside the same error handling
+        (checks that need several arguments at once); its result replaces ``args``.
+
+    Returns:
+      ``(args, None)`` on success; ``(None, 0)`` after ``--help``; ``(None, 2)``
+      after printing ``"<prog>: <message>"`` for a bad command line.
+
+    Example:
+      >>> args, status = parse(build_parser(), argv)
+      >>> if status is not None:
+      ...     return status
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        return (prepare(args) if prepare is not None else args), None
+    except SystemExit as e:  # --help
+        return None, int(e.code or 0)
+    except ValueError as e:  # UsageError, or a check of prepare
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return None, 2
 
 
 def number(kind, check, what):

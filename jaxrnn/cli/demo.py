@@ -22,6 +22,7 @@ from jaxrnn.cli.args import (
     UsageError,
     number,
     output_dir,
+    parse,
     positive_float,
     positive_int,
     text_file,
@@ -79,14 +80,10 @@ def prepare(args) -> tuple[demo.Corpus, demo.Config]:
 
 def main(argv=None) -> int:
     """Run the demo; returns the exit status (2 for a bad command line, before any training)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        corpus, config = prepare(build_parser().parse_args(argv))
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except ValueError as e:  # UsageError, or a text too short to predict
-        print(f"jaxrnn demo: {e}", file=sys.stderr)
-        return 2
+    prepared, status = parse(build_parser(), argv, prepare)  # a text too short to predict is a usage error too
+    if status is not None:
+        return status
+    corpus, config = prepared
     demo.run(corpus, config)
     return 0
 

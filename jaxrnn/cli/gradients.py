@@ -25,7 +25,7 @@ from jaxrnn.analysis import figures
 from jaxrnn.analysis.gradients import memory_horizon
 from jaxrnn.analysis.profile import profile_during_training
 from jaxrnn.cells import GRU, LSTM, Elman
-from jaxrnn.cli.args import Parser, number, output_dir, positive_float, positive_int, ratio
+from jaxrnn.cli.args import Parser, number, output_dir, parse, positive_float, positive_int, ratio
 from jaxrnn.runner import IMPLS
 
 __all__ = ["FIGURES", "build_parser", "main"]
@@ -161,14 +161,9 @@ def main(argv=None) -> int:
     Every argument is parsed and checked before any computation; a bad one
     prints one line on stderr and returns 2.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except ValueError as e:  # UsageError
-        print(f"jaxrnn gradients: {e}", file=sys.stderr)
-        return 2
+    args, status = parse(build_parser(), argv)
+    if status is not None:
+        return status
     start = time.perf_counter()
     for name in FIGURES:
         if name in args.figures:

@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "demo": ("jaxrnn.cli.demo", "train a small LSTM language model on an embedded text (the default)"),
     "gradients": ("jaxrnn.cli.gradients", "vanishing/exploding-gradient figures and tables"),
+    "experiment": ("jaxrnn.cli.experiment", "reproduce a lecture claim: jaxrnn experiment NAME"),
     "bench": ("benchmarks.__main__", "the benchmark suite (from a source checkout)"),
 }
 

@@ -27,6 +27,7 @@ from jax.interpreters import ad
 __all__ = [
     "check_float_dtype",
     "check_index",
+    "check_int_array",
     "check_inputs",
     "check_key",
     "check_lengths",
@@ -164,6 +165,23 @@ def check_static(name: str, value: Any, kind: type = bool) -> Any:
     return value
 
 
+def check_int_array(value, shape: Iterable[int], name: str, what: str = "an integer array"):
+    """``value`` (lists, tuples and scalars converted with NumPy) if it is an integer array of ``shape``.
+
+    Raises:
+      TypeError: not an integer array (``what`` describes the expectation).
+      ValueError: the wrong shape.
+    """
+    if isinstance(value, (list, tuple)) or np.isscalar(value):
+        value = np.asarray(value)
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{name}: expected {what}, got dtype {dtype}")
+    if shape_of(value) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {shape_of(value)}")
+    return value
+
+
 def check_lengths(seq_lengths, batch_shape: Iterable[int], T: int, name: str = "seq_lengths"):
     """Check an integer lengths array of shape ``batch_shape``; concrete values must be in ``[0, T]``.
 
@@ -173,13 +191,7 @@ def check_lengths(seq_lengths, batch_shape: Iterable[int], T: int, name: str = "
     Returns:
       ``seq_lengths`` as an array.
     """
-    if isinstance(seq_lengths, (list, tuple)) or np.isscalar(seq_lengths):
-        seq_lengths = np.asarray(seq_lengths)
-    dtype = getattr(seq_lengths, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"{name}: expected an integer array, got dtype {dtype}")
-    if shape_of(seq_lengths) != tuple(batch_shape):
-        raise ValueError(f"{name}: expected shape {tuple(batch_shape)}, got {shape_of(seq_lengths)}")
+    seq_lengths = check_int_array(seq_lengths, batch_shape, name)
     if not is_traced(seq_lengths):
         values = np.asarray(seq_lengths)
         if values.size and (values.min() < 0 or values.max() > T):

@@ -21,7 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrnn.checks import check_float_dtype, check_index, check_inputs, check_lengths, check_rate, is_traced, shape_of
+from jaxrnn.checks import (
+    check_float_dtype,
+    check_index,
+    check_inputs,
+    check_int_array,
+    check_lengths,
+    check_rate,
+    is_traced,
+    shape_of,
+)
 from jaxrnn.runner import check_impl
 from jaxrnn.scan import sequence_mask, where_valid
 from jaxrnn.sequence import embed
@@ -150,13 +159,7 @@ def check_labels(labels, shape, num_classes: int, valid=None, name: str = "label
     Returns:
       ``labels`` as an array.
     """
-    if isinstance(labels, (list, tuple)):
-        labels = np.asarray(labels)
-    dtype = getattr(labels, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"{name}: expected an integer array of class ids, got {type(labels).__name__} of dtype {dtype}")
-    if shape_of(labels) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {shape_of(labels)}")
+    labels = check_int_array(labels, shape, name, what="an integer array of class ids")
     if not is_traced(labels) and not is_traced(valid):
         ids = np.asarray(labels)
         if valid is not None:

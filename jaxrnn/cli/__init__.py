@@ -16,6 +16,9 @@ COMMANDS = {
     "demo": ("jaxrnn.cli.demo", "train a small LSTM language model on an embedded text (the default)"),
     "gradients": ("jaxrnn.cli.gradients", "vanishing/exploding-gradient figures and tables"),
     "experiment": ("jaxrnn.cli.experiment", "reproduce a lecture claim: jaxrnn experiment NAME"),
+    "train": ("jaxrnn.cli.train", "train a language model on a text, with checkpoints (jaxrnn train --help)"),
+    "sample": ("jaxrnn.cli.sample", "print text sampled from a checkpoint of jaxrnn train"),
+    "eval": ("jaxrnn.cli.eval", "perplexity and bits per character of a checkpoint next to a Kneser-Ney n-gram"),
     "bench": ("benchmarks.__main__", "the benchmark suite (from a source checkout)"),
 }
 

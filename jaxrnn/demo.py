@@ -155,8 +155,8 @@ def _smooth(values):
 
 def save_figure(path, histories, unigram_ppl, vocab_size, subtitle):
     """Training loss and validation perplexity of each model, side by side."""
-    from matplotlib.figure import Figure  # noqa: PLC0415  (no pyplot: no global backend state)
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415  (heavy: `import jaxrnn` must not load matplotlib)
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: PLC0415  (likewise)
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_loss, ax_ppl = fig.subplots(1, 2)

@@ -13,7 +13,10 @@ Every backend has the signature documented in :mod:`jaxrnn.runner`::
   programs, one fused step kernel per time step
   (:mod:`jaxrnn.kernels.pallas_split`). What both kernel families share
   (block sizes, padding, configuration) is in :mod:`jaxrnn.kernels.common`;
-  imports run ``common`` <- ``pallas_split`` <- ``pallas``.
+  imports run ``common`` <- ``pallas_split``, ``mosaic_gpu`` <- ``pallas``.
+  ``Pallas(backend="mosaic_gpu")`` runs the persistent Mosaic GPU kernels of
+  :mod:`jaxrnn.kernels.mosaic_gpu` instead (the GPU default on JAX >= 0.11
+  once they lower for CUDA).
 
 ``impl`` is resolved here, at trace time. Besides the names, ``impl`` takes
 a backend with options, :class:`XLA` or :class:`Pallas`: frozen, hashable
@@ -69,6 +72,11 @@ class Pallas:
       block: the kernels' :class:`~jaxrnn.kernels.pallas.BlockSizes`
         (``None``: ``BlockSizes.get_default(platform)``).
       interpret: run in Pallas interpret mode (``None``: on CPU only).
+      backend: the kernel family, one of :data:`jaxrnn.kernels.pallas.BACKENDS`
+        (``None``: :func:`jaxrnn.kernels.pallas.resolve_backend`, ``"mosaic_gpu"``
+        compiled for a GPU with JAX >= 0.11 once those kernels lower, else
+        ``"portable"``); ``Pallas(backend="mosaic_gpu", interpret=True)`` runs
+        the Mosaic GPU kernels in Mosaic GPU's interpreter on CPU (JAX >= 0.12).
 
     Example:
       >>> from jaxrnn.kernels.pallas import BlockSizes
@@ -77,6 +85,7 @@ class Pallas:
 
     block: Optional[Any] = None
     interpret: Optional[bool] = None
+    backend: Optional[str] = None
     name: ClassVar[str] = "pallas"
 
     def __post_init__(self):
@@ -85,12 +94,17 @@ class Pallas:
             raise TypeError(f"Pallas.block: expected a BlockSizes or None, got {type(self.block).__name__}")
         if self.interpret is not None and not isinstance(self.interpret, bool):
             raise TypeError(f"Pallas.interpret: expected a bool or None, got {type(self.interpret).__name__}")
+        if self.backend is not None and self.backend not in pallas.BACKENDS:
+            raise ValueError(f"Pallas.backend: expected one of {pallas.BACKENDS} or None, got {self.backend!r}")
 
     def __call__(self, cell, params, xs, carry0, lengths, reverse):
         """Project all steps with one large matmul, then run the kernels on ``xp``."""
 
         xp = cell.input_projection(params, xs)
-        return pallas.rnn_pallas(cell, params, xp, carry0, lengths, reverse, block=self.block, interpret=self.interpret)
+        chosen = {} if self.backend is None else {"backend": self.backend}  # None: rnn_pallas resolves it
+        return pallas.rnn_pallas(
+            cell, params, xp, carry0, lengths, reverse, block=self.block, interpret=self.interpret, **chosen
+        )
 
 
 def resolve(impl, cell, platform):

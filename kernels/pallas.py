@@ -80,11 +80,28 @@ from jax.experimental import pallas as pl
 
 from jaxrnn.cells import acc_dtype, check_carry, check_params
 from jaxrnn.checks import check_lengths
-from jaxrnn.kernels import common, gates, pallas_split
+from jaxrnn.kernels import common, gates, mosaic_gpu, pallas_split
 from jaxrnn.kernels.common import BlockSizes
 from jaxrnn.scan import scan_reference, sequence_mask, where_valid
 
-__all__ = ["BlockSizes", "GPU_RESIDENT_BYTES", "VERIFIED_PLATFORMS", "gpu_hidden_tile", "qualifies", "reference", "rnn_pallas"]
+__all__ = [
+    "BACKENDS",
+    "BlockSizes",
+    "GPU_RESIDENT_BYTES",
+    "VERIFIED_PLATFORMS",
+    "gpu_hidden_tile",
+    "qualifies",
+    "reference",
+    "resolve_backend",
+    "rnn_pallas",
+]
+
+#: The kernel families :func:`rnn_pallas` may run (``backend=None``: :func:`resolve_backend` picks).
+#: ``"portable"``: the resident kernels here and the step kernels of
+#: :mod:`~jaxrnn.kernels.pallas_split` (plain interpret mode on CPU, Mosaic TPU,
+#: Triton on GPU); ``"mosaic_gpu"``: the persistent kernels of
+#: :mod:`~jaxrnn.kernels.mosaic_gpu` (GPU; on CPU, Mosaic GPU's interpreter).
+BACKENDS = ("portable", "mosaic_gpu")
 
 #: The resident kernels' grid: batch tiles parallel, time chunks in order.
 _GRID_AXES = ("parallel", "arbitrary")
@@ -93,7 +110,7 @@ _GRID_AXES = ("parallel", "arbitrary")
 # --------------------------------------------------------------------------
 # The public wrapper (BlockSizes: jaxrnn.kernels.common, re-exported here)
 # --------------------------------------------------------------------------
-def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, block=None, platform=None):
+def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, block=None, platform=None, backend=None):
     """Run ``cell`` over projected inputs with the fused Pallas kernels.
 
     The backend contract of :mod:`jaxrnn.runner` (``impl="pallas"``),
@@ -119,6 +136,11 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
       platform: the platform to build the kernels for (``None``:
         ``jax.default_backend()``); set it to lower for another one, e.g.
         ``"tpu"`` under ``jax.export``.
+      backend: the kernel family, one of :data:`BACKENDS` (``None``:
+        :func:`resolve_backend`). ``"mosaic_gpu"`` splits the weight across
+        CTAs by ``block.hidden`` units (default :func:`mosaic_gpu.gpu_block`
+        compiled, all units in one CTA interpreted); interpreted it runs in
+        Mosaic GPU's interpreter (JAX >= 0.12).
 
     Returns:
       ``(hs, final_carry)``: ``(T, B, H)`` outputs, zero at padded steps, and
@@ -145,6 +167,11 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
     platform = jax.default_backend() if platform is None else platform
     interpret = platform == "cpu" if interpret is None else bool(interpret)
     compute_dtype = jnp.dtype(xp.dtype if cell.compute_dtype is None else cell.compute_dtype)
+    backend = resolve_backend(cell, platform, interpret) if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    if backend == "mosaic_gpu":
+        block = _mosaic_block(cell, block, interpret, compute_dtype)
     if block is None:
         block = BlockSizes.get_default(platform)
         if common.is_gpu(platform) and not interpret:
@@ -159,7 +186,11 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
         )
 
     H, n_gates = cell.hidden_size, cell.num_gates
-    Tp, Bp, Hp, rows, steps, tile = common.padded_sizes(T, B, H, block, platform, interpret)
+    if backend == "mosaic_gpu":  # no Triton rules: one chunk, tiles as mosaic_gpu pads them
+        block = mosaic_gpu.padded_block(block, interpret)
+        Tp, Bp, Hp, rows, steps, tile = common.padded_sizes(T, B, H, block, "cpu", True)
+    else:
+        Tp, Bp, Hp, rows, steps, tile = common.padded_sizes(T, B, H, block, platform, interpret)
     acc = acc_dtype(compute_dtype)
     masked = lengths is not None or Tp != T
     cfg = common.Config(
@@ -184,8 +215,39 @@ def rnn_pallas(cell, params, xp, carry0, lengths, reverse, *, interpret=None, bl
     else:
         lens = jnp.zeros((Bp, 1), jnp.int32)  # never read
 
-    hs, carry = _recurrence(cfg, w_hh, b_hn, xp, carry0, lens)
+    hs, carry = _recurrence(cfg, backend, w_hh, b_hn, xp, carry0, lens)
     return hs[:T, :B, :H], jax.tree_util.tree_map(lambda c: c[:B, :H], carry)
+
+
+def resolve_backend(cell, platform: str, interpret: bool) -> str:
+    """The kernel family ``backend=None`` runs: ``"mosaic_gpu"`` compiled for a
+    GPU when :data:`mosaic_gpu.PREFERRED` (JAX >= 0.11, where Triton is
+    deprecated, and the kernels lower: not yet, see :data:`mosaic_gpu.LOWERS`)
+    and the cell's weight can split (not a GRU with ``reset="before"``), else
+    ``"portable"``.
+
+    Example:
+      >>> resolve_backend(jaxrnn.LSTM(8), "cpu", True)
+      'portable'
+    """
+    if common.is_gpu(platform) and not interpret and mosaic_gpu.PREFERRED and common.can_split(cell):
+        return "mosaic_gpu"
+    return "portable"
+
+
+def _mosaic_block(cell, block, interpret, compute_dtype):
+    """The Mosaic GPU kernels' block sizes: ``block`` with ``hidden`` set."""
+    if not common.can_split(cell):
+        raise ValueError(
+            "backend='mosaic_gpu': a GRU with reset='before' cannot split its recurrent weight across CTAs "
+            "(its candidate multiplies r ⊙ h_(t-1)); use GRU(reset='after') or backend='portable'"
+        )
+    default = BlockSizes(hidden=cell.hidden_size) if interpret else mosaic_gpu.gpu_block(cell, compute_dtype=compute_dtype)
+    if block is None:
+        return default
+    if not isinstance(block, BlockSizes):
+        raise TypeError(f"block: expected a BlockSizes, got {type(block).__name__}")
+    return dataclasses.replace(block, hidden=default.hidden) if block.hidden is None else block
 
 
 def _check_xp(cell, xp):
@@ -271,12 +333,12 @@ def qualifies(cell, platform: str) -> bool:
 # --------------------------------------------------------------------------
 # The custom VJP (on padded arrays), for both kernel families
 # --------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recurrence(cfg, w_hh, b_hn, xp, carry0, lens):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recurrence(cfg, backend, w_hh, b_hn, xp, carry0, lens):
     """``(hs, final_carry)`` of the padded problem; differentiable in
     ``w_hh``, ``b_hn``, ``xp`` and ``carry0``."""
     rec = _recurrent(cfg, w_hh, b_hn, xp.dtype)
-    hs, _, _, carry = _loops(cfg)[0](cfg, rec, xp, carry0, lens, save_residuals=False)
+    hs, _, _, carry = _loops(cfg, backend)[0](cfg, rec, xp, carry0, lens, save_residuals=False)
     return hs, carry
 
 
@@ -284,18 +346,18 @@ def _recurrent(cfg, w_hh, b_hn, acc):
     return common.Recurrent(w_hh.astype(cfg.cell.compute_dtype), None if b_hn is None else b_hn.astype(acc))
 
 
-def _recurrence_fwd(cfg, w_hh, b_hn, xp, carry0, lens):
+def _recurrence_fwd(cfg, backend, w_hh, b_hn, xp, carry0, lens):
     rec = _recurrent(cfg, w_hh, b_hn, xp.dtype)
-    hs, carry_seq, res_seq, carry = _loops(cfg)[0](cfg, rec, xp, carry0, lens, save_residuals=True)
+    hs, carry_seq, res_seq, carry = _loops(cfg, backend)[0](cfg, rec, xp, carry0, lens, save_residuals=True)
     carry_seq = cfg.cell.carry_type(hs, *carry_seq)
     return (hs, carry), (w_hh, b_hn, rec.w_hh, carry_seq, res_seq, carry0, lens)
 
 
-def _recurrence_bwd(cfg, residuals, cotangents):
+def _recurrence_bwd(cfg, backend, residuals, cotangents):
     w_hh, b_hn, w_compute, carry_seq, res_seq, carry0, lens = residuals
     dhs, dcarry_t = cotangents
     prev = _previous_carries(carry_seq, carry0, lens if cfg.masked else None, cfg.reverse)
-    dxp, dcarry0 = _loops(cfg)[1](cfg, w_compute, dhs, prev, res_seq, dcarry_t, lens)
+    dxp, dcarry0 = _loops(cfg, backend)[1](cfg, w_compute, dhs, prev, res_seq, dcarry_t, lens)
     res_flat = gates.flat_residuals(cfg.cell, res_seq)
     dw, db_hn = gates.weight_grads(cfg.cell, *gates.matmul_operands(cfg.cell, prev, res_flat, dxp))
     db_hn = None if b_hn is None else db_hn.astype(b_hn.dtype)
@@ -305,11 +367,19 @@ def _recurrence_bwd(cfg, residuals, cotangents):
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def _loops(cfg):
+def _loops(cfg, backend="portable"):
     """``(forward, backward)``: the single resident kernels, or
     :mod:`~jaxrnn.kernels.pallas_split`'s per-step kernels when ``cfg.hidden``
-    splits the weight. Both pairs have the contracts of :func:`_forward_call`
-    and :func:`_backward_call`."""
+    splits the weight, or with ``backend="mosaic_gpu"`` the persistent
+    kernels of :mod:`~jaxrnn.kernels.mosaic_gpu` (grid-wide barrier between
+    steps: CTAs in a cluster when interpreted, semaphores compiled). All
+    pairs have the contracts of :func:`_forward_call` and :func:`_backward_call`."""
+    if backend == "mosaic_gpu":
+        sync = "cluster" if cfg.interpret else "grid"
+        return (
+            functools.partial(mosaic_gpu.forward_loop, sync=sync),
+            functools.partial(mosaic_gpu.backward_loop, sync=sync),
+        )
     if cfg.hidden is None:
         return _forward_call, _backward_call
     return pallas_split.forward_scan, pallas_split.backward_scan

@@ -21,8 +21,7 @@ seed = number(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
 def build_parser() -> Parser:
     """The ``jaxrnn experiment`` argument parser (errors raise :class:`jaxrnn.cli.args.UsageError`)."""
     names = "; ".join(f"{name}: {text}" for name, (_, text) in experiments.EXPERIMENTS.items())
-    p = Parser(prog="jaxrnn experiment", description=f"Reproduce a lecture claim. Experiments: {names}. "
-               f"Not written yet: {', '.join(experiments.NOT_DONE)}.")  # fmt: skip
+    p = Parser(prog="jaxrnn experiment", description=f"Reproduce a lecture claim. Experiments: {names}.")
     p.add_argument("name", choices=tuple(experiments.EXPERIMENTS), metavar="NAME",
                    help=f"one of {', '.join(experiments.EXPERIMENTS)}")  # fmt: skip
     p.add_argument("--config", choices=experiments.CONFIG_NAMES, default="small",
@@ -38,6 +37,7 @@ def main(argv=None) -> int:
     args, status = parse(build_parser(), argv)
     if status is not None:
         return status
+    print(f"running {args.name} ({args.config} config, seed {args.seed}) ...", file=sys.stderr, flush=True)
     record = experiments.run_experiment(args.name, args.config, seed=args.seed, out=args.out)
     print(f"{args.name} ({args.config} config, seed {args.seed}, {record['device']})")
     print(record["table"])

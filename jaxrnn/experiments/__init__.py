@@ -26,7 +26,7 @@ import time
 from jaxrnn.checks import check_index, check_one_of
 from jaxrnn.experiments.common import environment
 
-__all__ = ["CONFIG_NAMES", "EXPERIMENTS", "NOT_DONE", "load", "run_experiment"]
+__all__ = ["CONFIG_NAMES", "EXPERIMENTS", "load", "run_experiment"]
 
 #: Experiment name -> (module, what it reproduces).
 EXPERIMENTS = {
@@ -36,9 +36,9 @@ EXPERIMENTS = {
     "clipping": ("jaxrnn.experiments.clipping", "an exploding Elman RNN trained with and without clipping"),
     "initialisation": ("jaxrnn.experiments.initialisation", "orthogonal/Gaussian/IRNN/forget-bias initialisations"),
     "attention-path": ("jaxrnn.experiments.attention_path", "gradient from ℓ tokens back: RNNs vs one attention layer"),
+    "depth": ("jaxrnn.experiments.depth", "2/4/8-layer stacks with no, residual, dense and highway connections"),
+    "interpret": ("jaxrnn.experiments.interpret", "character-LSTM cells that track quotes, line position, indentation"),
 }
-#: Planned experiments that are not written yet.
-NOT_DONE = ("depth", "interpret")
 CONFIG_NAMES = ("small", "full")
 
 

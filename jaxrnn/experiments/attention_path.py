@@ -14,7 +14,8 @@ and one causal single-head self-attention layer (:func:`attention_last`,
 random weights). ``ℓ = 0`` is special for attention (the query reads
 ``x_{T-1}``), so the decay is summarised from ``ℓ = 1``: ``far_over_near =
 norms[T-1] / norms[1]`` and ``rate``, the geometric factor per step of a
-least-squares line through ``log norms[1:]``.
+least-squares line through ``log norms[ℓ]`` for ``ℓ >= 1`` up to the first
+norm that underflowed to 0 in float32.
 
 Results: ``results[arch] = {"norms", "far_over_near", "rate"}`` for
 ``elman``, ``lstm``, ``attention``.
@@ -34,7 +35,7 @@ from jaxrnn.experiments import plots
 from jaxrnn.experiments.common import Outcome, format_table
 from jaxrnn.runner import rnn
 
-__all__ = ["AttentionParams", "CONFIGS", "attention_last", "init_attention", "input_gradient_norms", "run"]
+__all__ = ["AttentionParams", "CONFIGS", "attention_last", "decay_summary", "init_attention", "input_gradient_norms", "run"]
 
 CONFIGS = {
     "small": {"seq_len": 40, "batch_size": 8, "input_size": 8, "hidden_size": 16, "head_size": 16},
@@ -79,10 +80,17 @@ def _rnn_last(cell, params, xs):
     return rnn(cell, params, xs)[0][:, -1]
 
 
-def _decay(norms: np.ndarray):
+def decay_summary(norms: np.ndarray):
+    """``(far_over_near, rate)``; the rate is fitted over ``ℓ >= 1`` up to the first norm that underflowed to 0
+    (float32 reaches 0 long before a geometric decay ends), so it stays defined at any length."""
+    norms = np.asarray(norms, np.float64)
     far_over_near = float(norms[-1] / norms[1])
     ell = np.arange(1, len(norms))
-    slope = np.polyfit(ell, np.log(np.maximum(norms[1:], 1e-300)), 1)[0]
+    zero = np.nonzero(norms[1:] <= 0)[0]
+    n = int(zero[0]) if len(zero) else len(ell)
+    if n < 2:
+        return far_over_near, float("nan")
+    slope = np.polyfit(ell[:n], np.log(norms[1 : 1 + n]), 1)[0]
     return far_over_near, float(np.exp(slope))
 
 
@@ -100,7 +108,7 @@ def run(cfg: dict, seed: int, out: str) -> Outcome:
              "attention": "one attention weight and W_v"}  # fmt: skip
     for name, (apply_last, params) in models.items():
         norms = input_gradient_norms(apply_last, params, xs)
-        far_over_near, rate = _decay(norms)
+        far_over_near, rate = decay_summary(norms)
         results[name] = {"norms": norms.tolist(), "far_over_near": far_over_near, "rate": rate, "path": paths[name]}
         rows.append([name, paths[name], f"{norms[1]:.3g}", f"{norms[-1]:.3g}", f"{far_over_near:.3g}", f"{rate:.3f}"])
 

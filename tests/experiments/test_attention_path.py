@@ -47,3 +47,11 @@ def test_uniform_attention_is_flat_and_a_contracting_elman_is_geometric():
     elman = ap.input_gradient_norms(lambda q, x: rnn(cell, q, x, impl="reference")[0][:, -1], p, xs)
     bound = np.linalg.norm(np.asarray(p.w_ih), 2) * 0.5 ** np.arange(T) * np.sqrt(H)
     assert np.all(elman <= bound * (1 + 1e-5))
+
+
+def test_rate_is_fitted_before_float32_underflow():
+    """A geometric decay 0.5^ℓ that underflows to 0 after ℓ = 40: the rate is still 0.5, from the ℓ before it."""
+    norms = np.asarray(0.5 ** np.arange(60), np.float32)
+    norms[41:] = 0
+    far_over_near, rate = ap.decay_summary(norms)
+    assert far_over_near == 0 and rate == pytest.approx(0.5, rel=1e-6)

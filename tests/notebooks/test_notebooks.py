@@ -24,6 +24,7 @@ _spec.loader.exec_module(execute)
 
 NOTEBOOKS = execute.notebooks()
 EXPECTED = {"01_quickstart.ipynb", "02_vanishing_gradients.ipynb", "03_cells_and_stacks.ipynb",
+            "04_char_language_model.ipynb", "05_long_range_dependencies.ipynb", "06_tagging_and_elmo.ipynb",
             "07_kernels_and_benchmarks.ipynb"}
 ids = lambda p: p.name  # noqa: E731
 

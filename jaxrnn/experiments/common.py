@@ -7,6 +7,7 @@
 * :func:`init_model` / :func:`model_logits` — a cell read out by a linear
   layer at every step (one-hot tokens in): the model of every task here.
 * :func:`longest_passing` — the rule behind ``max_distance`` and ``max_n``.
+* :func:`load_text` — the texts the language-model experiments learn.
 * :func:`environment`, :func:`format_table`, :class:`Outcome`.
 """
 
@@ -16,6 +17,7 @@ import functools
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Sequence
 
 import jax
@@ -23,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+import jaxrnn
 from jaxrnn.cells import expand_bias
 from jaxrnn.checks import check_index
+from jaxrnn.data import DEFAULT_TEXT
 from jaxrnn.runner import rnn
 from jaxrnn.tasks import adding
 from jaxrnn.train import TrainStep
@@ -38,6 +42,7 @@ __all__ = [
     "environment",
     "format_table",
     "init_model",
+    "load_text",
     "longest_passing",
     "model_logits",
     "one_hot",
@@ -162,6 +167,22 @@ def adding_batches(batch_size: int, seq_len: int, seed: int) -> Callable[[int], 
         return b.inputs, b.targets
 
     return batch_at
+
+
+# --------------------------------------------------------------------------
+# Texts
+# --------------------------------------------------------------------------
+def load_text(name: str, max_chars=None) -> str:
+    """``"source"``: jaxrnn's ``.py`` files joined in path order; ``"corpus"``: the embedded prose; the first
+    ``max_chars`` characters (all with ``None`` or 0)."""
+    if name == "source":
+        root = Path(jaxrnn.__file__).parent
+        text = "".join(path.read_text(encoding="utf-8") for path in sorted(root.rglob("*.py")))
+    elif name == "corpus":
+        text = DEFAULT_TEXT
+    else:
+        raise ValueError(f"text: expected 'source' or 'corpus', got {name!r}")
+    return text[:max_chars] if max_chars else text
 
 
 # --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from matplotlib.ticker import NullLocator
 
 from jaxrnn.cells import GRU, LSTM, Elman
 from jaxrnn.experiments import plots
@@ -96,6 +97,8 @@ def run(cfg: dict, seed: int, out: str) -> Outcome:
     ax[0, 0].axhline(cfg["target_accuracy"], color="k", ls="--", lw=1, label="set accuracy")
     ax[0, 0].axhline(1 / K, color="gray", ls=":", lw=1, label="chance")
     ax[0, 0].set(xscale="log", xlabel="distance ℓ", ylabel="test accuracy", ylim=(0, 1.02))
+    ax[0, 0].set_xticks(distances, [str(e) for e in distances], minor=False)
+    ax[0, 0].xaxis.set_minor_locator(NullLocator())
     ax[0, 0].legend(fontsize=8)
     figures = [plots.write_png(fig, out, "dependency-length")]
     header = ["cell", *[f"ℓ={e}" for e in distances], "max ℓ"]

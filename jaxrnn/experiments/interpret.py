@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import html
 import os
-from pathlib import Path
 from typing import Dict
 
 import jax
@@ -51,11 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxrnn
 from jaxrnn.cells import LSTM
-from jaxrnn.data import DEFAULT_TEXT, Vocab, sample_windows, train_val_split
+from jaxrnn.data import Vocab, sample_windows, train_val_split
 from jaxrnn.experiments import plots
-from jaxrnn.experiments.common import Outcome, format_table, state_trajectory, train_loop
+from jaxrnn.experiments.common import Outcome, format_table, load_text, state_trajectory, train_loop
 from jaxrnn.models import lm
 from jaxrnn.train import make_train_step
 
@@ -94,19 +92,6 @@ FEATURES = {
 # --------------------------------------------------------------------------
 # The text and its features
 # --------------------------------------------------------------------------
-def load_text(name: str, max_chars=None) -> str:
-    """``"source"``: jaxrnn's ``.py`` files joined in path order; ``"corpus"``: the embedded prose; the first
-    ``max_chars`` characters (all with ``None`` or 0)."""
-    if name == "source":
-        root = Path(jaxrnn.__file__).parent
-        text = "".join(path.read_text(encoding="utf-8") for path in sorted(root.rglob("*.py")))
-    elif name == "corpus":
-        text = DEFAULT_TEXT
-    else:
-        raise ValueError(f"text: expected 'source' or 'corpus', got {name!r}")
-    return text[:max_chars] if max_chars else text
-
-
 def inside_quotes(text: str, python: bool = True) -> np.ndarray:
     """``(len(text),)`` 0/1: whether character ``t`` leaves the reader inside a string literal.
 

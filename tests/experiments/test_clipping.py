@@ -16,6 +16,8 @@ def test_recorded_norms_are_optax_tree_norms_and_clipping_follows_them(experimen
     record, out = experiment_record("clipping")
     results = record["results"]
     assert (out / "clipping.png").is_file() and results["max_norm"] == CFG["max_norm"]
+    # the mean predictor's loss is the variance of a sum of two uniforms on [0, 1]: 2/12, to sampling error
+    assert results["mean_predictor_loss"] == pytest.approx(1 / 6, abs=0.01)
     # the same run again, here: the record's numbers are this run's
     cell, run = clipping.train_run(CFG, record["seed"], clip=True)
     np.testing.assert_allclose(run.grad_norms, results["clipped"]["grad_norms"], rtol=1e-6)

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrnn.data import DEFAULT_TEXT, Vocab, sample_windows, train_val_split
+from jaxrnn.data import Vocab, sample_windows, train_val_split
 from jaxrnn.experiments import depth
+from jaxrnn.experiments.common import load_text
 from jaxrnn.models import lm
 
 CFG = depth.CONFIGS["small"]
@@ -32,8 +33,9 @@ def test_small_run_records_what_it_summarises(experiment_record):
     record, out = experiment_record("depth")
     res = record["results"]
     assert (out / "depth.png").is_file()
-    vocab = Vocab.from_text(DEFAULT_TEXT)
-    train_ids, _ = train_val_split(vocab.encode(DEFAULT_TEXT))
+    text = load_text(CFG["text"], CFG["max_chars"])
+    vocab = Vocab.from_text(text)
+    train_ids, _ = train_val_split(vocab.encode(text))
     first_batch = sample_windows(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 1), 0),
                                  jax.numpy.asarray(train_ids), CFG["batch_size"], CFG["window"] + 1)
     probe_steps = list(range(0, CFG["steps"], CFG["probe_every"])) + [CFG["steps"]]
@@ -50,6 +52,8 @@ def test_small_run_records_what_it_summarises(experiment_record):
             assert np.isfinite(run["val_loss"]) and run["final_loss"] < run["losses"][0]
         by_val = {c: res["runs"][f"{c}-{d}"]["val_loss"] for c in CFG["connections"]}
         assert res["best_by_depth"][str(d)] == min(by_val, key=by_val.get)
+        by_train = {c: res["runs"][f"{c}-{d}"]["final_loss"] for c in CFG["connections"]}
+        assert res["best_train_by_depth"][str(d)] == min(by_train, key=by_train.get)
     deepest = max(CFG["depths"])
     vals = [res["runs"][f"{c}-{deepest}"]["val_loss"] for c in CFG["connections"]]
     assert res["gap_at_deepest"] == pytest.approx(res["runs"][f"none-{deepest}"]["val_loss"] - min(vals))

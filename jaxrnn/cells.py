@@ -398,7 +398,9 @@ class Cell:
             ``(*batch, H)`` each (a tile: ``(*batch, |J|)``).
           mm: the recurrent matmul, :meth:`recurrent_matmul`.
           b_hn: GRU ``reset="after"``: the recurrent candidate bias ``(H,)``
-            (a tile: ``(|J|,)``); ``None`` otherwise.
+            (a tile: ``(|J|,)``), or ``None`` when ``mm``'s candidate output
+            already includes it (a kernel that adds a full bias tile to its
+            matmul output); ``None`` for the other cells.
           h_tile: ``None``, or the ``J`` columns of ``carry.h``, where a tile's
             gates read ``h_{t-1}`` elementwise (the GRU update).
 
@@ -638,7 +640,7 @@ class GRU(Cell):
         xr, xu, xn = xp
         if self.reset == "after":
             hr, hu, hn = mm(carry.h, 0)
-            m = hn + expand_bias(b_hn, hn)
+            m = hn if b_hn is None else hn + expand_bias(b_hn, hn)
             r, u = sig_r.value(xr + hr), sig_u.value(xu + hu)
             n = tanh_n.value(xn + r * m)
             acts = (r, u, n, m)

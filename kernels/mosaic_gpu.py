@@ -53,12 +53,13 @@ per step goes through shared memory with TMA (Mosaic GPU moves registers to
 and from global memory only in whole 128-byte lines), and the length mask
 is a ``(rows, |J|)`` tile (layout inference rejects broadcasting a
 ``(rows, 1)`` column). Not for a GRU with ``reset="before"`` (its candidate
-needs ``r`` of every unit before its matmul). With JAX 0.12.0.1, Elman and
-LSTM in bf16 lower for CUDA (``jax.export``, no GPU needed); a GRU
-(``reset="after"``) does not ("Layout inference failed to find a solution":
-:meth:`~jaxrnn.cells.Cell.gate_step` adds ``b_hn`` as a ``(1, |J|)`` row),
-nor float32 ("Only f16 WGMMA supports transposes": TF32 ``wgmma`` wants the
-weight columns stored K-major). Verified only in the interpreter: no GPU ran
+needs ``r`` of every unit before its matmul). With JAX 0.12.0.1, Elman,
+LSTM and GRU (``reset="after"``: ``b_hn`` is added to the candidate's matmul
+output as a full ``(rows, |J|)`` tile, and :meth:`~jaxrnn.cells.Cell.gate_step`
+gets ``b_hn=None``, since layout inference rejects a broadcast ``(1, |J|)``
+row) in bf16 lower for CUDA (``jax.export``, no GPU needed); float32 does
+not ("Only f16 WGMMA supports transposes": TF32 ``wgmma`` wants the weight
+columns stored K-major). Verified only in the interpreter: no GPU ran
 these kernels (``VERIFIED_PLATFORMS`` of :mod:`jaxrnn.kernels.pallas` is
 unchanged), so :data:`LOWERS` keeps them off the GPU default.
 
@@ -571,7 +572,6 @@ def _forward_body(cfg, sync, keep_res, n_seq, n_carry, has_bhn, counts, n_arriva
         _load_columns(w_ref, w_smem, gate_cols, tma)
         lens = io.load(lens_ref.at[rows_b, cols]) if masked else None
         b_tile = io.load(bhn_ref.at[rows_b, cols]) if has_bhn else None
-        b_hn = jnp.zeros((hT,), jnp.float32) if has_bhn else None  # b_hn is in the matmul output
         carry = cell.carry_type(*(io.load(r.at[rows_b, cols]) for r in carry0_refs))
         io.publish(carry.h, hx_ref.at[0, rows_b, cols])
         io.flush()
@@ -586,7 +586,7 @@ def _forward_body(cfg, sync, keep_res, n_seq, n_carry, has_bhn, counts, n_arriva
             if has_bhn:  # the candidate's m = h W_hn + b_hn
                 z = z[:-1] + (z[-1] + b_tile,)
             xp_t = tuple(io.load(xp_ref.at[t, rows_b, gate_cols(k)]) for k in range(n_gates))
-            new, h, res = cell.gate_step(carry, xp_t, lambda _, k: z, b_hn, h_tile=carry.h)
+            new, h, res = cell.gate_step(carry, xp_t, lambda _, k: z, None, h_tile=carry.h)  # b_hn is in z
             if masked:
                 valid = t.astype(lens.dtype) < lens
                 new = common.select_carry(valid, new, carry)

@@ -34,7 +34,16 @@ def summary(name: str, results: dict) -> str:
     if name == "dependency-length":
         return "; ".join(f"{c}: max ℓ {r[c]['max_distance']}" for c in ("elman", "lstm", "gru") if c in r)
     if name == "counting":
-        return "; ".join(f"{k}: max n {v['max_n']}" for k, v in r.items() if isinstance(v, dict) and "max_n" in v)
+        return "; ".join(f"{k}: aⁿbⁿ max n {v['max_n']}, aⁿbⁿcⁿ max n {v['anbncn']['max_n']} (unit "
+                         f"{v['counting_unit']['state']}[{v['counting_unit']['index']}], r = "
+                         f"{v['counting_unit']['correlation']:+.3f})"
+                         for k, v in r.items() if isinstance(v, dict) and "max_n" in v)  # fmt: skip
+    if name == "attention-path":
+        return "; ".join(f"{k}: far/near {v['far_over_near']:.3g}, rate per step {v['rate']:.3f}"
+                         for k, v in r.items() if isinstance(v, dict) and "rate" in v)  # fmt: skip
+    if name == "exercises":
+        return "all checks passed" if all(v.get("passed", True) for v in r.values() if isinstance(v, dict)) else \
+            "some checks failed: " + ", ".join(k for k, v in r.items() if isinstance(v, dict) and not v.get("passed", True))
     if name == "clipping":
         return "; ".join(f"{k}: final loss {r[k]['final_loss']:.4g}, clipped {r[k]['clipped_fraction']:.0%}, "
                          f"non-finite steps {r[k]['nonfinite_steps']}" for k in ("unclipped", "clipped"))  # fmt: skip

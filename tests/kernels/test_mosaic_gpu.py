@@ -136,9 +136,9 @@ class TestInterpret(_MosaicTests):
 class TestGPU(_MosaicTests):
     """Compiled on a GPU (Hopper: ``wgmma``; grid-wide semaphore barrier).
 
-    Unverified: no GPU was available where this was written. Elman and LSTM
-    in bf16 lower (``test_lowers_for_cuda``); a GRU and float32 do not yet,
-    so the class runs the bf16 LSTM and Elman only.
+    Unverified: no GPU was available where this was written. Elman, LSTM and
+    GRU (``reset="after"``) in bf16 lower (``test_lowers_for_cuda``); float32
+    does not yet, so the class runs bf16 only.
     """
 
     INTERPRET = False
@@ -149,7 +149,7 @@ class TestGPU(_MosaicTests):
     @pytest.fixture(autouse=True)
     def _lowering_gaps(self, request, _mode):  # after _mode's platform check
         params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
-        if params.get("name") == "gru_after" or params.get("dtype") == jnp.float32:
+        if params.get("dtype") == jnp.float32:
             pytest.skip("does not lower yet (LOWERING_GAPS)")
 
 
@@ -234,10 +234,6 @@ def test_gpu_block_fits_flashrnn():
 # --------------------------------------------------------------------------
 #: What does not lower yet with JAX 0.12.0.1, and Mosaic GPU's error.
 LOWERING_GAPS = {
-    # Cell.gate_step adds b_hn as a (1, |J|) row (cells.expand_bias); Mosaic GPU's
-    # layout inference cannot broadcast it (a full (rows, |J|) bias tile lowers).
-    # Not run: layout inference searches ~70 s before it gives up.
-    ("gru_after", jnp.dtype(jnp.bfloat16)): "Layout inference failed to find a solution",
     # TF32 wgmma wants both operands K-major: the weight columns would have to be stored transposed.
     ("lstm", jnp.dtype(jnp.float32)): "Only f16 WGMMA supports transposes",
 }
@@ -265,8 +261,8 @@ def _export_cuda(name, dtype, hidden=40, batch=16, block=None):
 @newer_jax
 @pytest.mark.parametrize(
     "name, dtype",
-    [("elman", jnp.bfloat16), ("lstm", jnp.bfloat16), ("lstm", jnp.float32)],  # the GRU's gap: a 70 s search
-    ids=["elman-bf16", "lstm-bf16", "lstm-f32"],
+    [("elman", jnp.bfloat16), ("lstm", jnp.bfloat16), ("gru_after", jnp.bfloat16), ("lstm", jnp.float32)],
+    ids=["elman-bf16", "lstm-bf16", "gru-after-bf16", "lstm-f32"],
 )
 def test_lowers_for_cuda(name, dtype):
     """Forward + VJP (lengths, reverse) lower to Mosaic GPU for CUDA: H=40 in

@@ -251,7 +251,7 @@ def run(corpus: Corpus, config: Config) -> None:
         print(f"\nSample {when} training ({main_label}, temperature {config.temperature:g}):")
         print(_indent(config.prompt + vocab.decode(np.asarray(ids))))
 
-    unigram = lm.unigram_perplexity(train_ids, val_ids, vocab.size)
+    unigram = lm.unigram_perplexity(train_ids, val_ids[1:], vocab.size)  # the predictions evaluate makes
     print("\nValidation perplexity (lower is better; exp of the mean cross-entropy per character):")
     print(f"  uniform guess (V)             {vocab.size:8.2f}")
     print(f"  perplexity before training    {history['val_ppl'][0]:8.2f}   ({main_label})")

@@ -166,11 +166,17 @@ def indentation(text: str) -> np.ndarray:
     return out
 
 
-def feature_arrays(text: str, python: bool = True) -> Dict[str, np.ndarray]:
-    """Every feature of :data:`FEATURES` over ``text``, each ``(len(text),)`` float64."""
-    return {"in_quotes": inside_quotes(text, python).astype(np.float64),
-            "line_position": column(text).astype(np.float64),
-            "indentation": indentation(text).astype(np.float64)}  # fmt: skip
+def feature_arrays(text: str, python: bool = True, start: int = 0) -> Dict[str, np.ndarray]:
+    """Every feature of :data:`FEATURES` over ``text[start:]``, each ``(len(text) - start,)`` float64.
+
+    The features are computed on the whole ``text`` and then cut, so that a
+    part that starts inside a string literal or a line gets its true values
+    (computed on ``text[start:]`` alone, every later quote would pair the
+    wrong way round).
+    """
+    return {"in_quotes": inside_quotes(text, python)[start:].astype(np.float64),
+            "line_position": column(text)[start:].astype(np.float64),
+            "indentation": indentation(text)[start:].astype(np.float64)}  # fmt: skip
 
 
 def unit_correlations(units: np.ndarray, feature: np.ndarray) -> np.ndarray:
@@ -268,7 +274,7 @@ def run(cfg: dict, seed: int, out: str) -> Outcome:
     record = train_loop(step, init, batch_at, cfg["steps"])
     val_loss = lm.evaluate(model, record.params, val_ids, window=256).nll
 
-    features = feature_arrays(val_text, python)
+    features = feature_arrays(text, python, start=split)
     trained, untrained = cell_states(model, record.params, val_ids), cell_states(model, init, val_ids)
     H, thr = cfg["hidden_size"], cfg["threshold"]
     corr = {name: unit_correlations(trained, f) for name, f in features.items()}

@@ -508,7 +508,9 @@ def unigram_perplexity(train_ids, eval_ids, vocab_size: int, smoothing: float = 
     """Perplexity on ``eval_ids`` of the add-``smoothing`` unigram model fitted on ``train_ids``.
 
     The baseline a language model must beat: it knows how often each token
-    occurs but nothing about context.
+    occurs but nothing about context. It scores every id of ``eval_ids``;
+    :func:`evaluate` and :meth:`jaxrnn.models.KneserNey.evaluate` predict every
+    id but the first, so pass ``eval_ids[1:]`` to score the same predictions.
     """
     counts = np.bincount(np.asarray(train_ids), minlength=vocab_size) + smoothing
     log_p = np.log(counts / counts.sum())

@@ -133,3 +133,16 @@ def test_standardise_against_its_formula():
     np.testing.assert_allclose(interpret.standardise(values, ref), expected)
     assert interpret.standardise(values, ref)[1:].tolist() == [1.0, -1.0]
     np.testing.assert_array_equal(interpret.standardise(np.full(3, 7.0)), np.zeros(3))
+
+
+def test_validation_features_come_from_the_whole_text():
+    """A split inside a string literal: the part's quotes keep their true sides."""
+    text = 'x = "abc def"\n    y = "z"\n'
+    start = text.index("def")  # inside the first string
+    part = interpret.feature_arrays(text, start=start)
+    whole = interpret.feature_arrays(text)
+    for name in interpret.FEATURES:
+        np.testing.assert_array_equal(part[name], whole[name][start:])
+    assert part["in_quotes"][:3].tolist() == [1, 1, 1]  # "def" is inside the string
+    assert interpret.inside_quotes(text[start:])[:3].tolist() == [0, 0, 0]  # what cutting first would get wrong
+    assert part["indentation"][part["indentation"] > 0].max() == 4 and part["line_position"][0] == start + 1

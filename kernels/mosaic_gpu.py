@@ -6,7 +6,9 @@ The third kernel family of the Pallas backend, for GPUs with JAX >= 0.11
 weight by hidden units as :mod:`~jaxrnn.kernels.pallas_split` does, but runs
 the time loop *inside* one kernel: each CTA ``j`` owns ``block.hidden`` units
 ``J`` and a batch tile, copies the columns ``J`` of every gate's block of
-``W_hh`` into its shared memory once, and then, per step:
+``W_hh`` into its shared memory once (K-major: ``(|J|, H)`` tiles holding
+the columns' transpose, rows of ``W_hhᵀ``, which the wrapper transposes once),
+and then, per step:
 
 1. copies ``h_{t-1}`` of every unit (the batch tile's rows) from a global
    exchange buffer into shared memory (TMA),
@@ -22,7 +24,8 @@ the time loop *inside* one kernel: each CTA ``j`` owns ``block.hidden`` units
 The backward kernel has the same structure in reverse time: CTA ``j`` reads
 step ``t + 1``'s recurrent-matmul cotangents ``m̄`` of every unit from the
 exchange buffer, adds ``Σ_k m̄_k W_k[J, :]ᵀ`` (``wgmma`` against its columns
-of the per-gate transposes, resident in shared memory) to its units' ``dh``,
+of the per-gate transposes, resident in shared memory K-major, i.e. the rows
+``W_k[J, :]``) to its units' ``dh``,
 computes the gate cotangents elementwise
 (:func:`~jaxrnn.kernels.gates.backward_gates_local`), writes ``dxp_{t,J}``
 and publishes ``m̄_{t,J}``. The weight gradient stays one large matmul after
@@ -57,17 +60,24 @@ needs ``r`` of every unit before its matmul). With JAX 0.12.0.1, Elman,
 LSTM and GRU (``reset="after"``: ``b_hn`` is added to the candidate's matmul
 output as a full ``(rows, |J|)`` tile, and :meth:`~jaxrnn.cells.Cell.gate_step`
 gets ``b_hn=None``, since layout inference rejects a broadcast ``(1, |J|)``
-row) in bf16 lower for CUDA (``jax.export``, no GPU needed); float32 does
-not ("Only f16 WGMMA supports transposes": TF32 ``wgmma`` wants the weight
-columns stored K-major). Verified only in the interpreter: no GPU ran
-these kernels (``VERIFIED_PLATFORMS`` of :mod:`jaxrnn.kernels.pallas` is
-unchanged), so :data:`LOWERS` keeps them off the GPU default.
+row), in bf16 and in float32, lower for CUDA (``jax.export``, no GPU
+needed). Both ``wgmma`` operands sit K-major in shared memory (``h_{t-1}``
+or ``m̄`` as ``(rows, H)``, the weight as ``(|J|, H)`` tiles passed
+transposed, ``b.transpose((1, 0))``): TF32 ``wgmma`` accepts no other layout
+("Only f16 WGMMA supports transposes"), and bf16 uses the same one. Float32
+matmuls run in TF32 on the GPU (10-bit mantissa, like float16; the
+interpreter computes them in float32), and float32 tiles take twice the
+shared memory: with one 64-row batch tile and 16-unit tiles a CTA fits up to
+H = 384 for an LSTM (768 in bf16), 448 for a GRU (896), 672 for an Elman
+cell (1344). Verified only in the interpreter: no GPU ran these kernels
+(``VERIFIED_PLATFORMS`` of :mod:`jaxrnn.kernels.pallas` is unchanged), so
+:data:`LOWERS` keeps them off the GPU default.
 
 FlashRNN configuration (bf16 LSTM, H = 768, B = 16, T = 1024) on an H100 /
 H200 (132 SMs, 227 KB of shared memory per block): ``W_hh`` is 768 × 3072 ×
 2 B = 4.7 MB. :func:`gpu_block` gives 48 CTAs of 16 units (one 64-row batch
 tile, 16 rows real). Each holds 768 × (4 · 16) × 2 B = 98 KB of weight
-columns (forward: of ``W_hh``; backward: of the per-gate ``W_kᵀ``), a
+columns (forward: of ``W_hh``; backward: of the per-gate ``W_kᵀ``; K-major), a
 64 × 768 × 2 B = 98 KB tile of ``h_{t-1}`` (forward) or of one gate's ``m̄``
 (backward, reused gate by gate), and 64 × 16 staging tiles:
 :func:`smem_bytes` = 227,336 B (the backward's; Mosaic GPU allows 232,448),
@@ -143,9 +153,10 @@ AVAILABLE = plgpu is not None and hasattr(plgpu, "ClusterBarrier") and hasattr(p
 #: Whether this JAX can run the kernels on CPU (Mosaic GPU's interpreter, JAX >= 0.12).
 INTERPRETABLE = AVAILABLE and hasattr(plgpu, "InterpretGPUParams")
 #: Whether every configuration the compiled kernels accept lowers for CUDA.
-#: ``False``: with JAX 0.12.0.1 Elman and LSTM in bf16 lower, a GRU and
-#: float32 do not (see the module docstring), and nothing ran on a GPU; so
-#: ``impl="pallas"`` on a GPU keeps the (deprecated but working) Triton kernels.
+#: ``False``: with JAX 0.12.0.1 Elman, LSTM and GRU (``reset="after"``) lower
+#: in bf16 and float32 (within the shared memory of :func:`smem_bytes`; see the
+#: module docstring), but nothing ran on a GPU; so ``impl="pallas"`` on a GPU
+#: keeps the (deprecated but working) Triton kernels.
 LOWERS = False
 #: Whether ``impl="pallas"`` on a GPU picks these kernels: JAX >= 0.11 (where
 #: Triton is deprecated), once they lower (:data:`LOWERS`).
@@ -179,30 +190,43 @@ SMEM_BYTES = 232448
 #: The most CTAs :func:`gpu_block` spreads the weight over (an H100 SXM's SMs).
 MAX_CTAS = 132
 
+#: Mosaic GPU starts every shared-memory buffer at a multiple of 1024 bytes.
+SMEM_ALIGNMENT = 1024
+
 
 def smem_bytes(cell, rows: int, Hp: int, tile: int, compute_dtype, masked: bool = True) -> int:
     """Shared memory one CTA of the forward or the backward kernel (the larger) uses.
 
-    The resident weight columns (``Hp × num_gates·tile``), the staging tile of
+    The resident weight columns (``num_gates`` tiles ``tile × Hp``, K-major,
+    in the compute dtype: float32 twice bf16's), the staging tile of
     ``h_{t-1}`` (forward) or of one gate's ``m̄`` (backward), ``rows × Hp``,
-    and the ``(rows, tile)`` tiles of :func:`_staging`; Mosaic GPU adds 8
-    bytes of barriers. It equals what Mosaic GPU reports when it lowers
-    (e.g. 227,336 B for the backward of a bf16 LSTM, Hp = 768, 64 rows, tile 16).
+    and the ``(rows, tile)`` tiles of :func:`_staging`, each buffer rounded
+    up to :data:`SMEM_ALIGNMENT`; Mosaic GPU adds 8 bytes of barriers. It
+    equals what Mosaic GPU reports when it lowers (e.g. 227,336 B for the
+    backward of a bf16 LSTM, Hp = 768, 64 rows, tile 16).
     """
     cd, n = jnp.dtype(compute_dtype).itemsize, cell.num_gates
     carry = len(cell.zero_carry(1))
     res = len(common.residual_layout(dataclasses.replace(cell, hidden_size=1), 1, jnp.float32)[0])
-    fixed = Hp * n * tile * cd + rows * Hp * cd + rows * tile * cd + 8  # weight, h (or m̄), exchange tile, barriers
+
+    def buffer(*shape, itemsize):
+        return common.round_up(math.prod(shape) * itemsize, SMEM_ALIGNMENT)
+
+    # weight, h (or m̄), exchange tile, barriers
+    fixed = n * buffer(tile, Hp, itemsize=cd) + buffer(rows, Hp, itemsize=cd) + buffer(rows, tile, itemsize=cd) + 8
     pool_forward = max(carry + masked + common.has_b_hn(cell), n, 1 + (carry - 1) + res)
     pool_backward = max(carry + masked, carry + res + 1, n)
-    return fixed + max(pool_forward, pool_backward) * rows * tile * 4
+    return fixed + max(pool_forward, pool_backward) * buffer(rows, tile, itemsize=4)
 
 
 def gpu_block(cell, batch: int = WGMMA_ROWS, compute_dtype=jnp.bfloat16):
     """The GPU's default :class:`~jaxrnn.kernels.common.BlockSizes` for ``cell``:
     the widest hidden tile (16, 32, ... units) whose CTA fits
-    :data:`SMEM_BYTES` (:func:`smem_bytes`), at least as wide as needed for
-    :data:`MAX_CTAS` CTAs; fewer, wider CTAs make the barrier cheaper.
+    :data:`SMEM_BYTES` (:func:`smem_bytes`, with the units padded to whole
+    tiles and the weight in ``compute_dtype``), at least as wide as needed
+    for :data:`MAX_CTAS` CTAs; fewer, wider CTAs make the barrier cheaper.
+    16 units is the narrowest tile: whether it fits is for Mosaic GPU to say
+    when the kernels lower (e.g. a float32 LSTM beyond H = 384 does not).
 
     Example:
       >>> gpu_block(jaxrnn.LSTM(768)).hidden  # 48 CTAs of 16 units, 222 KiB each
@@ -213,7 +237,11 @@ def gpu_block(cell, batch: int = WGMMA_ROWS, compute_dtype=jnp.bfloat16):
     tile = 16
     while -(-Hp // tile) > MAX_CTAS:
         tile *= 2
-    while tile * 2 <= Hp and smem_bytes(cell, rows, Hp, tile * 2, compute_dtype) <= SMEM_BYTES:
+
+    def fits(tile):  # the hidden units are padded to whole tiles
+        return smem_bytes(cell, rows, common.round_up(Hp, tile), tile, compute_dtype) <= SMEM_BYTES
+
+    while tile * 2 <= Hp and fits(tile * 2):
         tile *= 2
     return common.BlockSizes(batch=batch, lanes=16, hidden=tile)
 
@@ -334,7 +362,8 @@ def forward_loop(cfg, rec, xp, carry0, lens, save_residuals, *, sync="cluster"):
     # b_hn as a (Bp, Hp) array: a CTA adds its (rows, |J|) tile to the candidate's
     # matmul output (m = h W_hn + b_hn); layout inference rejects broadcasting a row.
     bhn = () if rec.b_hn is None else (jnp.broadcast_to(rec.b_hn.astype(acc), (Bp, Hp)),)
-    inputs = (xp, rec.w_hh, tuple(carry0)) + _lens_tiles(cfg, lens, Bp, Hp) + bhn
+    # W_hhᵀ (Gp, Hp): gate k's columns J are its rows k·Hp + J, the K-major tile a CTA keeps.
+    inputs = (xp, rec.w_hh.T, tuple(carry0)) + _lens_tiles(cfg, lens, Bp, Hp) + bhn
     counts = (max(len(carry0) + cfg.masked + len(bhn), n_gates, 1 + n_seq + n_res), _ONE)
     kernel = plgpu.kernel(
         _forward_body(cfg, sync, keep_res, n_seq, len(carry0), bool(bhn), counts, n_cta * n_tiles),
@@ -346,7 +375,7 @@ def forward_loop(cfg, rec, xp, carry0, lens, save_residuals, *, sync="cluster"):
             jax.ShapeDtypeStruct((2, Bp, Hp), cd),  # the h exchange (ping-pong)
         ),
         scratch_types=(
-            tuple(plgpu.SMEM((Hp, hT), cd) for _ in range(n_gates)),  # resident weight columns
+            tuple(plgpu.SMEM((hT, Hp), cd) for _ in range(n_gates)),  # resident weight columns, K-major
             plgpu.SMEM((rows, Hp), cd),  # h_{t-1} of every unit
             plgpu.Barrier(),  # TMA completion
             _staging(rows, hT, acc, cd, counts),
@@ -376,7 +405,8 @@ def backward_loop(cfg, w, dhs, prev, res_seq, dcarry_t, lens, *, sync="cluster")
     cd, acc = jnp.dtype(cell.compute_dtype), dhs.dtype
     interpret, compiler_params = _params(cfg, sync)
     w_gates = gates.split_gates(cell, w)
-    wt = common.join_gates(tuple(wk.T for wk in w_gates))  # (Hp, Gp): columns J of W_kᵀ are rows J of W_k
+    # (Gp, Hp): the columns J of W_kᵀ, K-major, are the rows J of W_k, rows k·Hp + J here.
+    wt = jnp.concatenate(w_gates, axis=0)
     inputs = (wt, dhs, tuple(prev), tuple(res_seq), tuple(dcarry_t)) + _lens_tiles(cfg, lens, Bp, Hp)
     out = jax.ShapeDtypeStruct((Tp, Bp, Hp), acc)
     counts = (max(len(prev) + cfg.masked, len(prev) + len(res_seq) + 1, n_gates), _ONE)
@@ -388,7 +418,7 @@ def backward_loop(cfg, w, dhs, prev, res_seq, dcarry_t, lens, *, sync="cluster")
             jax.ShapeDtypeStruct((2, n_gates, Bp, Hp), cd),  # the m̄ exchange (ping-pong)
         ),
         scratch_types=(
-            tuple(plgpu.SMEM((Hp, hT), cd) for _ in range(n_gates)),  # resident columns of W_kᵀ
+            tuple(plgpu.SMEM((hT, Hp), cd) for _ in range(n_gates)),  # resident columns of W_kᵀ, K-major
             plgpu.SMEM((rows, Hp), cd),  # m̄_{t+1} of every unit, one gate at a time
             plgpu.Barrier(),
             _staging(rows, hT, acc, cd, counts),
@@ -426,19 +456,25 @@ def _tile(cfg):
 
 
 def _load_columns(src_ref, dst_refs, gate_cols, tma):
-    """Copy gate ``k``'s columns ``J`` of ``src_ref`` into ``dst_refs[k]`` (TMA), once per kernel."""
+    """Copy gate ``k``'s columns ``J`` into ``dst_refs[k]`` (TMA), once per kernel,
+    K-major: ``src_ref`` holds the weight transposed, ``(n·Hp, Hp)``, so the
+    columns are its rows ``gate_cols(k)`` and ``dst_refs[k]`` is ``(|J|, Hp)``."""
     for k, dst in enumerate(dst_refs):
-        plgpu.copy_gmem_to_smem(src_ref.at[:, gate_cols(k)], dst, tma)
+        plgpu.copy_gmem_to_smem(src_ref.at[gate_cols(k)], dst, tma)
         plgpu.barrier_wait(tma)
 
 
 def _wgmma(pairs, shape):
-    """``Σ a @ b`` over the ``(a, b)`` pairs of shared-memory refs: ``wgmma``
-    into one float32 accumulator of ``shape``, then its value."""
+    """``Σ a @ bᵀ`` over the ``(a, b)`` pairs of shared-memory refs, ``a``
+    ``(M, K)`` and ``b`` ``(N, K)`` (both K-major: TF32 ``wgmma`` accepts no
+    other layout, "Only f16 WGMMA supports transposes"): ``wgmma`` into one
+    float32 accumulator of ``shape``, then its value."""
 
     def body(acc_ref):
         for a, b in pairs:
-            plgpu.wgmma(acc_ref, a, b)
+            # b.transpose is plgpu.transpose_ref(b, (1, 0)), whose check of b.memory_space
+            # fails on a kernel's ref in JAX 0.12.0.1 ("not available on traced array")
+            plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
         plgpu.wgmma_wait(0)
         return acc_ref[...]
 
@@ -448,12 +484,13 @@ def _wgmma(pairs, shape):
 def _recurrent_vjp(dmx_ref, dmm_smem, wt_smem, rows_b, tma):
     """``Σ_k m̄_k W_k[J, :]ᵀ`` for this CTA's units: per gate, ``m̄_k`` of every
     unit into the one staging buffer ``dmm_smem`` (TMA), then a ``wgmma``
-    against the resident columns ``J`` of ``W_kᵀ``; float32 ``(rows, |J|)``."""
+    against the resident columns ``J`` of ``W_kᵀ`` (K-major: rows ``J`` of
+    ``W_k``); float32 ``(rows, |J|)``."""
     total = None
     for k, wt in enumerate(wt_smem):
         plgpu.copy_gmem_to_smem(dmx_ref.at[k, rows_b], dmm_smem, tma)
         plgpu.barrier_wait(tma)
-        part = _wgmma([(dmm_smem, wt)], (dmm_smem.shape[0], wt.shape[1]))
+        part = _wgmma([(dmm_smem, wt)], (dmm_smem.shape[0], wt.shape[0]))
         total = part if total is None else total + part
     return total
 

@@ -92,6 +92,7 @@ class _MosaicTests:
     PLATFORM = "cpu"
     BLOCK = BLOCK
     PRECISION = None
+    TOLERANCE = {}  # dtype -> the dtype whose tolerance the comparison uses (default: its own)
 
     @pytest.fixture(autouse=True)
     def _mode(self):
@@ -113,8 +114,9 @@ class _MosaicTests:
         args = (params, xs, carry0, jax.random.key(7))
         got = _vjp_all(cell, self.impl)(*args)
         want = _vjp_all(cell, "reference")(*args)
+        tolerance = self.TOLERANCE.get(jnp.dtype(dtype), dtype)
         for variant in want:
-            assert_close(got[variant], want[variant], dtype=dtype, err_msg=f"(lengths, reverse) = {variant}")
+            assert_close(got[variant], want[variant], dtype=tolerance, err_msg=f"(lengths, reverse) = {variant}")
         if self.INTERPRET:
             assert not _races_found()
 
@@ -137,19 +139,22 @@ class TestGPU(_MosaicTests):
     """Compiled on a GPU (Hopper: ``wgmma``; grid-wide semaphore barrier).
 
     Unverified: no GPU was available where this was written. Elman, LSTM and
-    GRU (``reset="after"``) in bf16 lower (``test_lowers_for_cuda``); float32
-    does not yet, so the class runs bf16 only.
+    GRU (``reset="after"``) lower in bf16 and float32 (``test_lowers_for_cuda``);
+    a case in ``LOWERING_GAPS`` is skipped. The reference runs float32 matmuls
+    at full precision, the kernels' float32 ``wgmma`` is TF32 (a 10-bit
+    mantissa, as float16's), so float32 is compared at float16's tolerance.
     """
 
     INTERPRET = False
     PLATFORM = "gpu"
     BLOCK = BlockSizes(batch=64, lanes=16, hidden=16)
     PRECISION = "highest"
+    TOLERANCE = {jnp.dtype(jnp.float32): jnp.float16}  # TF32 wgmma
 
     @pytest.fixture(autouse=True)
     def _lowering_gaps(self, request, _mode):  # after _mode's platform check
         params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
-        if params.get("dtype") == jnp.float32:
+        if (params.get("name"), jnp.dtype(params.get("dtype", jnp.float32))) in LOWERING_GAPS:
             pytest.skip("does not lower yet (LOWERING_GAPS)")
 
 
@@ -229,14 +234,32 @@ def test_gpu_block_fits_flashrnn():
     assert mosaic_gpu.gpu_block(jaxrnn.Elman(8192)).hidden >= 64  # at most 132 CTAs
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("name", CELLS)
+def test_gpu_block_fits(name, dtype):
+    """Wherever 16-unit CTAs fit, :func:`gpu_block`'s tile fits too, with the
+    hidden units padded to whole tiles and the weight in ``dtype`` (float32
+    tiles are twice bf16's)."""
+    for hidden in (40, 80, 200, 300, 384, 500, 768, 1000):
+        cell = make_cell(name, hidden)
+        Hp = common.round_up(hidden, 16)
+        if mosaic_gpu.smem_bytes(cell, 64, Hp, 16, dtype) > mosaic_gpu.SMEM_BYTES:
+            continue
+        tile = mosaic_gpu.gpu_block(cell, compute_dtype=dtype).hidden
+        padded = common.round_up(Hp, tile)
+        assert mosaic_gpu.smem_bytes(cell, 64, padded, tile, dtype) <= mosaic_gpu.SMEM_BYTES, (hidden, tile)
+    lstm = jaxrnn.LSTM(384)
+    assert mosaic_gpu.smem_bytes(lstm, 64, 384, 16, jnp.float32) == 229_384  # the largest float32 LSTM that fits
+    assert mosaic_gpu.smem_bytes(jaxrnn.LSTM(400), 64, 400, 16, jnp.float32) > mosaic_gpu.SMEM_BYTES
+
+
 # --------------------------------------------------------------------------
 # Lowering for CUDA with jax.export (no GPU needed to lower Mosaic GPU)
 # --------------------------------------------------------------------------
-#: What does not lower yet with JAX 0.12.0.1, and Mosaic GPU's error.
-LOWERING_GAPS = {
-    # TF32 wgmma wants both operands K-major: the weight columns would have to be stored transposed.
-    ("lstm", jnp.dtype(jnp.float32)): "Only f16 WGMMA supports transposes",
-}
+#: What does not lower yet with JAX 0.12.0.1, ``(name, dtype)``: Mosaic GPU's error.
+#: Empty: float32 lowers since the weight tiles sit K-major in shared memory
+#: (TF32 wgmma accepts no other layout: "Only f16 WGMMA supports transposes").
+LOWERING_GAPS = {}
 newer_jax = pytest.mark.skipif(
     tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 12), reason=f"jax {jax.__version__}: checked with 0.12"
 )
@@ -261,13 +284,14 @@ def _export_cuda(name, dtype, hidden=40, batch=16, block=None):
 @newer_jax
 @pytest.mark.parametrize(
     "name, dtype",
-    [("elman", jnp.bfloat16), ("lstm", jnp.bfloat16), ("gru_after", jnp.bfloat16), ("lstm", jnp.float32)],
-    ids=["elman-bf16", "lstm-bf16", "gru-after-bf16", "lstm-f32"],
+    [(name, dtype) for dtype in (jnp.bfloat16, jnp.float32) for name in CELLS],
+    ids=[f"{name.replace('_', '-')}-{dtype}" for dtype in ("bf16", "f32") for name in CELLS],
 )
 def test_lowers_for_cuda(name, dtype):
     """Forward + VJP (lengths, reverse) lower to Mosaic GPU for CUDA: H=40 in
-    three CTAs of 16 units (48 padded), 64-row batch tiles; the known gaps
-    fail with Mosaic GPU's error (``LOWERING_GAPS``)."""
+    two CTAs of 32 units (64 padded; :func:`gpu_block`), 64-row batch tiles,
+    as ``wgmma`` of the dtype (float32: TF32); the known gaps fail with
+    Mosaic GPU's error (``LOWERING_GAPS``)."""
     gap = LOWERING_GAPS.get((name, jnp.dtype(dtype)))
     if gap is not None:
         with pytest.raises(ValueError, match=gap):
@@ -276,6 +300,39 @@ def test_lowers_for_cuda(name, dtype):
     module = _export_cuda(name, dtype)
     assert module.count("rnn_forward_mosaic") and module.count("rnn_backward_mosaic")
     assert "mosaic_gpu" in module
+    operands = "tf32.tf32" if dtype == jnp.float32 else "bf16.bf16"
+    assert f"wgmma.mma_async.sync.aligned.m64n32k{32 // jnp.dtype(dtype).itemsize}.f32.{operands}" in module
+
+
+@newer_jax
+@pytest.mark.parametrize(
+    "name, dtype, hidden", [("gru_after", jnp.bfloat16, 200), ("lstm", jnp.float32, 384)], ids=["gru-bf16", "lstm-f32"]
+)
+def test_default_block_lowers(name, dtype, hidden):
+    """:func:`gpu_block`'s tile fits once the units are padded to whole tiles
+    (GRU, H=200: 7 CTAs of 32 units, 224 padded), and a float32 LSTM of
+    H=384 (the largest whose 16-unit CTA fits: 229,384 B) lowers."""
+    module = _export_cuda(name, dtype, hidden=hidden)
+    assert module.count("rnn_forward_mosaic") and module.count("rnn_backward_mosaic")
+
+
+@newer_jax
+@pytest.mark.parametrize(
+    "name, dtype, hidden, tile, batch",
+    [("lstm", jnp.float32, 224, 32, 16), ("gru_after", jnp.float32, 256, 16, 100)],
+    ids=["lstm-f32", "gru-f32-128-rows"],
+)
+def test_smem_bytes_is_what_mosaic_reports(name, dtype, hidden, tile, batch):
+    """``smem_bytes`` is exactly the shared memory Mosaic GPU allocates (every
+    buffer rounded up to 1024 bytes, plus 8 bytes of barrier): in these
+    configurations the forward fits and the backward, one staging tile
+    larger, does not, and Mosaic GPU's error names its size."""
+    rows = common.round_up(batch, mosaic_gpu.WGMMA_ROWS)
+    want = mosaic_gpu.smem_bytes(make_cell(name, hidden), rows, hidden, tile, dtype)
+    assert want - rows * tile * 4 <= mosaic_gpu.SMEM_BYTES < want  # the forward's fits, the backward's not
+    block = BlockSizes(batch=batch, lanes=16, hidden=tile)
+    with pytest.raises(ValueError, match=f"exceeds available shared memory: smem_bytes={want} > max_smem_bytes="):
+        _export_cuda(name, dtype, hidden=hidden, batch=batch, block=block)
 
 
 @newer_jax

@@ -173,15 +173,17 @@ def adding_batches(batch_size: int, seq_len: int, seed: int) -> Callable[[int], 
 # Texts
 # --------------------------------------------------------------------------
 def load_text(name: str, max_chars=None) -> str:
-    """``"source"``: jaxrnn's ``.py`` files joined in path order; ``"corpus"``: the embedded prose; the first
-    ``max_chars`` characters (all with ``None`` or 0)."""
+    """``"source"``: jaxrnn's ``.py`` files joined in path order; ``"corpus"``: the embedded prose; otherwise
+    the path of a UTF-8 text file. The first ``max_chars`` characters (all with ``None`` or 0)."""
     if name == "source":
         root = Path(jaxrnn.__file__).parent
         text = "".join(path.read_text(encoding="utf-8") for path in sorted(root.rglob("*.py")))
     elif name == "corpus":
         text = DEFAULT_TEXT
+    elif isinstance(name, str) and Path(name).is_file():
+        text = Path(name).read_text(encoding="utf-8")
     else:
-        raise ValueError(f"text: expected 'source' or 'corpus', got {name!r}")
+        raise ValueError(f"text: expected 'source', 'corpus' or the path of a text file, got {name!r}")
     return text[:max_chars] if max_chars else text
 
 

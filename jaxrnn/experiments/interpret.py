@@ -9,7 +9,9 @@ Here a one-layer character LSTM language model
 (:class:`jaxrnn.models.LanguageModel`) learns a text split 90/10 by
 position: ``text = "source"``, jaxrnn's own Python source (every ``.py``
 file of the installed package, sorted by path; nothing is downloaded), or
-``"corpus"``, the embedded prose :data:`jaxrnn.data.DEFAULT_TEXT`. Then
+``"corpus"``, the embedded prose :data:`jaxrnn.data.DEFAULT_TEXT`, or the
+path of a text file (``interpret.run(dict(CONFIGS["full"], text=path), 0,
+out)``). Then
 every unit's cell state ``c_t`` (the LSTM's memory) is recorded over the
 whole validation split, read from its start with a zero state, and
 correlated (Pearson) with three features of the text, each defined by what
@@ -260,7 +262,7 @@ def _excerpt(text: str, lines: int):
 # --------------------------------------------------------------------------
 def run(cfg: dict, seed: int, out: str) -> Outcome:
     text = load_text(cfg["text"], cfg["max_chars"])
-    python = cfg["text"] == "source"
+    python = cfg["text"] == "source" or str(cfg["text"]).endswith(".py")  # Python's quotes, else prose's
     vocab = Vocab.from_text(text)
     train_ids, val_ids = train_val_split(vocab.encode(text))
     split = len(text) - val_ids.size

@@ -146,3 +146,14 @@ def test_validation_features_come_from_the_whole_text():
     assert part["in_quotes"][:3].tolist() == [1, 1, 1]  # "def" is inside the string
     assert interpret.inside_quotes(text[start:])[:3].tolist() == [0, 0, 0]  # what cutting first would get wrong
     assert part["indentation"][part["indentation"] > 0].max() == 4 and part["line_position"][0] == start + 1
+
+
+def test_load_text_reads_a_file(tmp_path):
+    from jaxrnn.experiments.common import load_text
+
+    path = tmp_path / "t.txt"
+    path.write_text('say "hi"\n', encoding="utf-8")
+    assert load_text(str(path)) == 'say "hi"\n' and load_text(str(path), 3) == "say"
+    assert load_text("corpus", 10) == jaxrnn.data.DEFAULT_TEXT[:10]
+    with pytest.raises(ValueError, match="text"):
+        load_text(str(tmp_path / "missing.txt"))

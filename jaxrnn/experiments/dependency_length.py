@@ -5,8 +5,14 @@ vanilla RNN works below 20 tokens, struggles at 20–50 and fails beyond 50.
 Here each cell is trained on the distance task (:func:`jaxrnn.tasks.distance_task`:
 the answer is the symbol ``ℓ`` steps before the last, every other symbol is
 noise) for each ``ℓ``, with the same hidden size, optimiser, steps and batch,
-and tested on fresh sequences. All ``ℓ`` share one sequence length
-(``max(distances) + 1``), so every run of a cell shares one compiled step.
+and tested on fresh sequences. Each ``ℓ`` has its own length ``ℓ + 1``: the
+answer is the first symbol, so the model knows which symbol to keep (2 bits
+for 4 symbols) and must carry it across exactly ``ℓ`` steps, the lectures'
+question. (One length for all ``ℓ`` would share one compiled step, but then
+the answer sits ``ℓ`` steps before an end the model cannot see coming: it must
+either count to ``T - 1 - ℓ`` or keep the last ``ℓ`` symbols, a capacity test
+that an earlier run of this experiment showed even an LSTM fails beyond
+``ℓ ≈ 7`` with 64 units.)
 
 Rule. ``max_distance`` is the largest ``ℓ`` whose test accuracy is at least
 ``target_accuracy`` *and* every smaller tested ``ℓ`` passes too
@@ -65,9 +71,9 @@ def distance_accuracy(cell, params, distance, *, seq_len, num_symbols, size, see
 
 
 def run(cfg: dict, seed: int, out: str) -> Outcome:
-    distances, K, T = cfg["distances"], cfg["num_symbols"], max(cfg["distances"]) + 1
+    distances, K = cfg["distances"], cfg["num_symbols"]
     B, steps = cfg["batch_size"], cfg["steps"]
-    results = {"target_accuracy": cfg["target_accuracy"], "chance": 1 / K, "seq_len": T,
+    results = {"target_accuracy": cfg["target_accuracy"], "chance": 1 / K, "seq_len": "ℓ + 1 (the answer is the first symbol)",
                "rule": "max_distance: the largest ℓ with accuracy >= target_accuracy and every smaller ℓ passing; "
                        "0 if the smallest ℓ fails",
                "lecture": {"elman": 7, "lstm": 100, "vanilla": "< 20 works, 20-50 struggles, > 50 fails"}}  # fmt: skip
@@ -76,9 +82,9 @@ def run(cfg: dict, seed: int, out: str) -> Outcome:
         step = make_train_step(functools.partial(last_step_loss, cell, K), optax.adam(cfg["learning_rate"]))
         accs, losses = {}, {}
         for k, ell in enumerate(distances):
-            data_seed = seed * 7919 + 1000 * k
+            data_seed, T = seed * 7919 + 1000 * k, ell + 1
 
-            def batch_at(i, ell=ell, data_seed=data_seed):
+            def batch_at(i, ell=ell, data_seed=data_seed, T=T):
                 b = distance_task(B, ell, seq_len=T, num_symbols=K, seed=data_seed + i)
                 return b.inputs, b.targets
 

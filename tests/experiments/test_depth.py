@@ -46,6 +46,7 @@ def test_small_run_records_what_it_summarises(experiment_record):
             assert run["probe_steps"] == probe_steps
             assert [len(n) for n in run["layer_grad_norms"]] == [d] * len(probe_steps)
             assert run["first_layer_grad"] == run["layer_grad_norms"][0][0] > 0
+            assert run["first_layer_grad_final"] == run["layer_grad_norms"][-1][0] > 0
             assert run["first_to_last"] == pytest.approx(run["layer_grad_norms"][0][0] / run["layer_grad_norms"][0][-1])
             model = depth.build_model(CFG, d, c, vocab.size)  # the first loss is the loss at initialisation
             assert run["losses"][0] == pytest.approx(float(lm.loss(model, model.init(jax.random.key(0)), first_batch)), rel=1e-5)

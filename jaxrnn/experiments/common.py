@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import platform
 import sys
 from importlib import metadata
@@ -43,6 +44,7 @@ __all__ = [
     "format_table",
     "init_model",
     "load_text",
+    "text_record",
     "longest_passing",
     "model_logits",
     "one_hot",
@@ -172,6 +174,12 @@ def adding_batches(batch_size: int, seq_len: int, seed: int) -> Callable[[int], 
 # --------------------------------------------------------------------------
 # Texts
 # --------------------------------------------------------------------------
+def text_record(name: str, text: str) -> Dict[str, Any]:
+    """What a result needs to name its text: the name, the length and the SHA-256 of the UTF-8 bytes (``"source"``
+    changes with every edit of jaxrnn's code)."""
+    return {"name": name, "chars": len(text), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
 def load_text(name: str, max_chars=None) -> str:
     """``"source"``: jaxrnn's ``.py`` files joined in path order; ``"corpus"``: the embedded prose; otherwise
     the path of a UTF-8 text file. The first ``max_chars`` characters (all with ``None`` or 0)."""

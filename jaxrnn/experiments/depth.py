@@ -47,7 +47,7 @@ import optax
 from jaxrnn.cells import GRU, LSTM, Elman
 from jaxrnn.data import Vocab, sample_windows, train_val_split
 from jaxrnn.experiments import plots
-from jaxrnn.experiments.common import Outcome, format_table, load_text, train_loop
+from jaxrnn.experiments.common import Outcome, format_table, load_text, text_record, train_loop
 from jaxrnn.models import lm
 from jaxrnn.stack import Stack
 from jaxrnn.train import make_train_step
@@ -93,7 +93,7 @@ def run(cfg: dict, seed: int, out: str) -> Outcome:
 
     probe = sample_windows(jax.random.fold_in(jax.random.key(seed), 2), train_ids, B, W)  # never trained on as such
     probe_steps = list(range(0, steps, cfg["probe_every"])) + [steps]
-    results = {"text": cfg["text"], "vocab_size": vocab.size, "train_chars": int(train_ids.size),
+    results = {"text": text_record(cfg["text"], text), "vocab_size": vocab.size, "train_chars": int(train_ids.size),
                "val_chars": int(val_ids.size), "runs": {}, "best_by_depth": {}, "best_train_by_depth": {},
                "lecture": "Britz et al. 2017: 8-layer stacks need skip (residual/dense) connections to train"}  # fmt: skip
     rows = []

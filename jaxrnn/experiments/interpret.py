@@ -55,7 +55,7 @@ import optax
 from jaxrnn.cells import LSTM
 from jaxrnn.data import Vocab, sample_windows, train_val_split
 from jaxrnn.experiments import plots
-from jaxrnn.experiments.common import Outcome, format_table, load_text, state_trajectory, train_loop
+from jaxrnn.experiments.common import Outcome, format_table, load_text, text_record, state_trajectory, train_loop
 from jaxrnn.models import lm
 from jaxrnn.train import make_train_step
 
@@ -281,7 +281,7 @@ def run(cfg: dict, seed: int, out: str) -> Outcome:
     H, thr = cfg["hidden_size"], cfg["threshold"]
     corr = {name: unit_correlations(trained, f) for name, f in features.items()}
     max_abs = np.nan_to_num(np.abs(np.stack(list(corr.values()))), nan=0.0).max(axis=0)  # a constant feature: r = 0
-    results = {"text": cfg["text"], "train_chars": int(train_ids.size), "val_chars": int(val_ids.size),
+    results = {"text": text_record(cfg["text"], text), "train_chars": int(train_ids.size), "val_chars": int(val_ids.size),
                "units": H, "threshold": thr, "losses": record.losses.tolist(),
                "final_loss": float(np.mean(record.losses[-10:])), "val_loss": float(val_loss), "features": {},
                "max_abs_r": max_abs.tolist(), "interpretable_units": int(np.sum(max_abs >= thr)),

@@ -157,3 +157,12 @@ def test_load_text_reads_a_file(tmp_path):
     assert load_text("corpus", 10) == jaxrnn.data.DEFAULT_TEXT[:10]
     with pytest.raises(ValueError, match="text"):
         load_text(str(tmp_path / "missing.txt"))
+
+
+def test_text_record_names_the_text_exactly():
+    import hashlib
+
+    from jaxrnn.experiments.common import text_record
+
+    rec = text_record("corpus", "héllo")
+    assert rec == {"name": "corpus", "chars": 5, "sha256": hashlib.sha256("héllo".encode()).hexdigest()}

@@ -32,7 +32,7 @@ def summary(name: str, results: dict) -> str:
     """One line of what a full run measured (the numbers the results table quotes)."""
     r = results
     if name == "dependency-length":
-        return "; ".join(f"{c}: max ℓ {r[c]['max_distance']}" for c in ("elman", "lstm", "gru") if c in r)
+        return "; ".join(f"{c}: max ℓ {v['max_distance']}" for c, v in r.items() if isinstance(v, dict) and "max_distance" in v)
     if name == "counting":
         return "; ".join(f"{k}: aⁿbⁿ max n {v['max_n']}, aⁿbⁿcⁿ max n {v['anbncn']['max_n']} (unit "
                          f"{v['counting_unit']['state']}[{v['counting_unit']['index']}], r = "
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
         for name in [n for n in ORDER if n in args.only]:
             start = time.perf_counter()
             print(f"== {name} (full) ...", flush=True)
-            record = experiments.run_experiment(name, "full", seed=args.seed, out=args.out)
+            out = os.path.relpath(args.out)  # the record names its figures by this path: relative, when it can be
+            record = experiments.run_experiment(name, "full", seed=args.seed, out=out)
             print(record["table"], f"\n   {time.perf_counter() - start:.0f} s", flush=True)
     for name in ORDER:
         path = os.path.join(args.out, f"{name}.json")

@@ -1,8 +1,11 @@
-"""Shared test helpers: the one per-dtype tolerance table for every equivalence test."""
+"""Shared test helpers: the one per-dtype tolerance table for every equivalence test, the cells, and the
+variant-by-variant VJP that the kernel tests compare against ``impl="reference"``."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import jaxrnn
 
 #: (rtol, atol) per dtype, for every equivalence test in the suite.
 TOLERANCES = {
@@ -40,7 +43,6 @@ def assert_close(actual, expected, dtype=None, scale=1.0, err_msg=""):
 # --------------------------------------------------------------------------
 # The cell table and random trees every test file draws from
 # --------------------------------------------------------------------------
-import jaxrnn  # noqa: E402
 
 #: Every cell variant, by name: ``CELL_VARIANTS[name](hidden, **kwargs)``.
 CELL_VARIANTS = {
@@ -72,3 +74,33 @@ def randomize(tree, key, scale=0.3):
 def to64(tree):
     """Every leaf as a float64 array (for references computed with x64 enabled)."""
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def via_rnn(cell, impl):
+    """``run(p, x, c, lengths, reverse)``: :func:`jaxrnn.rnn` of ``cell`` with ``impl``."""
+
+    def run(p, x, c, lengths, reverse):
+        return jaxrnn.rnn(cell, p, x, initial_carry=c, seq_lengths=lengths, reverse=reverse, impl=impl)
+
+    return run
+
+
+def vjp_variants(run, variants):
+    """A function of ``(params, xs, carry0, key)`` returning, per ``(lengths, reverse)`` of ``variants``,
+    ``(ys, final, (dparams, dxs, dcarry0), plain)`` under random cotangents, ``plain`` the outputs without
+    differentiation (the kernel that saves no residuals); ``run(p, x, c, lengths, reverse)`` is the
+    implementation (e.g. :func:`via_rnn`). Jit it once: every variant shares one compilation."""
+
+    def f(params, xs, carry0, key):
+        out = {}
+        for lengths, reverse in variants:
+            (ys, final), vjp = jax.vjp(lambda p, x, c: run(p, x, c, lengths, reverse), params, xs, carry0)  # noqa: B023
+            k1, k2 = jax.random.split(key)
+            dys = jax.random.normal(k1, ys.shape).astype(ys.dtype)
+            dfinal = randomize(jax.tree.map(jnp.zeros_like, final), k2, scale=1.0)
+            plain = run(params, xs, carry0, lengths, reverse)
+            out[lengths is not None, reverse] = (ys, final, vjp((dys, dfinal)), plain)
+        return out
+
+    return f
+

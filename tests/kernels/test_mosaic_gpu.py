@@ -22,7 +22,7 @@ import pytest
 from jax import export
 
 import jaxrnn
-from _util import assert_close, make_cell, randomize
+from _util import assert_close, make_cell, randomize, via_rnn, vjp_variants
 from jaxrnn.kernels import Pallas, common, mosaic_gpu, pallas
 from jaxrnn.kernels.pallas import BlockSizes, rnn_pallas
 
@@ -49,24 +49,8 @@ def _problem(name, dtype=jnp.float32, seed=0):
 
 
 def _vjp_all(cell, impl, variants=VARIANTS):
-    """Per variant, ``(ys, final, (dparams, dxs, dcarry0), plain)`` under random
-    cotangents (``plain``: the outputs without differentiation); one jit."""
-
-    def run(p, x, c, lengths, reverse):
-        return jaxrnn.rnn(cell, p, x, initial_carry=c, seq_lengths=lengths, reverse=reverse, impl=impl)
-
-    def f(params, xs, carry0, key):
-        out = {}
-        for lengths, reverse in variants:
-            (ys, final), vjp = jax.vjp(lambda p, x, c: run(p, x, c, lengths, reverse), params, xs, carry0)  # noqa: B023
-            k1, k2 = jax.random.split(key)
-            dys = jax.random.normal(k1, ys.shape).astype(ys.dtype)
-            dfinal = jax.tree.map(lambda a: jax.random.normal(k2, a.shape).astype(a.dtype), final)
-            plain = run(params, xs, carry0, lengths, reverse)
-            out[("full" if lengths is None else "lengths", reverse)] = (ys, final, vjp((dys, dfinal)), plain)
-        return out
-
-    return jax.jit(f)
+    """Per variant, ``(ys, final, (dparams, dxs, dcarry0), plain)`` under random cotangents; one jit."""
+    return jax.jit(vjp_variants(via_rnn(cell, impl), variants))
 
 
 def _races_found():

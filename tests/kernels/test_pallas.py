@@ -29,7 +29,7 @@ import pytest
 from jax import export
 
 import jaxrnn
-from _util import MAIN_CELLS, assert_close, make_cell, randomize
+from _util import MAIN_CELLS, assert_close, make_cell, randomize, via_rnn, vjp_variants
 from jaxrnn import checks
 from jaxrnn.kernels import Pallas, common, gates, pallas, pallas_split
 from jaxrnn.kernels.pallas import BlockSizes, rnn_pallas
@@ -61,36 +61,8 @@ def _problem(name, dtype=jnp.float32, seed=0, hidden=H):
     return cell, params, xs, carry0
 
 
-def _vjp_all(run, variants=VARIANTS):
-    """A function of ``(params, xs, carry0, key)`` returning, per variant,
-    ``(ys, final, (dparams, dxs, dcarry0), plain)`` under random cotangents,
-    ``plain`` the outputs without differentiation (the kernel that saves no
-    residuals); ``run(p, x, c, lengths, reverse)`` is the implementation. All
-    variants share one jit (one compilation)."""
-
-    def f(params, xs, carry0, key):
-        out = {}
-        for lengths, reverse in variants:
-            (ys, final), vjp = jax.vjp(lambda p, x, c: run(p, x, c, lengths, reverse), params, xs, carry0)  # noqa: B023
-            k1, k2 = jax.random.split(key)
-            dys = jax.random.normal(k1, ys.shape).astype(ys.dtype)
-            dfinal = randomize(jax.tree.map(jnp.zeros_like, final), k2, scale=1.0)
-            plain = run(params, xs, carry0, lengths, reverse)
-            out[lengths is not None, reverse] = (ys, final, vjp((dys, dfinal)), plain)
-        return out
-
-    return f
-
-
 def _compile_run(f, *args):
     return jax.jit(f).lower(*args).compile(FAST_COMPILE)(*args)
-
-
-def _via_rnn(cell, impl):
-    def run(p, x, c, lengths, reverse):
-        return jaxrnn.rnn(cell, p, x, initial_carry=c, seq_lengths=lengths, reverse=reverse, impl=impl)
-
-    return run
 
 
 def _via_backend(cell, backend):
@@ -149,8 +121,8 @@ class _KernelTests:
         of ``impl="pallas"`` equal ``impl="reference"``, for every variant."""
         cell, params, xs, carry0 = _problem(name, dtype)
         args = (params, xs, carry0, jax.random.key(7))
-        got = _compile_run(_vjp_all(_via_rnn(cell, self.impl)), *args)
-        want = _compile_run(_vjp_all(_via_rnn(cell, "reference")), *args)
+        got = _compile_run(vjp_variants(via_rnn(cell, self.impl), VARIANTS), *args)
+        want = _compile_run(vjp_variants(via_rnn(cell, "reference"), VARIANTS), *args)
         _assert_variants_close(got, want, dtype)
 
     @pytest.mark.parametrize("case", range(3))
@@ -162,8 +134,8 @@ class _KernelTests:
         kernel = functools.partial(rnn_pallas, interpret=self.INTERPRET, block=block)
         variants = [(LENGTHS, False), (None, True)]
         args = (params, xs, carry0, jax.random.key(8))
-        got = _compile_run(_vjp_all(_via_backend(cell, kernel), variants), *args)
-        want = _compile_run(_vjp_all(_via_backend(cell, pallas.reference), variants), *args)
+        got = _compile_run(vjp_variants(_via_backend(cell, kernel), variants), *args)
+        want = _compile_run(vjp_variants(_via_backend(cell, pallas.reference), variants), *args)
         _assert_variants_close(got, want, jnp.float32)
 
     def test_no_retrace(self, monkeypatch):
@@ -219,8 +191,8 @@ class _SplitTests(_KernelTests):
             cell, params, xs, carry0 = _problem(name, seed=5, hidden=self.WIDE)
             args = (params, xs, carry0, jax.random.key(9))
             variants = [(LENGTHS, True), (None, False)]
-            got = _compile_run(_vjp_all(_via_rnn(cell, impl), variants), *args)
-            want = _compile_run(_vjp_all(_via_rnn(cell, "reference"), variants), *args)
+            got = _compile_run(vjp_variants(via_rnn(cell, impl), variants), *args)
+            want = _compile_run(vjp_variants(via_rnn(cell, "reference"), variants), *args)
             _assert_variants_close(got, want, jnp.float32)
 
 

@@ -39,9 +39,10 @@ Per cell (``φ`` the activation, ``σ`` the logistic function):
 * LSTM: ``res = (a,)`` with ``a = [i, f, g, o]`` (``(B, 4H)``, after the
   nonlinearities); the backward recomputes ``c_t = f ⊙ c_{t-1} + i ⊙ g``;
   ``dxp = dmm = dz`` (``(B, 4H)``).
-* GRU: ``res = (ru, n)`` with ``ru = [r, u]`` (``(B, 2H)``) and ``n``
-  (``(B, H)``); for ``reset="after"`` also ``m = h_{t-1} W_hn + b_hn``
-  (``(B, H)``).
+* GRU, ``reset="after"``: ``res = (run, m)`` with ``run = [r, u, n]``
+  (``(B, 3H)``, ``xp``'s shape, so a time loop can store it over ``xp``)
+  and ``m = h_{t-1} W_hn + b_hn`` (``(B, H)``). ``reset="before"``:
+  ``res = (ru, n)`` with ``ru = [r, u]`` (``(B, 2H)``) and ``n`` (``(B, H)``).
   ``reset="before"``: two matmuls, ``lhs = (h_{t-1}, r ⊙ h_{t-1})`` and
   ``dmm = (dz_{ru}, dz_n)``. ``reset="after"``: ``lhs = (h_{t-1},)``,
   ``dmm = ([dz_r, dz_u, r ⊙ dz_n],)`` and ``db_hn = Σ r ⊙ dz_n``.
@@ -261,7 +262,8 @@ def flat_residuals(cell, res):
     if isinstance(cell, LSTM):
         return (_cat(res),)
     if isinstance(cell, GRU):
-        return (_cat(res[:2]),) + tuple(res[2:])
+        k = 3 if cell.reset == "after" else 2
+        return (_cat(res[:k]),) + tuple(res[k:])
     return tuple(res)
 
 
@@ -270,7 +272,7 @@ def _gate_residuals(cell, res):
     if isinstance(cell, LSTM):
         return cell.split_gates(res[0])
     if isinstance(cell, GRU):
-        return cell.split_gates(res[0], 2) + tuple(res[1:])
+        return cell.split_gates(res[0], 3 if cell.reset == "after" else 2) + tuple(res[1:])
     return tuple(res)
 
 
@@ -438,7 +440,7 @@ def matmul_operands(cell, carry_prev, res, dxp):
     if isinstance(cell, GRU):
         r = res[0][..., :H]
         if cell.reset == "after":
-            scale = jnp.concatenate([jnp.ones_like(res[0]), r], axis=-1)
+            scale = jnp.concatenate([jnp.ones_like(res[0][..., : 2 * H]), r], axis=-1)
             return (h_prev,), (dxp * scale,)
         return (h_prev, r * h_prev), (dxp[..., : 2 * H], dxp[..., 2 * H :])
     return (h_prev,), (dxp,)
@@ -464,5 +466,5 @@ def weight_grads(cell, lhs, dmm):
     db_hn = None
     if isinstance(cell, GRU) and cell.reset == "after":
         H = cell.hidden_size
-        db_hn = jnp.sum(dmm[0][..., 2 * H :].reshape(-1, H), axis=0)
+        db_hn = jnp.sum(dmm[-1][..., -H:].reshape(-1, H), axis=0)  # the candidate's block comes last
     return dw_hh, db_hn

@@ -186,9 +186,15 @@ def _reuses_input_buffer(cell):
 
     Then the forward loop writes ``res[0]`` over ``xp`` and the backward loop
     writes ``dxp`` over ``res[0]``: one ``(T, B, G)`` buffer throughout, and no
-    zero-filled stacks to allocate.
+    zero-filled stack for it. A GRU with ``reset="after"`` keeps one more
+    residual, ``m`` ``(T, B, H)``, and the backward writes the candidate's
+    matmul cotangent ``r ⊙ dz_n`` over it (see :func:`_matmul_operands`).
     """
-    return isinstance(cell, (LSTM, Elman))
+    return isinstance(cell, (LSTM, Elman)) or (isinstance(cell, GRU) and cell.reset == "after")
+
+
+def _gru_after(cell):
+    return isinstance(cell, GRU) and cell.reset == "after"
 
 
 def _forward(cell, reverse, w_hh, b_hn, xp, bias, carry0, mask, save):
@@ -217,18 +223,20 @@ def _forward(cell, reverse, w_hh, b_hn, xp, bias, carry0, mask, save):
     def body(i, state):
         carry, xp_t, xp_buf, outs = state
         t = first + step * i
-        if prefetch:
-            xp_t, upcoming = xp_t, _index(xp_buf, jnp.clip(t + step, 0, T - 1))
-        else:
-            xp_t, upcoming = _index(xp_buf, t), xp_t
+        if not prefetch:
+            xp_t = _index(xp_buf, t)
         new, h, res = gates.forward(cell, weights, carry, xp_t + bias[None, :])
         valid = None if mask is None else _index(mask, t)
         if valid is not None:
             new = mask_step(valid, new, carry)
+        if save and reuse:
+            xp_buf, res = _put(xp_buf, t, res[0]), res[1:]
+        # Prefetch from the buffer as updated: a read ordered after the write
+        # lets XLA update the buffer in place (a read before it forces a copy
+        # of the whole buffer every step).
+        upcoming = _index(xp_buf, jnp.clip(t + step, 0, T - 1)) if prefetch else state[1]
         if not save:
             return new, upcoming, xp_buf, _put(outs, t, h if valid is None else where_valid(valid, h))
-        if reuse:
-            xp_buf, res = _put(xp_buf, t, res[0]), res[1:]
         return new, upcoming, xp_buf, (_put(outs[0], t, tuple(res)), _put(outs[1], t, new))
 
     pre = _index(xp, first) if prefetch else jnp.zeros((), xp.dtype)
@@ -324,7 +332,7 @@ def _recurrence_bwd(cell, reverse, in_loop, saved, cotangents):
     first_f, step_f = (T - 1, -1) if reverse else (0, 1)
     first, step = (0, 1) if reverse else (T - 1, -1)  # the backward walks the other way
 
-    def load(dxp_buf, t):
+    def load(bufs, t):
         """Step ``t``'s inputs, copied out of the stacks one iteration ahead.
 
         On CPU, XLA fuses a ``dynamic-slice`` of a stacked array into each
@@ -335,35 +343,54 @@ def _recurrence_bwd(cell, reverse, in_loop, saved, cotangents):
         carry_prev = jax.tree.map(
             lambda s, c: jnp.where(t == first_f, c, _index(s, jnp.clip(t - step_f, 0, T - 1))), carries, carry0
         )
-        res_t = _index(((dxp_buf,) + res[1:]) if reuse else res, t)
+        res_t = _index((bufs + res[len(bufs) :]) if reuse else res, t)
         valid = None if mask is None else _index(mask, t)
         return _index(dhs, t), carry_prev, res_t, valid
 
     def body(i, state):
-        dcarry, (dh_t, carry_prev, res_t, valid), dxp_buf = state
+        dcarry, (dh_t, carry_prev, res_t, valid), bufs = state
         t = first + step * i
         total = dcarry._replace(h=dcarry.h + dh_t)
-        dxp_t, dprev, _ = gates.backward(cell, weights, carry_prev, res_t, total)
+        dxp_t, dprev, dmm = gates.backward(cell, weights, carry_prev, res_t, total)
         if valid is not None:
             dxp_t = where_valid(valid, dxp_t)
             dprev = mask_step(valid, dprev, dcarry)
-        # Load the next step's inputs from the updated buffer: reading it after
-        # the write lets XLA update it in place instead of copying it.
-        dxp_buf = _put(dxp_buf, t, dxp_t)
-        return dprev, load(dxp_buf, jnp.clip(t + step, 0, T - 1)), dxp_buf
+        # Load the next step's inputs from the updated buffers: reading them
+        # after the write lets XLA update them in place instead of copying.
+        if _gru_after(cell):  # r ⊙ dz_n over m_t
+            dmm_n = dmm[0][..., 2 * cell.hidden_size :]
+            bufs = (_put(bufs[0], t, dxp_t), _put(bufs[1], t, dmm_n if valid is None else where_valid(valid, dmm_n)))
+        else:
+            bufs = (_put(bufs[0], t, dxp_t),)
+        return dprev, load(bufs, jnp.clip(t + step, 0, T - 1)), bufs
 
-    dxp_buf = res[0] if reuse else spare
-    state = (dfinal, load(dxp_buf, first), dxp_buf)
-    dcarry0, _, dxp = lax.fori_loop(0, T, body, state, unroll=BACKWARD_UNROLL)
+    bufs = (res[0], res[1]) if _gru_after(cell) else ((res[0],) if reuse else (spare,))
+    state = (dfinal, load(bufs, first), bufs)
+    dcarry0, _, bufs = lax.fori_loop(0, T, body, state, unroll=BACKWARD_UNROLL)
+    dxp = bufs[0]
 
     prev = _previous(carries, carry0, reverse)
-    dw_hh, db_hn = gates.weight_grads(cell, *gates.matmul_operands(cell, prev, res, dxp))
+    dw_hh, db_hn = gates.weight_grads(cell, *_matmul_operands(cell, prev, res, bufs))
     dw_ih, dxs = project_vjp(dxp)
     db = jnp.sum(dxp.reshape(-1, dxp.shape[-1]), axis=0).astype(params.b.dtype)
     dparams = params._replace(w_ih=dw_ih, w_hh=dw_hh.astype(w_hh.dtype), b=db)
     if b_hn is not None:
         dparams = dparams._replace(b_hn=db_hn.astype(b_hn.dtype))
     return dparams, dxs, dcarry0, None
+
+
+def _matmul_operands(cell, prev, res, bufs):
+    """:func:`gates.matmul_operands` after the backward loop, whose buffers ``bufs`` hold ``dxp``
+    (and for a GRU with ``reset="after"`` ``r ⊙ dz_n``, written over ``m``: ``r`` itself is gone).
+
+    For that GRU, ``dW_hh = [h_{t-1}ᵀ dz_{ru}, h_{t-1}ᵀ (r ⊙ dz_n)]``: two
+    matmuls, the first reading columns of ``dxp`` (XLA multiplies a column
+    slice without copying it) and the second ``r ⊙ dz_n``.
+    """
+    if _gru_after(cell):
+        dxp, dmm_n = bufs
+        return (prev.h, prev.h), (dxp[..., : 2 * cell.hidden_size], dmm_n)
+    return gates.matmul_operands(cell, prev, res, bufs[0])
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

@@ -166,6 +166,17 @@ def _sequence(case, forward, params, xs, library, notes=None):
     return JaxWork(mode_fn(forward, case.mode), (params, xs), library, notes or {})
 
 
+def _lengths(case):
+    """``case.seq_lengths()`` as an int32 array, or ``None``."""
+    lengths = case.seq_lengths()
+    return None if lengths is None else jnp.asarray(lengths, jnp.int32)
+
+
+def _unpadded(case, library):
+    if case.padded:
+        raise Unavailable(f"padded batches are timed for jaxrnn, flax.linen and PyTorch only, not {library}")
+
+
 def _abstract_key():
     """An abstract PRNG key, for ``jax.eval_shape`` of initialisers."""
     return jax.eval_shape(jax.random.key, 0)
@@ -233,15 +244,16 @@ def jaxrnn_builder(impl):
             carry = cell.carry_type(*(carry if isinstance(carry, tuple) else (carry,)))
             carry = jax.tree_util.tree_map(lambda c: c.astype(jnp.float32), carry)  # jaxrnn carries are float32
             return JaxWork(cell.step, (params, carry, xs), "jaxrnn cell.step (jit)", notes)
+        lengths = _lengths(case)
         if case.structure == "bidir2":
 
             def forward(p, x):
-                return model.apply(p, x, impl=impl)[0]
+                return model.apply(p, x, seq_lengths=lengths, impl=impl)[0]
 
             return _sequence(case, forward, params, xs, f"jaxrnn.Stack(impl={impl!r})", notes)
 
         def forward(p, x):
-            return jaxrnn.rnn(cell, p, x, impl=impl)[0]
+            return jaxrnn.rnn(cell, p, x, seq_lengths=lengths, impl=impl)[0]
 
         return _sequence(case, forward, params, xs, f"jaxrnn.rnn(impl={impl!r})", notes)
 
@@ -267,19 +279,41 @@ def _flax_linen(case, ctx):
         carry = _carry(case, 2 if case.cell == "lstm" else 1, rng)
         params = _fill(jax.eval_shape(cell.init, _abstract_key(), carry, xs), case, rng)
         return JaxWork(cell.apply, (params, carry, xs), f"flax.linen.{cls.__name__} (jit)")
+    lengths = _lengths(case)
     if case.structure == "bidir2":
-        model = nn.Sequential([nn.Bidirectional(nn.RNN(make()), nn.RNN(make())) for _ in range(case.num_layers)])
+        layers = [nn.Bidirectional(nn.RNN(make()), nn.RNN(make())) for _ in range(case.num_layers)]
         library = f"flax.linen.Bidirectional(RNN({cls.__name__})) x{case.num_layers}"
     else:
-        model = nn.RNN(make())
+        layers = [nn.RNN(make())]
         library = f"flax.linen.RNN({cls.__name__})"
+    model = _linen_layers()(tuple(layers))
     params = _fill(jax.eval_shape(model.init, _abstract_key(), xs), case, rng)
-    return _sequence(case, model.apply, params, xs, library)
+    if lengths is not None:
+        library += " with seq_lengths"
+    return _sequence(case, lambda p, x: model.apply(p, x, lengths), params, xs, library)
+
+
+@functools.lru_cache(maxsize=None)
+def _linen_layers():
+    """A linen module class applying its layers in turn, each given ``seq_lengths`` (made on first use:
+    importing this file needs no flax)."""
+    import flax.linen as nn  # noqa: PLC0415
+
+    class LinenLayers(nn.Module):
+        layers: Tuple[Any, ...]
+
+        def __call__(self, x, seq_lengths=None):
+            for layer in self.layers:
+                x = layer(x, seq_lengths=seq_lengths)
+            return x
+
+    return LinenLayers
 
 
 def _flax_nnx(case, ctx):
     from flax import nnx  # noqa: PLC0415
 
+    _unpadded(case, "flax.nnx")
     if not hasattr(nnx, "RNN"):
         raise Unavailable("this flax has no nnx.RNN")
     dt = jnp.dtype(case.dtype)
@@ -335,6 +369,7 @@ def _flax_nnx(case, ctx):
 # equinox
 # --------------------------------------------------------------------------
 def _equinox(case, ctx):
+    _unpadded(case, "equinox")
     try:
         import equinox as eqx  # noqa: PLC0415
     except ImportError as e:
@@ -372,6 +407,7 @@ def _equinox(case, ctx):
 # jax.experimental.rnn (cuDNN LSTM)
 # --------------------------------------------------------------------------
 def _jax_cudnn(case, ctx):
+    _unpadded(case, "jax.cudnn")
     if ctx.platform != "gpu":
         raise Unavailable(f"jax.experimental.rnn.lstm calls cuDNN and runs only on GPU (platform: {ctx.platform})")
     if case.cell != "lstm":
@@ -541,13 +577,28 @@ def _torch(variant):
             mod = mod.to(device, tdt)
             x = torch.randn(B, T, I, device=device, dtype=tdt)
             library = f"torch.nn.{cls.__name__}(num_layers={case.num_layers}, bidirectional={case.bidirectional})"
+            lengths = case.seq_lengths()
+            if lengths is not None:
+                library += " on a packed batch (pack_padded_sequence)"
+                lengths = torch.tensor(lengths, dtype=torch.int64)  # on the CPU, as packing wants
+                utils = nn.utils.rnn
+
+                def apply(inputs):
+                    packed = utils.pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
+                    return utils.pad_packed_sequence(mod(packed)[0], batch_first=True, total_length=T)[0]
+
+            else:
+
+                def apply(inputs):
+                    return mod(inputs)[0]
+
             if case.mode == "fwd":
                 mod.eval()  # inference path (cuDNN: no reserve space)
 
                 def run():
                     use_threads()
                     with torch.no_grad():
-                        y, _ = mod(x)
+                        y = apply(x)
                     sync()
                     return y
 
@@ -557,7 +608,7 @@ def _torch(variant):
 
                 def run():
                     use_threads()
-                    y, _ = mod(xg)
+                    y = apply(xg)
                     grads = torch.autograd.grad(y.float().sum(), [*params, xg])
                     sync()
                     return grads

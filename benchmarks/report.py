@@ -61,7 +61,7 @@ def _si(x, unit=""):
 
 
 def _case_label(r):
-    struct = "" if r["structure"] == "single" else " bidir×2"
+    struct = ("" if r["structure"] == "single" else " bidir×2") + (" padded" if r.get("padded") else "")
     T = "" if r["mode"] == "step" else f" T={r['seq_len']}"
     return f"{r['cell']} {r['mode']}{struct} B={r['batch']}{T} I={r['input_size']} H={r['hidden_size']} {r['dtype']}"
 
@@ -108,6 +108,19 @@ def markdown(results):
             )
         lines.append("")
     ok = [r for r in results["rows"] if r["status"] == "ok"]
+    mine = [r for r in ok if r["impl"].startswith("jaxrnn:") and r["compile_s"] is not None]
+    if mine:
+        slowest = max(mine, key=lambda r: r["compile_s"])
+        again = [r for r in mine if r["notes"].get("recompiled_on_second_call")]
+        checked = [r for r in mine if "recompiled_on_second_call" in r["notes"]]
+        lines += [
+            f"Compilation (jaxrnn rows): longest {slowest['compile_s']:.2f} s ({_case_label(slowest)}, "
+            f"{slowest['impl']}); a second `jax.jit` call with the same shapes recompiled in "
+            f"{len(again)} of {len(checked)} rows"
+            + (": " + ", ".join(f"{_case_label(r)} {r['impl']}" for r in again) if again else "")
+            + ".",
+            "",
+        ]
     lines += [
         "## Measured rows",
         "",

@@ -49,6 +49,8 @@ ROW_FIELDS = (
     "cell",
     "mode",
     "structure",
+    "padded",
+    "seq_lengths",
     "num_layers",
     "bidirectional",
     "batch",
@@ -81,6 +83,8 @@ def _empty_row(case, impl, sweeps):
         cell=case.cell,
         mode=case.mode,
         structure=case.structure,
+        padded=case.padded,
+        seq_lengths=case.seq_lengths(),
         num_layers=case.num_layers,
         bidirectional=case.bidirectional,
         batch=case.batch,
@@ -174,8 +178,24 @@ def _prepare(row, case, impl, ctx, suite):
             f"not available on {ctx.platform} (no allocator statistics); xla_memory_bytes is the "
             "compiled footprint (arguments + outputs + temporaries)"
         )
-    output = run() if impl.startswith("jaxrnn:") else None
+    output = None
+    if impl.startswith("jaxrnn:"):
+        output = run()
+        row["notes"]["recompiled_on_second_call"] = _recompiles(work)
     return _Prepared(run, first, best, eager=False, output=output)
+
+
+def _recompiles(work):
+    """Whether ``jax.jit(work.fn)`` compiles again when called a second time with the same arguments.
+
+    The timed calls go through an ahead-of-time compiled executable, which
+    cannot show this; here the function runs twice through ``jax.jit`` as
+    users call it, and the jit cache must then hold one entry.
+    """
+    jitted = jax.jit(work.fn)
+    jax.block_until_ready(jitted(*work.args))
+    jax.block_until_ready(jitted(*work.args))
+    return jitted._cache_size() != 1
 
 
 def _finish(row, case, times, prep, ctx, suite, profiled, reference_out):

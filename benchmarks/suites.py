@@ -24,7 +24,10 @@ The published grids the suites follow:
   hidden 128-2048, input 64-512.
 * ``small_batch``: latency-bound inference/training, batch 1-8, hidden 512-1536.
 * ``cpu``: a grid that finishes in a few minutes on a 2-core CPU; its base
-  point (B=32, T=256, I=128, H=256) is the one in ``shared/perf-notes.md``.
+  point (B=32, T=256, I=128, H=256) is the one in ``shared/perf-notes.md``;
+  bidirectional stacks with and without padding.
+* ``cpu_small``: the small models the lectures' experiments train hundreds
+  of times (hidden 32-128, batch 32-128, length 50-500, input 1-64), fwd+bwd.
 * ``smoke``: tiny, seconds; exercises every mode, cell, structure and both
   plot axes.
 """
@@ -55,6 +58,9 @@ class Case:
       hidden_size: ``H``.
       dtype: ``"float32"``, ``"bfloat16"`` (inputs, parameters and matmul operands).
       structure: ``"single"`` or ``"bidir2"``.
+      padded: a padded batch: sequence ``b`` has :func:`seq_lengths` ``[b]``
+        valid steps (from ``T`` down to about ``T/2``); jaxrnn and flax get
+        ``seq_lengths``, PyTorch packs the batch (``pack_padded_sequence``).
     """
 
     cell: str
@@ -65,6 +71,7 @@ class Case:
     hidden_size: int
     dtype: str = "float32"
     structure: str = "single"
+    padded: bool = False
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -73,8 +80,8 @@ class Case:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         if self.structure not in STRUCTURES:
             raise ValueError(f"structure: expected one of {STRUCTURES}, got {self.structure!r}")
-        if self.mode == "step" and (self.structure != "single" or self.seq_len != 1):
-            raise ValueError("step cases are single-layer with seq_len=1")
+        if self.mode == "step" and (self.structure != "single" or self.seq_len != 1 or self.padded):
+            raise ValueError("step cases are single-layer with seq_len=1, unpadded")
 
     @property
     def num_layers(self) -> int:
@@ -89,7 +96,19 @@ class Case:
         return (
             f"{self.cell}/{self.mode}/{self.structure}/B{self.batch}/T{self.seq_len}"
             f"/I{self.input_size}/H{self.hidden_size}/{self.dtype}"
-        )
+        ) + ("/padded" if self.padded else "")
+
+    def seq_lengths(self):
+        """The valid lengths of a padded case, ``(B,)`` ints from ``T`` down to about ``T/2``; ``None`` unpadded.
+
+        Evenly spread and the same for every implementation; the longest
+        sequence is the full length ``T`` (PyTorch's packed batch then has
+        ``T`` steps, as the padded arrays do).
+        """
+        if not self.padded:
+            return None
+        T, B = self.seq_len, self.batch
+        return tuple(T - (b * (T // 2)) // max(B, 1) for b in range(B))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +211,10 @@ def _cpu():
                 "bidirectional 2-layer stack (B=16 T=64 I=64 H=128)",
                 (bidir, dataclasses.replace(bidir, mode="fwdbwd")),
             ),
+            Sweep(
+                "bidirectional 2-layer stacks, fwd+bwd, padded batch (lengths 64 down to 34; PyTorch packed)",
+                tuple(dataclasses.replace(bidir, cell=c, mode="fwdbwd", padded=True) for c in ("lstm", "gru")),
+            ),
             Sweep("single step (B=1 I=128 H=256)", tuple(_step(c, 1, 128, 256, "float32") for c in CELLS)),
             Sweep("lstm fwd: batch (T=64 I=128 H=256)", _vary(sweep, "batch", (1, 8, 32, 64)), "batch"),
             Sweep("lstm fwd: hidden (B=16 T=64 I=128)", _vary(sweep, "hidden_size", (64, 128, 256, 512)), "hidden_size"),
@@ -204,6 +227,37 @@ def _cpu():
         budget_s=230.0,  # a case started before the deadline still finishes: < 5 minutes in all
         platform="cpu",
         row_cap_s=4.0,  # PyTorch with 2 threads on a busy 2-core machine can take seconds per call
+    )
+
+
+#: The base point of ``cpu_small``: a dependency-length experiment's shapes (B=64, T=200, one-hot input 16, H=64).
+SMALL_BASE = Case("lstm", "fwdbwd", 64, 200, 16, 64)
+
+
+def _cpu_small():
+    sweeps = []
+    for cell in CELLS:
+        b = dataclasses.replace(SMALL_BASE, cell=cell)
+        sweeps += [
+            Sweep(f"{cell} fwd+bwd: hidden (B=64 T=200 I=16)", _vary(b, "hidden_size", (32, 64, 128)), "hidden_size"),
+            Sweep(f"{cell} fwd+bwd: batch (T=200 I=16 H=64)", _vary(b, "batch", (32, 64, 128)), "batch"),
+            Sweep(f"{cell} fwd+bwd: length (B=64 I=16 H=64)", _vary(b, "seq_len", (50, 200, 500)), "seq_len"),
+            Sweep(f"{cell} fwd+bwd: input (B=64 T=200 H=64)", _vary(b, "input_size", (1, 16, 64)), "input_size"),
+        ]
+    return Suite(
+        "cpu_small",
+        "the experiments' regime on a 2-core CPU: Elman, LSTM, GRU fwd+bwd, f32, hidden 32-128, batch 32-128, "
+        "length 50-500, input 1-64 (base B=64 T=200 I=16 H=64)",
+        tuple(sweeps),
+        warmup=0,
+        min_reps=7,
+        max_reps=40,
+        target_s=0.4,
+        matmul_sizes=(2048,),
+        budget_s=420.0,
+        platform="cpu",
+        profile_torch=False,
+        row_cap_s=4.0,
     )
 
 
@@ -303,7 +357,7 @@ def _small_batch():
     )
 
 
-SUITES = {s.name: s for s in (_smoke(), _cpu(), _flashrnn(), _haste(), _small_batch())}
+SUITES = {s.name: s for s in (_smoke(), _cpu(), _cpu_small(), _flashrnn(), _haste(), _small_batch())}
 
 
 def get_suite(name: str) -> Suite:

@@ -338,3 +338,44 @@ def test_no_module_reaches_for_private_names():
                 ):
                     offences.append(f"{path}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not offences, offences
+
+
+def test_padded_cases_lengths_and_masking():
+    """A padded case's lengths, by hand; jaxrnn's and PyTorch's padded outputs are zero past each length,
+    and jaxrnn's fast path matches the reference on the padded batch."""
+    import numpy as np  # noqa: PLC0415
+
+    from benchmarks.impls import Context, JaxWork  # noqa: PLC0415
+
+    case = suites.Case("lstm", "fwd", 4, 8, 3, 5, structure="bidir2", padded=True)
+    assert case.seq_lengths() == (8, 7, 6, 5)  # 8 - (b * 4) // 4
+    assert suites.Case("gru", "fwd", 3, 10, 2, 4, padded=True).seq_lengths() == (10, 9, 7)
+    assert suites.Case("gru", "fwd", 3, 10, 2, 4).seq_lengths() is None
+    assert case.id.endswith("/padded")
+    outs = {}
+    for impl in ("jaxrnn:reference", "jaxrnn:xla", "torch"):
+        work = IMPLEMENTATIONS[impl](case, Context("cpu"))
+        if isinstance(work, JaxWork):
+            outs[impl] = np.asarray(work.compile()[1]())
+        else:
+            outs[impl] = work.run().numpy()
+        assert outs[impl].shape == (4, 8, 10)
+        for b, n in enumerate(case.seq_lengths()):
+            assert not np.any(outs[impl][b, n:]), f"{impl}: output past length {n} of row {b}"
+            assert np.all(np.any(outs[impl][b, :n] != 0, axis=-1)), f"{impl}: a valid step of row {b} is zero"
+    rtol, atol = TOLERANCES[jnp.dtype(jnp.float32)]
+    np.testing.assert_allclose(outs["jaxrnn:xla"], outs["jaxrnn:reference"], rtol=rtol, atol=atol)
+    with pytest.raises(Exception, match="padded batches are timed for"):
+        IMPLEMENTATIONS["equinox"](case, Context("cpu"))
+
+
+def test_cpu_small_suite_covers_the_experiments_regime():
+    suite = suites.get_suite("cpu_small")
+    cases = suite.cases()
+    assert {c.cell for c in cases} == set(suites.CELLS) and {c.mode for c in cases} == {"fwdbwd"}
+    assert min(c.hidden_size for c in cases) == 32 and max(c.hidden_size for c in cases) == 128
+    assert min(c.batch for c in cases) == 32 and max(c.batch for c in cases) == 128
+    assert min(c.seq_len for c in cases) == 50 and max(c.seq_len for c in cases) == 500
+    assert min(c.input_size for c in cases) == 1 and max(c.input_size for c in cases) == 64
+    padded = [c for c in suites.get_suite("cpu").cases() if c.padded]
+    assert {c.cell for c in padded} == {"lstm", "gru"} and all(c.structure == "bidir2" for c in padded)

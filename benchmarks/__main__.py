@@ -41,6 +41,8 @@ def parser():
     p.add_argument("--budget-s", type=float, help="wall-clock budget; later rows are skipped (default: the suite's)")
     p.add_argument("--tag", help="suffix for the output files (<suite>-<tag>.json), e.g. for a --modes subset")
     p.add_argument("--pallas-interpret", action="store_true", help="time impl='pallas' on CPU in interpret mode")
+    p.add_argument("--retain-memory", action="store_true",
+                   help="keep freed memory for reuse in this process, for every implementation (jaxrnn.host)")  # fmt: skip
     p.add_argument("--list", action="store_true", help="list the suites and exit")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
@@ -84,8 +86,11 @@ def main(argv=None) -> int:
         print(f"benchmarks: {e}", file=sys.stderr)
         return 2
 
-    from benchmarks import report  # noqa: PLC0415
+    from benchmarks import measure, report  # noqa: PLC0415
     from benchmarks.run import run_suite  # noqa: PLC0415
+
+    if args.retain_memory:
+        measure.retain_freed_memory()
 
     log = None if args.quiet else (lambda line: print(line, flush=True))
     if impls is not None:  # keep the registry's order (reference first)

@@ -266,6 +266,24 @@ def loadavg():
         return None
 
 
+#: What :func:`retain_freed_memory` returned in this process (``None``: not called), for :func:`environment`.
+_RETAINED_FREED_MEMORY = None
+
+
+def retain_freed_memory():
+    """:func:`jaxrnn.host.retain_freed_memory` for the whole process (every library timed in it), recorded.
+
+    Process-wide: a run with it times every implementation, peers included,
+    with freed memory kept for reuse (see :mod:`jaxrnn.host`). Returns what
+    glibc said (``False`` without glibc).
+    """
+    global _RETAINED_FREED_MEMORY
+    from jaxrnn import host  # noqa: PLC0415
+
+    _RETAINED_FREED_MEMORY = host.retain_freed_memory()
+    return _RETAINED_FREED_MEMORY
+
+
 def environment():
     """Device, library versions and machine state, recorded with every result."""
     import jax  # noqa: PLC0415
@@ -290,6 +308,9 @@ def environment():
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "loadavg_start": loadavg(),
+        # The C allocator's settings change CPU times by up to 2x (page faults of fresh buffers; jaxrnn.host).
+        "retain_freed_memory": _RETAINED_FREED_MEMORY,
+        "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
     }
     try:
         import torch  # noqa: PLC0415

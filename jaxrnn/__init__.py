@@ -44,7 +44,7 @@ from jaxrnn.models import LanguageModel, LMParams
 from jaxrnn.runner import IMPLS, rnn
 from jaxrnn.sequence import Encoder, EncoderParams, attention_pool, embed, last_valid, pool, sequence_mask
 from jaxrnn.stack import HighwayParams, LayerParams, Stack
-from jaxrnn import analysis, data, models, sequence, tasks, train
+from jaxrnn import analysis, data, host, models, sequence, tasks, train
 
 #: Submodules that import flax when loaded: imported on first access (``jaxrnn.nnx``), so
 #: that ``import jaxrnn`` stays light.
@@ -78,6 +78,7 @@ __all__ = [
     "LayerParams",
     "Stack",
     "analysis",
+    "host",
     "attention_pool",
     "carry_from_flax",
     "carry_from_torch",

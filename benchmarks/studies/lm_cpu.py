@@ -550,6 +550,12 @@ def markdown(record) -> str:
         f"git {str(env['git_commit'])[:10]}{' (dirty)' if env['git_dirty'] else ''}; "
         f"load average {record['load_average_start']} at the start, {record['load_average_end']} at the end.",
         "",
+        "C allocator: " + ("freed memory kept for reuse in this process, for both libraries (`--retain-memory`, "
+                           "jaxrnn.host.retain_freed_memory)" if env.get("retain_freed_memory") else
+                           "the default (glibc returns large freed blocks to the OS; every call faults its buffers "
+                           "in again; see jaxrnn.host)")
+        + (f"; environment {env['malloc_environment']}" if env.get("malloc_environment") else "") + ".",
+        "",
         f"Model: embedding {c['vocab']}x{c['embed']} → LSTM {c['layers']}x{c['hidden']} → linear to {c['vocab']} "
         f"(jaxrnn impl {c['impl']!r} → {c['impl_resolved']!r}); training: batch {c['batch']}, window {c['window']}, "
         f"Adam {c['lr']}, clip {c['clip']}; generation: {c['gen_length']} tokens after a 1-token prompt, temperature 1. "
@@ -593,6 +599,9 @@ def build_parser() -> Parser:
     p.add_argument("--gen-rounds", type=positive_int, default=None, help=f"timed rounds per generation batch (default {d['gen_rounds']})")
     p.add_argument("--impl", choices=IMPLS, default="auto", help="jaxrnn's recurrence implementation (%(default)s)")
     p.add_argument("--seed", type=int, default=0, help="weights, batches and prompts (%(default)s)")
+    p.add_argument("--retain-memory", action="store_true",
+                   help="keep freed memory for reuse in this process, for both libraries (jaxrnn.host); "
+                        "writes lm_cpu-retained.*")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (tests)")
     p.add_argument("--out", default=os.path.join(report.RESULTS_DIR, "cpu"), metavar="DIR", help="output folder (benchmarks/results/cpu)")
     return p
@@ -604,6 +613,7 @@ def config_of(args) -> dict:
     for key in ("vocab", "embed", "hidden", "layers", "batch", "window", "gen_length", "gen_batches", "rounds", "gen_rounds"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    cfg.update(retain_memory=args.retain_memory)
     cfg.update(gen_batches=list(dict.fromkeys(cfg["gen_batches"])), lr=args.lr, clip=args.clip, impl=args.impl,
                seed=args.seed, quick=args.quick, dtype="float32", prompt_length=1, sampling="temperature 1, full softmax")  # fmt: skip
     cfg["impl_resolved"] = resolve_backend(args.impl, LSTM(cfg["hidden"]))[0]
@@ -625,7 +635,10 @@ METHOD = (
 
 
 def run(cfg, out: str) -> dict:
-    """Measure, check equal work, write ``lm_cpu.json`` and ``lm_cpu.md`` under ``out``; return the record."""
+    """Measure, check equal work, write ``lm_cpu.json`` and ``lm_cpu.md`` under ``out`` (``lm_cpu-retained.*``
+    with ``retain_memory``); return the record."""
+    if cfg.get("retain_memory"):
+        measure.retain_freed_memory()
     env = measure.environment()
     if env["platform"] != "cpu":
         log(f"warning: JAX runs on {env['platform']}, not the CPU (set JAX_PLATFORMS=cpu for this study)")
@@ -673,10 +686,15 @@ def run(cfg, out: str) -> dict:
         "equivalence": equivalence,
     }
     os.makedirs(out, exist_ok=True)
-    report.save_json(os.path.join(out, "lm_cpu.json"), record, indent=2)
-    with open(os.path.join(out, "lm_cpu.md"), "w") as f:
+    report.save_json(os.path.join(out, output_name(cfg) + ".json"), record, indent=2)
+    with open(os.path.join(out, output_name(cfg) + ".md"), "w") as f:
         f.write(markdown(record))
     return record
+
+
+def output_name(cfg) -> str:
+    """``lm_cpu``, or ``lm_cpu-retained`` for a run with freed memory kept (``--retain-memory``)."""
+    return "lm_cpu-retained" if cfg.get("retain_memory") else "lm_cpu"
 
 
 def main(argv=None) -> int:
@@ -687,7 +705,8 @@ def main(argv=None) -> int:
     cfg = config_of(args)
     record = run(cfg, args.out)
     print(table(record))
-    print(f"wrote {os.path.join(args.out, 'lm_cpu.json')} and lm_cpu.md")
+    name = output_name(cfg)
+    print(f"wrote {os.path.join(args.out, name + '.json')} and {name}.md")
     return 0
 
 

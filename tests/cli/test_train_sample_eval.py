@@ -313,3 +313,16 @@ def test_devices_data_parallel_equals_one_device(tmp_path):
             assert b["eval"]["val_loss"] == pytest.approx(a["eval"]["val_loss"], rel=1e-5)
     # the refused case, the script's only output on stderr: more devices than exist
     assert proc.stderr == "jaxrnn train: --devices: 3 requested, but only 2 cpu device(s) exist\n"
+
+
+@pytest.mark.parametrize("flag, calls", [([], 1), (["--no-retain-memory"], 0)])
+def test_train_keeps_freed_memory_on_cpu_unless_told(flag, calls, tmp_path, capsys, monkeypatch):
+    """``jaxrnn train`` calls :func:`jaxrnn.host.retain_freed_memory` on CPU once, before training; not with
+    ``--no-retain-memory``."""
+    from jaxrnn import host  # noqa: PLC0415
+
+    seen = []
+    monkeypatch.setattr(host, "retain_freed_memory", lambda *a, **k: seen.append((a, k)) or True)
+    rc, _, err = run(capsys, "train", *TINY, "--steps", "1", "--checkpoint-dir", tmp_path / "c", *flag)
+    assert rc == 0, err
+    assert len(seen) == calls

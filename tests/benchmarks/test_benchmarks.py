@@ -379,3 +379,32 @@ def test_cpu_small_suite_covers_the_experiments_regime():
     assert min(c.input_size for c in cases) == 1 and max(c.input_size for c in cases) == 64
     padded = [c for c in suites.get_suite("cpu").cases() if c.padded]
     assert {c.cell for c in padded} == {"lstm", "gru"} and all(c.structure == "bidir2" for c in padded)
+
+
+def test_cpu_targets_reads_worst_cases_and_thresholds(tmp_path):
+    """The targets study on hand-made results: speed-up = peer time / jaxrnn time, the worst case decides."""
+    from benchmarks.studies import cpu_targets  # noqa: PLC0415
+
+    def row(case, impl, ratios, **kw):
+        base = dict(case_id=case, impl=impl, status="ok", mode="fwdbwd", structure="single", batch=32, seq_len=256,
+                    hidden_size=256, cell="lstm", padded=False, compile_s=0.5, notes={}, time_ratio_vs_peers=ratios)
+        return {**base, **kw}
+
+    cpu = {"rows": [
+        row("a", "jaxrnn:xla", {"torch": 0.5, "flax.linen": 0.5}),                  # 2x both
+        row("b", "jaxrnn:xla", {"torch": 1 / 1.2, "flax.linen": 0.25}, cell="gru"),  # 1.2x torch: below 1.3
+        row("p", "jaxrnn:xla", {"torch": 0.25, "flax.linen": 0.4}, structure="bidir2", padded=True, batch=16),
+        row("p", "torch", {}, structure="bidir2", padded=True, batch=16),
+    ]}  # fmt: skip
+    with open(tmp_path / "cpu.json", "w") as f:
+        json.dump(cpu, f)
+    got = {t["target"]: t for t in cpu_targets.evaluate(str(tmp_path))}
+    assert got["1"]["met"] is False
+    assert got["1"]["worst"]["torch"] == {"speedup": pytest.approx(1.2), "case_id": "b"}
+    assert got["1"]["worst"]["flax.linen"]["speedup"] == pytest.approx(2.0)
+    assert got["3"]["met"] is True and got["3"]["worst"]["flax.linen"]["speedup"] == pytest.approx(2.5)
+    assert got["1b"]["met"] is True  # every case at least 1.0x PyTorch
+    assert got["6"]["met"] is True and got["6"]["longest_compile_s"] == 0.5
+    assert cpu_targets.main(["--results", str(tmp_path)]) == 0
+    assert (tmp_path / "cpu_targets.md").read_text().count("| 1 |") == 1
+    assert cpu_targets.main(["--results", str(tmp_path / "missing")]) == 2

@@ -37,20 +37,20 @@ Array = jax.Array
 __all__ = ["IMPLS", "rnn", "rnn_reference", "scan_reference"]
 
 #: Names accepted by ``impl=``.
-IMPLS = ("auto", "reference", "xla", "pallas")
+IMPLS = ("auto", "reference", "xla", "ffi", "pallas")
 
 # --------------------------------------------------------------------------
 # Choosing a backend
 # --------------------------------------------------------------------------
 def check_impl(impl):
     """Check ``impl`` is a name in :data:`IMPLS` or a backend configuration
-    (:class:`jaxrnn.kernels.XLA`, :class:`jaxrnn.kernels.Pallas`)."""
+    (:class:`jaxrnn.kernels.XLA`, :class:`jaxrnn.kernels.FFI`, :class:`jaxrnn.kernels.Pallas`)."""
     if isinstance(impl, str) and impl in IMPLS:
         return
-    if isinstance(impl, (kernels.XLA, kernels.Pallas)):
+    if isinstance(impl, (kernels.XLA, kernels.FFI, kernels.Pallas)):
         return
     raise ValueError(
-        f"impl: expected one of {IMPLS} or a jaxrnn.kernels.XLA / jaxrnn.kernels.Pallas configuration, got {impl!r}"
+        f"impl: expected one of {IMPLS} or a jaxrnn.kernels.XLA / FFI / Pallas configuration, got {impl!r}"
     )
 
 

@@ -6,6 +6,10 @@ Every backend has the signature documented in :mod:`jaxrnn.runner`::
 
 * ``xla``: :func:`jaxrnn.kernels.xla.rnn_xla`, a time loop with a
   hand-written custom VJP (stored gates, batched weight gradients).
+* ``ffi`` (CPU, float32 LSTM): :func:`jaxrnn.kernels.ffi.rnn_ffi`, the time
+  loops as C++ XLA FFI custom calls run by a team of threads
+  (``kernels/lstm_cpu.cc``, built on first use), in the same custom-VJP
+  structure: large matmuls in XLA, the recurrence in the custom calls.
 * ``pallas``: the input projection (one large matmul), then
   :func:`jaxrnn.kernels.pallas.rnn_pallas`, a fused-gate Pallas kernel that
   loops over time on chip (interpret mode on CPU); with ``BlockSizes(hidden=...)``
@@ -18,8 +22,11 @@ Every backend has the signature documented in :mod:`jaxrnn.runner`::
   :mod:`jaxrnn.kernels.mosaic_gpu` instead (the GPU default on JAX >= 0.11
   once they lower for CUDA).
 
-``impl`` is resolved here, at trace time. Besides the names, ``impl`` takes
-a backend with options, :class:`XLA` or :class:`Pallas`: frozen, hashable
+``impl`` is resolved here, at trace time. ``"auto"`` picks ``ffi`` on CPU for
+a float32 LSTM when its library builds and one device is visible (a custom
+call cannot be split over devices by XLA's partitioner), Pallas on GPU/TPU
+when the cell qualifies, and ``xla`` otherwise. Besides the names, ``impl``
+takes a backend with options, :class:`XLA`, :class:`FFI` or :class:`Pallas`: frozen, hashable
 configurations (static under ``jit``), e.g.
 ``jaxrnn.rnn(cell, params, xs, impl=Pallas(block=BlockSizes(batch=16)))``.
 """
@@ -29,11 +36,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Optional
 
+import jax
+
 from jaxrnn.checks import warn_once
-from jaxrnn.kernels import pallas, xla
+from jaxrnn.kernels import ffi, pallas, xla
 from jaxrnn.kernels.pallas import BlockSizes
 
-__all__ = ["XLA", "Pallas", "resolve"]
+__all__ = ["FFI", "XLA", "Pallas", "resolve"]
 
 _PALLAS_ON_CPU = "impl='pallas' on CPU runs the kernel in Pallas interpret mode (slow; for testing)."
 
@@ -62,6 +71,42 @@ class XLA:
     def __call__(self, cell, params, xs, carry0, lengths, reverse):
 
         return xla.rnn_xla(cell, params, xs, carry0, lengths, reverse, projection=self.projection)
+
+
+@dataclasses.dataclass(frozen=True)
+class FFI:
+    """The ``"ffi"`` backend with options (``impl=FFI()`` is ``impl="ffi"``): CPU, float32 LSTM.
+
+    Attributes:
+      threads: the most threads a time loop uses (``None``: every core).
+
+    Example:
+      >>> ys, carry = jaxrnn.rnn(jaxrnn.LSTM(16), params, xs, impl=FFI(threads=1))
+    """
+
+    threads: Optional[int] = None
+    name: ClassVar[str] = "ffi"
+
+    def __post_init__(self):
+
+        if self.threads is not None and (
+            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
+        ):
+            raise ValueError(f"FFI.threads: expected a positive int or None, got {self.threads!r}")
+
+    def __call__(self, cell, params, xs, carry0, lengths, reverse):
+
+        return ffi.rnn_ffi(cell, params, xs, carry0, lengths, reverse, threads=self.threads)
+
+
+def _ffi_is_default(cell, platform):
+    """``impl="auto"`` on CPU: a float32 LSTM, one visible device, and the library builds here."""
+    if platform != "cpu" or not ffi.qualifies(cell) or jax.device_count() != 1:
+        return False
+    reason = ffi.unavailable_reason()
+    if reason is not None and not reason.startswith(("no C++ compiler", "turned off")):
+        warn_once(f"impl='auto' uses impl='xla' for the LSTM on CPU: the C++ kernel did not build ({reason[:300]})")
+    return reason is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,17 +155,21 @@ class Pallas:
 def resolve(impl, cell, platform):
     """Return ``(name, backend)`` for ``impl`` on ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``).
 
-    ``impl`` is ``"xla"``, ``"pallas"``, ``"auto"`` or an :class:`XLA` /
-    :class:`Pallas` configuration. ``"auto"`` picks Pallas on GPU/TPU when
-    the cell qualifies, the XLA path otherwise; Pallas on CPU runs in
-    interpret mode and warns once (unless ``interpret`` was asked for).
+    ``impl`` is ``"xla"``, ``"ffi"``, ``"pallas"``, ``"auto"`` or an
+    :class:`XLA` / :class:`FFI` / :class:`Pallas` configuration. ``"auto"``
+    picks ``ffi`` on CPU for a float32 LSTM when its library builds and one
+    device is visible, Pallas on GPU/TPU when the cell qualifies, the XLA path
+    otherwise; Pallas on CPU runs in interpret mode and warns once (unless
+    ``interpret`` was asked for).
     """
     if impl == "xla":
         impl = XLA()
+    elif impl == "ffi":
+        impl = FFI()
     elif impl == "pallas":
         impl = Pallas()
     elif impl == "auto":
-        impl = XLA()
+        impl = FFI() if _ffi_is_default(cell, platform) else XLA()
         if platform != "cpu":
             if pallas.qualifies(cell, platform):
                 impl = Pallas()
@@ -128,6 +177,6 @@ def resolve(impl, cell, platform):
         if platform == "cpu" and impl.interpret is None:
             warn_once(_PALLAS_ON_CPU)
         return impl.name, impl
-    if isinstance(impl, XLA):
+    if isinstance(impl, (XLA, FFI)):
         return impl.name, impl
     raise ValueError(f"impl: unknown implementation {impl!r}")

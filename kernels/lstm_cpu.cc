@@ -1,0 +1,604 @@
+// The LSTM time loops of jaxrnn's ``impl="ffi"`` CPU backend, as two XLA FFI custom calls.
+//
+// kernels/ffi.py builds this file on first use (with the jaxlib's FFI headers)
+// and wraps the calls in a custom VJP:
+//
+//   jaxrnn_lstm_fwd(xs, w_ih, b, w_hh, h0, c0, lengths)
+//       -> a = [i f g o] (T*B, 4H), h carries (T, B, H), c carries (T, B, H), h_T, c_T
+//   jaxrnn_lstm_bwd(a, c carries, c0, dhs, dh_T, dc_T, w_hh, lengths)
+//       -> dz (T*B, 4H, written over a), dh0, dc0
+//   then, in XLA, large matmuls: dW_hh = h_prevᵀ dz, dW_ih = xsᵀ dz, dxs = dz w_ihᵀ, db = Σ dz.
+//
+// Why a custom call: XLA's CPU runtime runs a loop's ops one at a time on one
+// core, and each step of the recurrence is one small matmul and a few
+// elementwise ops. Here a team of threads splits the hidden units: member k
+// owns units [u0, u1), keeps its columns of [w_ih; w_hh] packed in its own
+// cache for all T steps, computes its units' gates and state update, and meets
+// the other members at one barrier per step (the next step's matmul needs all
+// of h_t; in the backward, all of dz_t). The forward projects each step's input
+// itself: no (T, B, 4H) projection is ever stored, and the one (T, B, 4H)
+// array it writes (the activations) asks for huge pages before its first touch.
+//
+// Gates are stacked i, f, g, o (PyTorch/cuDNN order), all float32:
+//   z = x_t w_ih + h_{t-1} w_hh + b;  i, f, o = sigmoid(z_i, z_f, z_o);  g = tanh(z_g)
+//   c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+// A step with t >= lengths[b] keeps row b's carry (its gradient passes through).
+// Time runs T-1 .. 0 when ``reverse``.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <sched.h>
+#include <sys/mman.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Vectors: GCC vector extensions (AVX-512 with -march=native where available).
+// ---------------------------------------------------------------------------
+constexpr int VL = 16;
+typedef float vf __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t vi __attribute__((vector_size(64), aligned(4), may_alias));
+
+inline vf splat(float x) { return vf{} + x; }
+inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+inline vf load_n(const float* p, int n) {
+  if (n == VL) return load(p);
+  float tmp[VL] = {};
+  std::memcpy(tmp, p, sizeof(float) * n);
+  return load(tmp);
+}
+inline void store_n(float* p, vf v, int n) {
+  if (n == VL) return store(p, v);
+  float tmp[VL];
+  store(tmp, v);
+  std::memcpy(p, tmp, sizeof(float) * n);
+}
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+
+// exp(x) to about 2 ulp on [-87, 88]: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial.
+inline vf vexp(vf x) {
+  x = vmin(vmax(x, splat(-87.0f)), splat(88.0f));
+  const vf xr = x * 1.44269504088896341f;  // x / ln 2, rounded to the nearest integer n:
+  const vi ni = __builtin_convertvector(xr + (xr >= 0 ? splat(0.5f) : splat(-0.5f)), vi);
+  const vf n = __builtin_convertvector(ni, vf);
+  vf r = x - n * 0.693145751953125f;  // ln 2 in two parts (Cody-Waite)
+  r = r - n * 1.428606765330187045e-06f;
+  vf p = splat(1.0f / 5040);
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * (vf)((ni + 127) << 23);
+}
+inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|).
+inline vf vtanh(vf x) {
+  vf ax = x < 0 ? -x : x;
+  vf e = vexp(-2.0f * ax);
+  vf t = (1.0f - e) / (1.0f + e);
+  return x < 0 ? -t : t;
+}
+
+// ---------------------------------------------------------------------------
+// A team of threads: the caller is member 0; members 1.. are parked workers.
+// ---------------------------------------------------------------------------
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  // Sense-reversing spin barrier; yields the core after a short spin (an
+  // oversubscribed machine must not spin away the other members' time).
+  void wait(int& sense) {
+    sense ^= 1;
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      count_.store(0, std::memory_order_relaxed);
+      flag_.store(sense, std::memory_order_release);
+      return;
+    }
+    int spins = 0;
+    while (flag_.load(std::memory_order_acquire) != sense) {
+      if (++spins < 4000) {
+        cpu_relax();
+      } else {
+        sched_yield();
+      }
+    }
+  }
+
+ private:
+  const int n_;
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<int> flag_{0};
+};
+
+class Team {
+ public:
+  static Team& get() {
+    static Team* team = new Team();  // never destroyed: workers live for the process
+    return *team;
+  }
+  int max_threads() const { return max_threads_; }
+
+  // Runs job(k, n) for k = 0 .. n-1 on n members (n <= max_threads), the caller as 0.
+  void run(int n, const std::function<void(int, int)>& job) {
+    std::lock_guard<std::mutex> serial(run_mutex_);
+    n = std::max(1, std::min(n, max_threads_));
+    if (n == 1) return job(0, 1);
+    while (static_cast<int>(workers_.size()) < n - 1) {
+      int k = static_cast<int>(workers_.size()) + 1;
+      workers_.emplace_back([this, k] { work(k); });
+      workers_.back().detach();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      active_ = n;
+      pending_.store(n - 1, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    job(0, n);
+    int spins = 0;
+    while (pending_.load(std::memory_order_acquire) != 0) {
+      if (++spins < 4000) {
+        cpu_relax();
+      } else {
+        sched_yield();
+      }
+    }
+  }
+
+ private:
+  Team() {
+    max_threads_ = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  }
+
+  void work(int k) {
+    uint64_t seen = 0;
+    for (;;) {
+      // Spin briefly for the next call (a training loop calls back soon), then sleep.
+      int spins = 0;
+      while (generation_.load(std::memory_order_acquire) == seen && ++spins < 20000) cpu_relax();
+      const std::function<void(int, int)>* job;
+      int n;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        seen = generation_.load(std::memory_order_acquire);
+        job = job_;
+        n = active_;
+      }
+      if (k < n) {
+        (*job)(k, n);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  int max_threads_ = 1;
+  std::mutex run_mutex_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int, int)>* job_ = nullptr;
+  int active_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+};
+
+// Per-member scratch memory, 64-byte aligned, kept between calls.
+struct Scratch {
+  float* get(size_t n) {
+    if (n > size) {
+      std::free(data);
+      size = (n + 15) / 16 * 16;
+      data = static_cast<float*>(std::aligned_alloc(64, size * sizeof(float)));
+    }
+    return data;
+  }
+  float* data = nullptr;
+  size_t size = 0;
+};
+Scratch& scratch(int k, int which) {
+  static Scratch table[256][4];
+  return table[k % 256][which];
+}
+
+// ---------------------------------------------------------------------------
+// C (rows x 32 per panel) = A (rows x K, row stride lda) @ P (K x 32 panels).
+// ---------------------------------------------------------------------------
+constexpr int NR = 2 * VL;  // panel width
+constexpr int MR = 8;       // rows per register block
+// The least matmul work per member and step worth a barrier (tuned on 2 cores).
+constexpr double kMinFlopsPerMember = 2.5e5;
+
+// C (rows x NR) = [A1 | A2] (rows x (K1 + K2)) @ P ((K1 + K2) x NR): A1 and A2
+// are two row-major operands side by side (A2 may be absent, K2 = 0).
+template <int R>
+inline void micro(const float* a1, int lda1, int K1, const float* a2, int lda2, int K2, const float* p, float* c,
+                  int ldc) {
+  vf acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = splat(0.0f);
+  for (int k = 0; k < K1; ++k) {
+    const vf b0 = load(p + k * NR), b1 = load(p + k * NR + VL);
+    for (int r = 0; r < R; ++r) {
+      const float x = a1[r * lda1 + k];
+      acc0[r] += x * b0;
+      acc1[r] += x * b1;
+    }
+  }
+  p += static_cast<size_t>(K1) * NR;
+  for (int k = 0; k < K2; ++k) {
+    const vf b0 = load(p + k * NR), b1 = load(p + k * NR + VL);
+    for (int r = 0; r < R; ++r) {
+      const float x = a2[r * lda2 + k];
+      acc0[r] += x * b0;
+      acc1[r] += x * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store(c + r * ldc, acc0[r]);
+    store(c + r * ldc + VL, acc1[r]);
+  }
+}
+
+// C (rows x npanels NR, row stride ldc) = [A1 | A2] @ panels, each panel (K1 + K2) x NR.
+void gemm_rows(const float* a1, int lda1, int K1, const float* a2, int lda2, int K2, int rows, const float* panels,
+               int npanels, float* c, int ldc) {
+  const size_t K = static_cast<size_t>(K1) + K2;
+  for (int j = 0; j < npanels; ++j) {
+    const float* p = panels + j * K * NR;
+    float* cj = c + j * NR;
+    int r = 0;
+    for (; r + MR <= rows; r += MR) micro<MR>(a1 + r * lda1, lda1, K1, a2 + r * lda2, lda2, K2, p, cj + r * ldc, ldc);
+#define JAXRNN_TAIL(R) \
+  case R: micro<R>(a1 + r * lda1, lda1, K1, a2 + r * lda2, lda2, K2, p, cj + r * ldc, ldc); break;
+    switch (rows - r) {
+      JAXRNN_TAIL(7) JAXRNN_TAIL(6) JAXRNN_TAIL(5) JAXRNN_TAIL(4) JAXRNN_TAIL(3) JAXRNN_TAIL(2) JAXRNN_TAIL(1)
+      default: break;
+    }
+#undef JAXRNN_TAIL
+  }
+}
+
+// Asks Linux for transparent huge pages on the 2 MiB-aligned inside of a large
+// fresh output buffer before its first touch: XLA's CPU runtime allocates each
+// call's buffers afresh, and each 4 KiB page of a fresh buffer otherwise costs a
+// page fault (about 15 ms for a 32 MiB buffer on the development machine).
+void advise_huge_pages(void* data, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+// Hidden units [u0, u1) of member k of n: blocks of 16 units, split evenly.
+void unit_range(int H, int k, int n, int* u0, int* u1) {
+  const int blocks = (H + VL - 1) / VL;
+  *u0 = std::min(H, blocks * k / n * VL);
+  *u1 = std::min(H, blocks * (k + 1) / n * VL);
+}
+
+// How many members share a call: at most ``requested`` (0: every hardware
+// thread), one per 16 hidden units, and few enough that each member's share of
+// a step's matmul (B x K by K x 4H) pays for the barrier that ends the step.
+int team_size(int B, int H, int K, int requested) {
+  const double flops = 8.0 * B * H * K;
+  int n = Team::get().max_threads();
+  if (requested > 0) n = std::min(n, requested);
+  n = std::min(n, (H + VL - 1) / VL);
+  n = std::min(n, static_cast<int>(flops / kMinFlopsPerMember));
+  return std::max(1, n);
+}
+
+struct Dims {
+  int T, B, H, I;
+};
+
+// ---------------------------------------------------------------------------
+// Forward.
+// ---------------------------------------------------------------------------
+void lstm_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
+                         const float* w_ih, const float* bias, const float* w, const float* h0, const float* c0,
+                         const int32_t* lengths, float* act_out, float* hs, float* cs, float* hT, float* cT) {
+  const int T = d.T, B = d.B, H = d.H, I = d.I, G = 4 * H, K = I + H;
+  const bool save = act_out != nullptr;
+  int u0, u1;
+  unit_range(H, k, n, &u0, &u1);
+  const int nu = u1 - u0;
+  const int cols = 4 * nu, npanels = (cols + NR - 1) / NR, ldg = npanels * NR;
+  // Pack this member's columns of [w_ih; w_hh] ((I + H) x 4H; gate-major: [i f g o]
+  // over its units) into panels of NR columns.
+  float* packed = scratch(k, 0).get(static_cast<size_t>(npanels) * K * NR);
+  for (int j = 0; j < npanels; ++j) {
+    for (int kk = 0; kk < K; ++kk) {
+      const float* src = kk < I ? w_ih + static_cast<size_t>(kk) * G : w + static_cast<size_t>(kk - I) * G;
+      float* dst = packed + (static_cast<size_t>(j) * K + kk) * NR;
+      for (int q = 0; q < NR; ++q) {
+        const int col = j * NR + q;
+        dst[q] = col < cols ? src[(col / nu) * H + u0 + col % nu] : 0.0f;
+      }
+    }
+  }
+  float* gates = scratch(k, 1).get(static_cast<size_t>(B) * ldg + NR);
+  float* c = scratch(k, 2).get(static_cast<size_t>(B) * nu + VL);
+  for (int b = 0; b < B; ++b) std::memcpy(c + b * nu, c0 + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+  int sense = 0;
+  for (int s = 0; s < T; ++s) {
+    const int t = reverse ? T - 1 - s : s;
+    const int tp = reverse ? t + 1 : t - 1;  // the step before, in walking order
+    const float* h_prev = s == 0 ? h0 : hs + static_cast<size_t>(tp) * B * H;
+    const float* x_t = xs + static_cast<size_t>(t) * B * I;
+    if (nu > 0) gemm_rows(x_t, I, I, h_prev, H, H, B, packed, npanels, gates, ldg);
+    for (int b = 0; b < B && nu > 0; ++b) {
+      const bool valid = t < lengths[b];
+      const size_t row = (static_cast<size_t>(t) * B + b);
+      float* act = save ? act_out + row * G : nullptr;
+      float* hrow = hs + row * H + u0;
+      float* crow = c + b * nu;
+      const float* g = gates + static_cast<size_t>(b) * ldg;
+      if (!valid) {  // hold the carry
+        std::memcpy(hrow, h_prev + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+        if (save) std::memcpy(cs + row * H + u0, crow, sizeof(float) * nu);
+        continue;
+      }
+      for (int u = 0; u < nu; u += VL) {
+        const int m = std::min(VL, nu - u);
+        const int gu = u0 + u;
+        const vf zi = load_n(g + u, m) + load_n(bias + gu, m);
+        const vf zf = load_n(g + nu + u, m) + load_n(bias + H + gu, m);
+        const vf zg = load_n(g + 2 * nu + u, m) + load_n(bias + 2 * H + gu, m);
+        const vf zo = load_n(g + 3 * nu + u, m) + load_n(bias + 3 * H + gu, m);
+        const vf i = vsigmoid(zi), f = vsigmoid(zf), gg = vtanh(zg), o = vsigmoid(zo);
+        const vf cn = f * load_n(crow + u, m) + i * gg;
+        const vf hn = o * vtanh(cn);
+        store_n(crow + u, cn, m);
+        store_n(hrow + u, hn, m);
+        if (save) {
+          store_n(cs + row * H + gu, cn, m);
+          store_n(act + gu, i, m);
+          store_n(act + H + gu, f, m);
+          store_n(act + 2 * H + gu, gg, m);
+          store_n(act + 3 * H + gu, o, m);
+        }
+      }
+    }
+    barrier.wait(sense);
+  }
+  const int tl = reverse ? 0 : T - 1;
+  for (int b = 0; b < B; ++b) {
+    std::memcpy(hT + static_cast<size_t>(b) * H + u0, T > 0 ? hs + (static_cast<size_t>(tl) * B + b) * H + u0 : h0 + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+    std::memcpy(cT + static_cast<size_t>(b) * H + u0, c + b * nu, sizeof(float) * nu);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+// ---------------------------------------------------------------------------
+void lstm_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, float* act_dz,
+                          const float* cs, const float* c0, const float* dhs, const float* dhT, const float* dcT,
+                          const float* w, const int32_t* lengths, float* dh0, float* dc0) {
+  const int T = d.T, B = d.B, H = d.H, G = 4 * H;
+  int u0, u1;
+  unit_range(H, k, n, &u0, &u1);
+  const int nu = u1 - u0;
+  const int npanels = (nu + NR - 1) / NR, ldd = npanels * NR;
+  // Pack w's rows u0..u1 transposed: panel j, row kk (of 4H), column q -> w[u0 + j NR + q, kk].
+  float* packed = scratch(k, 0).get(static_cast<size_t>(npanels) * G * NR);
+  for (int j = 0; j < npanels; ++j) {
+    for (int kk = 0; kk < G; ++kk) {
+      float* dst = packed + (static_cast<size_t>(j) * G + kk) * NR;
+      for (int q = 0; q < NR; ++q) {
+        const int u = j * NR + q;
+        dst[q] = u < nu ? w[static_cast<size_t>(u0 + u) * G + kk] : 0.0f;
+      }
+    }
+  }
+  float* dprod = scratch(k, 1).get(static_cast<size_t>(B) * ldd + NR);
+  float* dh = scratch(k, 2).get(static_cast<size_t>(B) * nu + VL);
+  float* dc = scratch(k, 3).get(static_cast<size_t>(B) * nu + VL);
+  for (int b = 0; b < B; ++b) {
+    std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+    std::memcpy(dc + b * nu, dcT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+  }
+  int sense = 0;
+  for (int s = 0; s < T; ++s) {
+    const int t = reverse ? s : T - 1 - s;  // the forward's order, backwards
+    const bool first = reverse ? t == T - 1 : t == 0;
+    const int tp = reverse ? t + 1 : t - 1;
+    for (int b = 0; b < B && nu > 0; ++b) {
+      const size_t row = static_cast<size_t>(t) * B + b;
+      float* a = act_dz + row * G;
+      if (t >= lengths[b]) {  // padding: no gate gradient; the carry's passes through
+        for (int q = 0; q < 4; ++q) std::memset(a + q * H + u0, 0, sizeof(float) * nu);
+        continue;
+      }
+      const float* cprev = first ? c0 + static_cast<size_t>(b) * H + u0 : cs + (static_cast<size_t>(tp) * B + b) * H + u0;
+      const float* ct = cs + row * H + u0;
+      const float* dht = dhs + row * H + u0;
+      float* dhb = dh + b * nu;
+      float* dcb = dc + b * nu;
+      for (int u = 0; u < nu; u += VL) {
+        const int m = std::min(VL, nu - u);
+        const int gu = u0 + u;
+        const vf i = load_n(a + gu, m), f = load_n(a + H + gu, m), g = load_n(a + 2 * H + gu, m),
+                 o = load_n(a + 3 * H + gu, m);
+        const vf tc = vtanh(load_n(ct + u, m));
+        const vf dhv = load_n(dhb + u, m) + load_n(dht + u, m);
+        const vf dcv = load_n(dcb + u, m) + dhv * o * (1.0f - tc * tc);
+        store_n(a + gu, dcv * g * i * (1.0f - i), m);
+        store_n(a + H + gu, dcv * load_n(cprev + u, m) * f * (1.0f - f), m);
+        store_n(a + 2 * H + gu, dcv * i * (1.0f - g * g), m);
+        store_n(a + 3 * H + gu, dhv * tc * o * (1.0f - o), m);
+        store_n(dcb + u, dcv * f, m);
+      }
+    }
+    barrier.wait(sense);  // all of dz_t is written
+    if (nu > 0) gemm_rows(act_dz + static_cast<size_t>(t) * B * G, G, G, nullptr, 0, 0, B, packed, npanels, dprod, ldd);
+    for (int b = 0; b < B && nu > 0; ++b) {
+      if (t >= lengths[b]) continue;  // dh passes through unchanged
+      std::memcpy(dh + b * nu, dprod + static_cast<size_t>(b) * ldd, sizeof(float) * nu);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
+    std::memcpy(dc0 + static_cast<size_t>(b) * H + u0, dc + b * nu, sizeof(float) * nu);
+  }
+}
+
+ffi::Error check_dims(const char* what, ffi::Span<const int64_t> dims, std::initializer_list<int64_t> expected) {
+  if (dims.size() != expected.size()) {
+    return ffi::Error::InvalidArgument(std::string(what) + ": unexpected rank");
+  }
+  size_t i = 0;
+  for (int64_t e : expected) {
+    if (dims[i++] != e) return ffi::Error::InvalidArgument(std::string(what) + ": unexpected shape");
+  }
+  return ffi::Error::Success();
+}
+
+#define JAXRNN_CHECK(expr)              \
+  do {                                  \
+    ffi::Error err_ = (expr);           \
+    if (err_.failure()) return err_;    \
+  } while (0)
+
+ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
+                       ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                       ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> hs,
+                       ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hT,
+                       ffi::ResultBuffer<ffi::F32> cT, bool reverse, bool save, int32_t threads) {
+  const auto xd = xs.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("xs: expected rank 3");
+  const auto hd = h0.dimensions();
+  if (hd.size() != 2) return ffi::Error::InvalidArgument("h0: expected rank 2");
+  const Dims d{static_cast<int>(xd[0]), static_cast<int>(xd[1]), static_cast<int>(hd[1]), static_cast<int>(xd[2])};
+  const int64_t T = d.T, B = d.B, H = d.H, I = d.I;
+  JAXRNN_CHECK(check_dims("w_ih", w_ih.dimensions(), {I, 4 * H}));
+  JAXRNN_CHECK(check_dims("bias", bias.dimensions(), {4 * H}));
+  JAXRNN_CHECK(check_dims("w_hh", w.dimensions(), {H, 4 * H}));
+  JAXRNN_CHECK(check_dims("h0", hd, {B, H}));
+  JAXRNN_CHECK(check_dims("c0", c0.dimensions(), {B, H}));
+  JAXRNN_CHECK(check_dims("lengths", lengths.dimensions(), {B}));
+  JAXRNN_CHECK(check_dims("hs", hs->dimensions(), {T, B, H}));
+  JAXRNN_CHECK(check_dims("h_T", hT->dimensions(), {B, H}));
+  JAXRNN_CHECK(check_dims("c_T", cT->dimensions(), {B, H}));
+  float* act_p = nullptr;
+  float* cs_p = nullptr;
+  if (save) {
+    JAXRNN_CHECK(check_dims("a", act->dimensions(), {T * B, 4 * H}));
+    JAXRNN_CHECK(check_dims("cs", cs->dimensions(), {T, B, H}));
+    act_p = act->typed_data();
+    cs_p = cs->typed_data();
+    advise_huge_pages(act_p, sizeof(float) * T * B * 4 * H);
+    advise_huge_pages(cs_p, sizeof(float) * T * B * H);
+  }
+  advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
+  const int n = team_size(d.B, d.H, d.I + d.H, threads);
+  Barrier barrier(n);
+  Team::get().run(n, [&](int k, int members) {
+    lstm_forward_member(k, members, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
+                        w.typed_data(), h0.typed_data(), c0.typed_data(), lengths.typed_data(), act_p,
+                        hs->typed_data(), cs_p, hT->typed_data(), cT->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> c0,
+                        ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT, ffi::Buffer<ffi::F32> dcT,
+                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dz,
+                        ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0, bool reverse,
+                        int32_t threads) {
+  const auto cd = cs.dimensions();
+  if (cd.size() != 3) return ffi::Error::InvalidArgument("cs: expected rank 3");
+  const Dims d{static_cast<int>(cd[0]), static_cast<int>(cd[1]), static_cast<int>(cd[2]), 0};
+  const int64_t T = d.T, B = d.B, H = d.H;
+  JAXRNN_CHECK(check_dims("a", act.dimensions(), {T * B, 4 * H}));
+  JAXRNN_CHECK(check_dims("cs", cs.dimensions(), {T, B, H}));
+  JAXRNN_CHECK(check_dims("c0", c0.dimensions(), {B, H}));
+  JAXRNN_CHECK(check_dims("dhs", dhs.dimensions(), {T, B, H}));
+  JAXRNN_CHECK(check_dims("dh_T", dhT.dimensions(), {B, H}));
+  JAXRNN_CHECK(check_dims("dc_T", dcT.dimensions(), {B, H}));
+  JAXRNN_CHECK(check_dims("w_hh", w.dimensions(), {H, 4 * H}));
+  JAXRNN_CHECK(check_dims("lengths", lengths.dimensions(), {B}));
+  JAXRNN_CHECK(check_dims("dz", dz->dimensions(), {T * B, 4 * H}));
+  if (dz->typed_data() != act.typed_data()) {  // XLA did not alias: start from a copy
+    std::memcpy(dz->typed_data(), act.typed_data(), sizeof(float) * T * B * 4 * H);
+  }
+  const int n = team_size(d.B, d.H, 4 * d.H, threads);
+  Barrier barrier(n);
+  Team::get().run(n, [&](int k, int members) {
+    lstm_backward_member(k, members, barrier, d, reverse, dz->typed_data(), cs.typed_data(), c0.typed_data(),
+                         dhs.typed_data(), dhT.typed_data(), dcT.typed_data(), w.typed_data(),
+                         lengths.typed_data(), dh0->typed_data(), dc0->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // a
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h carries
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c carries
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c_T
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("save")
+                                  .Attr<int32_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c carries
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dhs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dc_T
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dz (over a)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dc0
+                                  .Attr<bool>("reverse")
+                                  .Attr<int32_t>("threads"));
+
+extern "C" int jaxrnn_lstm_cpu_max_threads() { return Team::get().max_threads(); }

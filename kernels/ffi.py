@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn.cells import LSTM, LSTMCarry, check_cell
-from jaxrnn.scan import rnn_reference, where_valid
+from jaxrnn.scan import rnn_reference, vary_like, where_valid
 
 Array = jax.Array
 
@@ -286,7 +286,9 @@ def _forward_call(reverse, threads, w, xs, carry0, lengths, save):
         sd((B, H), f32),
     )
     call = jax.ffi.ffi_call(_FORWARD, outs, vmap_method="sequential")
-    return call(xs, w.w_ih, w.b, w.w_hh, carry0.h, carry0.c, lengths, reverse=reverse, save=save, threads=np.int32(threads))
+    # Inside shard_map: every operand and result varies over the mesh axes xs varies over.
+    args = vary_like((w.w_ih, w.b, w.w_hh, carry0.h, carry0.c, lengths), xs)
+    return vary_like(call(xs, *args, reverse=reverse, save=save, threads=np.int32(threads)), xs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -310,10 +312,8 @@ def _lstm_bwd(reverse, threads, saved, cotangents):
     call = jax.ffi.ffi_call(
         _BACKWARD, (sd(a.shape, f32), sd((B, H), f32), sd((B, H), f32)), input_output_aliases={0: 0}, vmap_method="sequential"
     )
-    dz, dh0, dc0 = call(
-        a, cs, carry0.c, dhs.astype(f32), dfinal.h.astype(f32), dfinal.c.astype(f32), w.w_hh, lengths,
-        reverse=reverse, threads=np.int32(threads),
-    )  # fmt: skip
+    args = vary_like((a, cs, carry0.c, dhs.astype(f32), dfinal.h.astype(f32), dfinal.c.astype(f32), w.w_hh, lengths), xs)
+    dz, dh0, dc0 = vary_like(call(*args, reverse=reverse, threads=np.int32(threads)), xs)
     # The carry each step started from: the carries shifted one step, carry0 first.
     if reverse:
         prev = jnp.concatenate([hs[1:], carry0.h[None]], 0)

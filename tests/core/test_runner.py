@@ -250,7 +250,7 @@ def test_error_params():
 
 
 def test_error_unknown_impl_and_cell():
-    _expect(ValueError, r"impl: expected one of \('auto', 'reference', 'xla', 'pallas'\) or a jaxrnn.kernels.XLA .*, got 'cudnn'", impl="cudnn")
+    _expect(ValueError, r"impl: expected one of \('auto', 'reference', 'xla', 'ffi', 'pallas'\) or a jaxrnn.kernels.XLA .*, got 'cudnn'", impl="cudnn")
     with pytest.raises(TypeError, match="cell: expected a jaxrnn cell"):
         jaxrnn.rnn("lstm", None, _xs())
 

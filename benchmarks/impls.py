@@ -185,7 +185,7 @@ def _abstract_key():
 # --------------------------------------------------------------------------
 # jaxrnn
 # --------------------------------------------------------------------------
-JAXRNN_IMPLS = ("reference", "xla", "pallas")
+JAXRNN_IMPLS = ("reference", "xla", "ffi", "pallas")
 
 
 def jaxrnn_cell(case):
@@ -237,6 +237,13 @@ def jaxrnn_builder(impl):
             )
         cell, model, params, xs, rng = jaxrnn_setup(case, ctx)
         dt = jnp.dtype(case.dtype)
+        if name == "ffi":
+            from jaxrnn.kernels import ffi  # noqa: PLC0415
+
+            if ctx.platform != "cpu" or not ffi.qualifies(cell.resolve(dt)):
+                raise Unavailable("impl='ffi' computes float32 LSTMs on CPU only")
+            if ffi.unavailable_reason() is not None:
+                raise Unavailable(f"impl='ffi': {ffi.unavailable_reason()}")
         resolved = "reference" if name == "reference" else kernels.resolve(impl, cell.resolve(dt), ctx.platform)[0]
         notes = {"backend": resolved}
         if case.mode == "step":
@@ -640,6 +647,7 @@ def _torch(variant):
 IMPLEMENTATIONS = {
     "jaxrnn:reference": jaxrnn_builder("reference"),
     "jaxrnn:xla": jaxrnn_builder("xla"),
+    "jaxrnn:ffi": jaxrnn_builder("ffi"),
     "jaxrnn:pallas": jaxrnn_builder("pallas"),
     "flax.linen": _flax_linen,
     "flax.nnx": _flax_nnx,

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include <sched.h>
+#include <unistd.h>
 #include <sys/mman.h>
 
 #include "xla/ffi/api/ffi.h"
@@ -90,13 +91,12 @@ inline vf vexp(vf x) {
   return p * (vf)((ni + 127) << 23);
 }
 inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
-// tanh(x) as an odd rational function of x (degree 13 over 6 in x²), on x
-// clamped to ±7.9 where tanh rounds to ±1 in float32: within a few ulp
-// everywhere, and accurate in relative terms near 0, where (1 - e^{-2x}) /
-// (1 + e^{-2x}) is not. The coefficients are those of Eigen's float tanh,
-// which XLA's CPU backend uses too.
+// tanh(x): near 0 (|x| < 0.625) an odd rational function of x (degree 13
+// over 6 in x², the coefficients of Eigen's float tanh), accurate in relative
+// terms where 1 - 2 / (1 + e^{2|x|}) cancels; elsewhere that formula, which
+// rounds to exactly ±1 where float32 tanh does (|x| > 9.01), as the
+// saturated gates of hand-set weights need (a counter LSTM counts exactly).
 inline vf vtanh(vf x) {
-  x = vmin(vmax(x, splat(-7.90531110763549805f)), splat(7.90531110763549805f));
   const vf x2 = x * x;
   vf p = splat(-2.76076847742355e-16f);
   p = p * x2 + 2.00018790482477e-13f;
@@ -105,12 +105,15 @@ inline vf vtanh(vf x) {
   p = p * x2 + 1.48572235717979e-05f;
   p = p * x2 + 6.37261928875436e-04f;
   p = p * x2 + 4.89352455891786e-03f;
-  p = p * x;
   vf q = splat(1.19825839466702e-06f);
   q = q * x2 + 1.18534705686654e-04f;
   q = q * x2 + 2.26843463243900e-03f;
   q = q * x2 + 4.89352518554385e-03f;
-  return p / q;
+  const vf small = p * x / q;
+  const vf ax = x < 0 ? -x : x;
+  const vf t = 1.0f - 2.0f / (1.0f + vexp(2.0f * ax));
+  const vf large = x < 0 ? -t : t;
+  return x2 < 0.390625f ? small : large;
 }
 
 // ---------------------------------------------------------------------------
@@ -163,9 +166,15 @@ class Team {
     std::lock_guard<std::mutex> serial(run_mutex_);
     n = std::max(1, std::min(n, max_threads_));
     if (n == 1) return job(0, 1);
+    if (getpid() != owner_) {  // a forked child: the parent's workers do not exist here
+      workers_.clear();        // (detached handles; nothing to join)
+      owner_ = getpid();
+    }
     while (static_cast<int>(workers_.size()) < n - 1) {
       int k = static_cast<int>(workers_.size()) + 1;
-      workers_.emplace_back([this, k] { work(k); });
+      // A new worker waits for the next job, not one already run.
+      const uint64_t now = generation_.load(std::memory_order_acquire);
+      workers_.emplace_back([this, k, now] { work(k, now); });
       workers_.back().detach();
     }
     {
@@ -188,12 +197,16 @@ class Team {
   }
 
  private:
-  Team() {
-    max_threads_ = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  Team() : owner_(getpid()) {
+    // The cores this process may run on (a container's cpuset), not the machine's.
+    cpu_set_t set;
+    int n = 0;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+    if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());
+    max_threads_ = std::max(1, n);
   }
 
-  void work(int k) {
-    uint64_t seen = 0;
+  void work(int k, uint64_t seen) {
     for (;;) {
       // Spin briefly for the next call (a training loop calls back soon), then sleep.
       int spins = 0;
@@ -215,6 +228,7 @@ class Team {
   }
 
   int max_threads_ = 1;
+  pid_t owner_;
   std::mutex run_mutex_;
   std::mutex mutex_;
   std::condition_variable cv_;

@@ -391,7 +391,8 @@ def test_cpu_targets_reads_worst_cases_and_thresholds(tmp_path):
         return {**base, **kw}
 
     cpu = {"rows": [
-        row("a", "jaxrnn:xla", {"torch": 0.5, "flax.linen": 0.5}),                  # 2x both
+        row("a", "jaxrnn:xla", {"torch": 0.5, "flax.linen": 0.5}),                  # 2x both, but:
+        row("a", "jaxrnn:ffi", {"torch": 0.4, "flax.linen": 0.4}),                  # what "auto" runs: 2.5x
         row("b", "jaxrnn:xla", {"torch": 1 / 1.2, "flax.linen": 0.25}, cell="gru"),  # 1.2x torch: below 1.3
         row("p", "jaxrnn:xla", {"torch": 0.25, "flax.linen": 0.4}, structure="bidir2", padded=True, batch=16),
         row("p", "torch", {}, structure="bidir2", padded=True, batch=16),
@@ -401,7 +402,8 @@ def test_cpu_targets_reads_worst_cases_and_thresholds(tmp_path):
     got = {t["target"]: t for t in cpu_targets.evaluate(str(tmp_path))}
     assert got["1"]["met"] is False
     assert got["1"]["worst"]["torch"] == {"speedup": pytest.approx(1.2), "case_id": "b"}
-    assert got["1"]["worst"]["flax.linen"]["speedup"] == pytest.approx(2.0)
+    assert got["1"]["worst"]["flax.linen"]["speedup"] == pytest.approx(2.5)  # the ffi row of case a, not xla's
+    assert [c["speedup"]["torch"] for c in got["1"]["cases"] if c["case_id"] == "a"] == [pytest.approx(2.5)]
     assert got["3"]["met"] is True and got["3"]["worst"]["flax.linen"]["speedup"] == pytest.approx(2.5)
     assert got["1b"]["met"] is True  # every case at least 1.0x PyTorch
     assert got["6"]["met"] is True and got["6"]["longest_compile_s"] == 0.5

@@ -307,7 +307,7 @@ def test_backend_configuration_errors():
     with pytest.raises(TypeError, match="Pallas.interpret: expected a bool or None, got str"):
         Pallas(interpret="yes")
     cell = jaxrnn.LSTM(H)
-    with pytest.raises(ValueError, match=r"impl: expected one of .* or a jaxrnn.kernels.XLA / jaxrnn.kernels.Pallas"):
+    with pytest.raises(ValueError, match=r"impl: expected one of .* or a jaxrnn.kernels.XLA / FFI / Pallas configuration"):
         jaxrnn.rnn(cell, _params(cell), _xs(), impl=object())
     with pytest.raises(ValueError, match=r"impl: expected one of"):
         jaxrnn.rnn(cell, _params(cell), _xs(), impl="cudnn")

@@ -98,6 +98,21 @@ def test_large_buffers_match_xla():
     assert_close(got, want, scale=2.0)  # weight gradients: sums of 1,152 rows, in another order
 
 
+def test_saturated_gates_count_exactly():
+    """The counting experiment's hand-set LSTM (gate pre-activations of ±50): its sigmoids and tanhs
+    saturate to exactly 0 and ±1, so the cell state counts exactly, as with the reference."""
+    from jaxrnn import tasks  # noqa: PLC0415
+    from jaxrnn.experiments import common, counting  # noqa: PLC0415
+
+    cell, params = counting.counter_lstm()
+    xs = common.one_hot(tasks.anbn([100]).inputs[:1], len(tasks.COUNTING_SYMBOLS))
+    ys, final = jaxrnn.rnn(cell, params.cell, xs, impl="ffi")
+    ys_r, final_r = jaxrnn.rnn(cell, params.cell, xs, impl="reference")
+    np.testing.assert_array_equal(final.c, final_r.c)  # [#a - #b, #b] = [0, 100]
+    np.testing.assert_array_equal(np.asarray(final.c), [[0.0, 100.0]])
+    assert_close(ys, ys_r)
+
+
 def test_low_precision_params():
     """Parameters of another float dtype are cast to float32 and get gradients of their own dtype back."""
     cell, params, xs, carry0, _ = _problem(3, 7, 5, 4)

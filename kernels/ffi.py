@@ -4,8 +4,9 @@ XLA's CPU runtime runs the ops of a loop one at a time, and a step of the
 recurrence is a small matmul plus a few elementwise ops: the ``xla`` backend
 keeps one core busy per step and pays a dispatch per op. This backend runs
 each time loop as one XLA FFI custom call (``kernels/lstm_cpu.cc``) in which a
-team of threads splits the hidden units, keeps its slice of the weights in
-cache for all steps, and meets at one barrier per step. The surrounding work
+team (the calling thread and tasks on XLA's intra-op thread pool) splits the
+hidden units, keeps its slice of the weights in cache for all steps, and meets
+at one barrier per step. The surrounding work
 stays in XLA as large matmuls:
 
 * forward: ``jaxrnn_lstm_fwd`` projects each step's input itself (no
@@ -241,8 +242,9 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
       lengths: ``(B,)`` int32 valid lengths in ``[0, T]``, or ``None``. Steps
         ``t >= lengths[b]`` keep the carry and output zeros.
       reverse: walk time backwards (padding first).
-      threads: the most threads a time loop uses (``None``: every core; a
-        small step uses fewer, see ``team_size`` in ``lstm_cpu.cc``).
+      threads: the most threads a time loop uses (``None``: as many as XLA's
+        intra-op thread pool has; a small step uses fewer, see ``team_size``
+        in ``lstm_cpu.cc``).
 
     Returns:
       ``(hs, final_carry)``: ``(T, B, H)`` float32 outputs and the final carry.

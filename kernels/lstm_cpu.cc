@@ -11,13 +11,16 @@
 //
 // Why a custom call: XLA's CPU runtime runs a loop's ops one at a time on one
 // core, and each step of the recurrence is one small matmul and a few
-// elementwise ops. Here a team of threads splits the hidden units: member k
-// owns units [u0, u1), keeps its columns of [w_ih; w_hh] packed in its own
-// cache for all T steps, computes its units' gates and state update, and meets
-// the other members at one barrier per step (the next step's matmul needs all
-// of h_t; in the backward, all of dz_t). The forward projects each step's input
-// itself: no (T, B, 4H) projection is ever stored, and the one (T, B, 4H)
-// array it writes (the activations) asks for huge pages before its first touch.
+// elementwise ops. Here a team splits the hidden units: member k owns units
+// [u0, u1), keeps its columns of [w_ih; w_hh] packed in its own cache for all
+// T steps, computes its units' gates and state update, and meets the other
+// members at one barrier per step (the next step's matmul needs all of h_t; in
+// the backward, all of dz_t). The team is the calling thread plus tasks on
+// XLA's intra-op thread pool (see run_on_pool): threads of our own competed
+// for the cores with XLA's idle pool threads and ran up to 2x slower. The
+// forward projects each step's input itself: no (T, B, 4H) projection is ever
+// stored, and the one (T, B, 4H) array it writes (the activations) asks for
+// huge pages before its first touch.
 //
 // Gates are stacked i, f, g, o (PyTorch/cuDNN order), all float32:
 //   z = x_t w_ih + h_{t-1} w_hh + b;  i, f, o = sigmoid(z_i, z_f, z_o);  g = tanh(z_g)
@@ -153,91 +156,67 @@ class Barrier {
   alignas(64) std::atomic<int> flag_{0};
 };
 
-class Team {
- public:
-  static Team& get() {
-    static Team* team = new Team();  // never destroyed: workers live for the process
-    return *team;
-  }
-  int max_threads() const { return max_threads_; }
-
-  // Runs job(k, n) for k = 0 .. n-1 on n members (n <= max_threads), the caller as 0.
-  void run(int n, const std::function<void(int, int)>& job) {
-    std::lock_guard<std::mutex> serial(run_mutex_);
-    n = std::max(1, std::min(n, max_threads_));
-    if (n == 1) return job(0, 1);
-    if (getpid() != owner_) {  // a forked child: the parent's workers do not exist here
-      workers_.clear();        // (detached handles; nothing to join)
-      owner_ = getpid();
-    }
-    while (static_cast<int>(workers_.size()) < n - 1) {
-      int k = static_cast<int>(workers_.size()) + 1;
-      // A new worker waits for the next job, not one already run.
-      const uint64_t now = generation_.load(std::memory_order_acquire);
-      workers_.emplace_back([this, k, now] { work(k, now); });
-      workers_.back().detach();
-    }
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &job;
-      active_ = n;
-      pending_.store(n - 1, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    cv_.notify_all();
-    job(0, n);
-    int spins = 0;
-    while (pending_.load(std::memory_order_acquire) != 0) {
-      if (++spins < 4000) {
-        cpu_relax();
-      } else {
-        sched_yield();
-      }
-    }
-  }
-
- private:
-  Team() : owner_(getpid()) {
-    // The cores this process may run on (a container's cpuset), not the machine's.
-    cpu_set_t set;
-    int n = 0;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
-    if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());
-    max_threads_ = std::max(1, n);
-  }
-
-  void work(int k, uint64_t seen) {
-    for (;;) {
-      // Spin briefly for the next call (a training loop calls back soon), then sleep.
-      int spins = 0;
-      while (generation_.load(std::memory_order_acquire) == seen && ++spins < 20000) cpu_relax();
-      const std::function<void(int, int)>* job;
-      int n;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-        seen = generation_.load(std::memory_order_acquire);
-        job = job_;
-        n = active_;
-      }
-      if (k < n) {
-        (*job)(k, n);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
-    }
-  }
-
-  int max_threads_ = 1;
-  pid_t owner_;
-  std::mutex run_mutex_;
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  std::vector<std::thread> workers_;
-  const std::function<void(int, int)>* job_ = nullptr;
-  int active_ = 0;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+// Runs job(k, n) on a team formed from XLA's intra-op thread pool: the caller
+// is member 0, and n - 1 tasks are scheduled on the pool. A task joins the team
+// when it starts; the caller waits briefly for them, then closes the team with
+// the members that have joined (possibly only itself), so that a busy pool
+// cannot stall the call. Late tasks find the team closed and return at once.
+// The pool's threads are the ones that would otherwise spin idle beside the
+// call; threads of our own competed with them for the cores.
+struct Formation {
+  static constexpr int kClosed = -(1 << 20);
+  std::atomic<int> slots{0};     // members joined so far (kClosed + ... once closed)
+  std::atomic<int> team{0};      // the final size, set when closed
+  std::atomic<bool> go{false};   // closed and sized: joined members may run
+  std::atomic<int> finished{0};  // joined members done
+  std::unique_ptr<Barrier> barrier;
+  const std::function<void(int, int, Barrier&)>* job = nullptr;
 };
+
+using Job = std::function<void(int, int, Barrier&)>;
+
+void run_on_pool(ffi::ThreadPool& pool, int n, const Job& job) {
+  if (n <= 1) {
+    Barrier alone(1);
+    return job(0, 1, alone);
+  }
+  auto state = std::make_shared<Formation>();
+  state->job = &job;
+  for (int i = 1; i < n; ++i) {
+    pool.Schedule([state] {
+      int v = state->slots.load(std::memory_order_acquire);
+      while (v >= 0 && !state->slots.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) {
+      }
+      if (v < 0) return;  // closed without us
+      const int k = v + 1;
+      while (!state->go.load(std::memory_order_acquire)) cpu_relax();
+      (*state->job)(k, state->team.load(std::memory_order_relaxed), *state->barrier);
+      state->finished.fetch_add(1, std::memory_order_acq_rel);
+    });
+  }
+  // Wait up to ~50 µs of spinning (then a few yields) for the tasks to join.
+  for (int spins = 0; spins < 20000 && state->slots.load(std::memory_order_acquire) < n - 1; ++spins) {
+    if (spins < 2000) {
+      cpu_relax();
+    } else {
+      sched_yield();
+    }
+  }
+  const int joined = state->slots.exchange(Formation::kClosed, std::memory_order_acq_rel);
+  const int team = joined + 1;
+  state->team.store(team, std::memory_order_relaxed);
+  state->barrier = std::make_unique<Barrier>(team);
+  state->go.store(true, std::memory_order_release);
+  job(0, team, *state->barrier);
+  int spins = 0;
+  while (state->finished.load(std::memory_order_acquire) < joined) {
+    if (++spins < 4000) {
+      cpu_relax();
+    } else {
+      sched_yield();
+    }
+  }
+}
 
 // Per-member scratch memory, 64-byte aligned, kept between calls.
 struct Scratch {
@@ -263,7 +242,7 @@ Scratch& scratch(int k, int which) {
 constexpr int NR = 2 * VL;  // panel width
 constexpr int MR = 8;       // rows per register block
 // The least matmul work per member and step worth a barrier (tuned on 2 cores).
-constexpr double kMinFlopsPerMember = 2.5e5;
+constexpr double kMinFlopsPerMember = 1.0e6;
 
 // C (rows x NR) = [A1 | A2] (rows x (K1 + K2)) @ P ((K1 + K2) x NR): A1 and A2
 // are two row-major operands side by side (A2 may be absent, K2 = 0).
@@ -341,9 +320,9 @@ void unit_range(int H, int k, int n, int* u0, int* u1) {
 // How many members share a call: at most ``requested`` (0: every hardware
 // thread), one per 16 hidden units, and few enough that each member's share of
 // a step's matmul (B x K by K x 4H) pays for the barrier that ends the step.
-int team_size(int B, int H, int K, int requested) {
+int team_size(int B, int H, int K, int requested, ffi::ThreadPool& pool) {
   const double flops = 8.0 * B * H * K;
-  int n = Team::get().max_threads();
+  int n = static_cast<int>(pool.num_threads());
   if (requested > 0) n = std::min(n, requested);
   n = std::min(n, (H + VL - 1) / VL);
   n = std::min(n, static_cast<int>(flops / kMinFlopsPerMember));
@@ -526,7 +505,8 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi
                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                        ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> hs,
                        ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hT,
-                       ffi::ResultBuffer<ffi::F32> cT, bool reverse, bool save, int32_t threads) {
+                       ffi::ResultBuffer<ffi::F32> cT, bool reverse, bool save, int32_t threads,
+                       ffi::ThreadPool pool) {
   const auto xd = xs.dimensions();
   if (xd.size() != 3) return ffi::Error::InvalidArgument("xs: expected rank 3");
   const auto hd = h0.dimensions();
@@ -553,9 +533,8 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi
     advise_huge_pages(cs_p, sizeof(float) * T * B * H);
   }
   advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
-  const int n = team_size(d.B, d.H, d.I + d.H, threads);
-  Barrier barrier(n);
-  Team::get().run(n, [&](int k, int members) {
+  const int n = team_size(d.B, d.H, d.I + d.H, threads, pool);
+  run_on_pool(pool, n, [&](int k, int members, Barrier& barrier) {
     lstm_forward_member(k, members, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
                         w.typed_data(), h0.typed_data(), c0.typed_data(), lengths.typed_data(), act_p,
                         hs->typed_data(), cs_p, hT->typed_data(), cT->typed_data());
@@ -567,7 +546,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi
                         ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT, ffi::Buffer<ffi::F32> dcT,
                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dz,
                         ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0, bool reverse,
-                        int32_t threads) {
+                        int32_t threads, ffi::ThreadPool pool) {
   const auto cd = cs.dimensions();
   if (cd.size() != 3) return ffi::Error::InvalidArgument("cs: expected rank 3");
   const Dims d{static_cast<int>(cd[0]), static_cast<int>(cd[1]), static_cast<int>(cd[2]), 0};
@@ -584,9 +563,8 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi
   if (dz->typed_data() != act.typed_data()) {  // XLA did not alias: start from a copy
     std::memcpy(dz->typed_data(), act.typed_data(), sizeof(float) * T * B * 4 * H);
   }
-  const int n = team_size(d.B, d.H, 4 * d.H, threads);
-  Barrier barrier(n);
-  Team::get().run(n, [&](int k, int members) {
+  const int n = team_size(d.B, d.H, 4 * d.H, threads, pool);
+  run_on_pool(pool, n, [&](int k, int members, Barrier& barrier) {
     lstm_backward_member(k, members, barrier, d, reverse, dz->typed_data(), cs.typed_data(), c0.typed_data(),
                          dhs.typed_data(), dhT.typed_data(), dcT.typed_data(), w.typed_data(),
                          lengths.typed_data(), dh0->typed_data(), dc0->typed_data());
@@ -612,7 +590,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c_T
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("save")
-                                  .Attr<int32_t>("threads"));
+                                  .Attr<int32_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackward,
                               ffi::Ffi::Bind()
@@ -628,6 +607,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dc0
                                   .Attr<bool>("reverse")
-                                  .Attr<int32_t>("threads"));
+                                  .Attr<int32_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
 
-extern "C" int jaxrnn_lstm_cpu_max_threads() { return Team::get().max_threads(); }

@@ -29,6 +29,7 @@
 // Time runs T-1 .. 0 when ``reverse``.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -243,6 +244,8 @@ constexpr int NR = 2 * VL;  // panel width
 constexpr int MR = 8;       // rows per register block
 // The least matmul work per member and step worth a barrier (tuned on 2 cores).
 constexpr double kMinFlopsPerMember = 1.0e6;
+// The packed weights one member should hold (half of a 1 MiB L2 cache).
+constexpr double kMaxWeightBytesPerMember = 512.0 * 1024;
 
 // C (rows x NR) = [A1 | A2] (rows x (K1 + K2)) @ P ((K1 + K2) x NR): A1 and A2
 // are two row-major operands side by side (A2 may be absent, K2 = 0).
@@ -317,16 +320,20 @@ void unit_range(int H, int k, int n, int* u0, int* u1) {
   *u1 = std::min(H, blocks * (k + 1) / n * VL);
 }
 
-// How many members share a call: at most ``requested`` (0: every hardware
-// thread), one per 16 hidden units, and few enough that each member's share of
-// a step's matmul (B x K by K x 4H) pays for the barrier that ends the step.
+// How many members share a call: at most ``requested`` (0: the size of XLA's
+// intra-op pool) and one per 16 hidden units; then enough that each member's
+// slice of the packed weights (K x 4H floats) stays in a core's L2 cache (a
+// thin batch streams the weights every step), but no more than each member's
+// share of a step's matmul (B x K by K x 4H) pays for the barrier that ends it.
 int team_size(int B, int H, int K, int requested, ffi::ThreadPool& pool) {
   const double flops = 8.0 * B * H * K;
+  const double weight_bytes = 16.0 * H * K;
   int n = static_cast<int>(pool.num_threads());
   if (requested > 0) n = std::min(n, requested);
   n = std::min(n, (H + VL - 1) / VL);
-  n = std::min(n, static_cast<int>(flops / kMinFlopsPerMember));
-  return std::max(1, n);
+  const int wanted = std::max(static_cast<int>(flops / kMinFlopsPerMember),
+                              static_cast<int>(std::ceil(weight_bytes / kMaxWeightBytesPerMember)));
+  return std::max(1, std::min(n, wanted));
 }
 
 struct Dims {

@@ -63,7 +63,7 @@ from jaxrnn.scan import rnn_reference, vary_like, where_valid
 
 Array = jax.Array
 
-__all__ = ["BuildError", "available", "build", "library_path", "qualifies", "rnn_ffi", "unavailable_reason"]
+__all__ = ["BuildError", "available", "build", "library_path", "qualifies", "rnn_ffi", "team_stats", "unavailable_reason"]
 
 #: The C++ source of the custom calls (shipped with the package).
 SOURCE = Path(__file__).with_name("lstm_cpu.cc")
@@ -185,6 +185,24 @@ def unavailable_reason() -> Optional[str]:
 def available() -> bool:
     """Whether the backend builds and loads here (builds it on first call)."""
     return unavailable_reason() is None
+
+
+def team_stats() -> dict:
+    """How the time loops' thread teams formed since the library was loaded (builds it on first call).
+
+    Returns:
+      ``{"team_calls": n, "short_handed_calls": m}``: of the ``n`` calls that
+      planned more than one member, ``m`` ran with fewer, because XLA's pool
+      threads did not join in time (a busy machine); such a call is up to 2x
+      slower.
+
+    Example:
+      >>> jaxrnn.kernels.ffi.team_stats()
+      {'team_calls': 0, 'short_handed_calls': 0}
+    """
+    out = (ctypes.c_int64 * 2)()
+    _load().jaxrnn_lstm_cpu_team_stats(out)
+    return {"team_calls": int(out[0]), "short_handed_calls": int(out[1])}
 
 
 def qualifies(cell) -> bool:

@@ -29,6 +29,7 @@
 // Time runs T-1 .. 0 when ``reverse``.
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <atomic>
 #include <condition_variable>
@@ -176,7 +177,11 @@ struct Formation {
 
 using Job = std::function<void(int, int, Barrier&)>;
 
-void run_on_pool(ffi::ThreadPool& pool, int n, const Job& job) {
+// Calls that formed a team, and those that ran with fewer members than planned
+// (read by ffi.team_stats(): a benchmark can tell a short-handed call from a slow kernel).
+std::atomic<int64_t> team_calls{0}, short_handed_calls{0};
+
+void run_on_pool(ffi::ThreadPool& pool, int n, double max_wait_us, const Job& job) {
   if (n <= 1) {
     Barrier alone(1);
     return job(0, 1, alone);
@@ -195,16 +200,22 @@ void run_on_pool(ffi::ThreadPool& pool, int n, const Job& job) {
       state->finished.fetch_add(1, std::memory_order_acq_rel);
     });
   }
-  // Wait up to ~50 µs of spinning (then a few yields) for the tasks to join.
-  for (int spins = 0; spins < 20000 && state->slots.load(std::memory_order_acquire) < n - 1; ++spins) {
+  // Wait for the tasks to join: up to max_wait_us, a small fraction of the call
+  // (a pool thread may be parked, or its core busy with another process's
+  // spinning threads for a while; running alone costs the call up to 2x).
+  const auto start = std::chrono::steady_clock::now();
+  for (int spins = 0; state->slots.load(std::memory_order_acquire) < n - 1; ++spins) {
     if (spins < 2000) {
       cpu_relax();
-    } else {
-      sched_yield();
+      continue;
     }
+    if (std::chrono::steady_clock::now() - start > std::chrono::duration<double, std::micro>(max_wait_us)) break;
+    sched_yield();
   }
   const int joined = state->slots.exchange(Formation::kClosed, std::memory_order_acq_rel);
   const int team = joined + 1;
+  team_calls.fetch_add(1, std::memory_order_relaxed);
+  if (team < n) short_handed_calls.fetch_add(1, std::memory_order_relaxed);
   state->team.store(team, std::memory_order_relaxed);
   state->barrier = std::make_unique<Barrier>(team);
   state->go.store(true, std::memory_order_release);
@@ -334,6 +345,13 @@ int team_size(int B, int H, int K, int requested, ffi::ThreadPool& pool) {
   const int wanted = std::max(static_cast<int>(flops / kMinFlopsPerMember),
                               static_cast<int>(std::ceil(weight_bytes / kMaxWeightBytesPerMember)));
   return std::max(1, std::min(n, wanted));
+}
+
+// How long the caller waits for its team to join: 2% of the call's time on one
+// core (at about 100 GFLOP/s), between 50 µs and 2 ms.
+double join_wait_us(int T, int B, int H, int K) {
+  const double single_core_us = 8.0 * T * B * H * K / 1.0e5;
+  return std::min(2000.0, std::max(50.0, 0.02 * single_core_us));
 }
 
 struct Dims {
@@ -541,7 +559,7 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi
   }
   advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
   const int n = team_size(d.B, d.H, d.I + d.H, threads, pool);
-  run_on_pool(pool, n, [&](int k, int members, Barrier& barrier) {
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H), [&](int k, int members, Barrier& barrier) {
     lstm_forward_member(k, members, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
                         w.typed_data(), h0.typed_data(), c0.typed_data(), lengths.typed_data(), act_p,
                         hs->typed_data(), cs_p, hT->typed_data(), cT->typed_data());
@@ -571,7 +589,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi
     std::memcpy(dz->typed_data(), act.typed_data(), sizeof(float) * T * B * 4 * H);
   }
   const int n = team_size(d.B, d.H, 4 * d.H, threads, pool);
-  run_on_pool(pool, n, [&](int k, int members, Barrier& barrier) {
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, 4 * d.H), [&](int k, int members, Barrier& barrier) {
     lstm_backward_member(k, members, barrier, d, reverse, dz->typed_data(), cs.typed_data(), c0.typed_data(),
                          dhs.typed_data(), dhT.typed_data(), dcT.typed_data(), w.typed_data(),
                          lengths.typed_data(), dh0->typed_data(), dc0->typed_data());
@@ -617,3 +635,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackward,
                                   .Attr<int32_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 
+// [calls that formed a team, calls that ran short-handed] since the library was loaded.
+extern "C" void jaxrnn_lstm_cpu_team_stats(int64_t* out) {
+  out[0] = team_calls.load(std::memory_order_relaxed);
+  out[1] = short_handed_calls.load(std::memory_order_relaxed);
+}

@@ -94,7 +94,11 @@ def test_large_buffers_match_xla():
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
 
+    before = ffi.team_stats()
     got, want = loss("ffi")(params, xs, carry0), loss("xla")(params, xs, carry0)
+    after = ffi.team_stats()
+    assert after["team_calls"] >= before["team_calls"] + 2, "forward and backward each plan two members here"
+    assert after["short_handed_calls"] >= before["short_handed_calls"]
     assert_close(got, want, scale=2.0)  # weight gradients: sums of 1,152 rows, in another order
 
 

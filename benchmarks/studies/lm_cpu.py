@@ -616,7 +616,8 @@ def config_of(args) -> dict:
     cfg.update(retain_memory=args.retain_memory)
     cfg.update(gen_batches=list(dict.fromkeys(cfg["gen_batches"])), lr=args.lr, clip=args.clip, impl=args.impl,
                seed=args.seed, quick=args.quick, dtype="float32", prompt_length=1, sampling="temperature 1, full softmax")  # fmt: skip
-    cfg["impl_resolved"] = resolve_backend(args.impl, LSTM(cfg["hidden"]))[0]
+    # The cell as the runner resolves it for float32 inputs (compute dtype float32).
+    cfg["impl_resolved"] = resolve_backend(args.impl, LSTM(cfg["hidden"]).resolve(jnp.float32))[0]
     return cfg
 
 

@@ -230,7 +230,7 @@ void run_on_pool(ffi::ThreadPool& pool, int n, double max_wait_us, const Job& jo
   }
 }
 
-// Per-member scratch memory, 64-byte aligned, kept between calls.
+// Scratch memory, 64-byte aligned, kept between calls.
 struct Scratch {
   float* get(size_t n) {
     if (n > size) {
@@ -243,9 +243,13 @@ struct Scratch {
   float* data = nullptr;
   size_t size = 0;
 };
-Scratch& scratch(int k, int which) {
-  static Scratch table[256][4];
-  return table[k % 256][which];
+
+// A member's scratch: thread-local, so that calls XLA runs concurrently (the
+// two directions of a bidirectional layer may) never share buffers; a thread
+// serves one member of one call at a time.
+Scratch& scratch(int which) {
+  thread_local Scratch slots[4];
+  return slots[which];
 }
 
 // ---------------------------------------------------------------------------
@@ -372,7 +376,7 @@ void lstm_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool rev
   const int cols = 4 * nu, npanels = (cols + NR - 1) / NR, ldg = npanels * NR;
   // Pack this member's columns of [w_ih; w_hh] ((I + H) x 4H; gate-major: [i f g o]
   // over its units) into panels of NR columns.
-  float* packed = scratch(k, 0).get(static_cast<size_t>(npanels) * K * NR);
+  float* packed = scratch(0).get(static_cast<size_t>(npanels) * K * NR);
   for (int j = 0; j < npanels; ++j) {
     for (int kk = 0; kk < K; ++kk) {
       const float* src = kk < I ? w_ih + static_cast<size_t>(kk) * G : w + static_cast<size_t>(kk - I) * G;
@@ -383,8 +387,8 @@ void lstm_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool rev
       }
     }
   }
-  float* gates = scratch(k, 1).get(static_cast<size_t>(B) * ldg + NR);
-  float* c = scratch(k, 2).get(static_cast<size_t>(B) * nu + VL);
+  float* gates = scratch(1).get(static_cast<size_t>(B) * ldg + NR);
+  float* c = scratch(2).get(static_cast<size_t>(B) * nu + VL);
   for (int b = 0; b < B; ++b) std::memcpy(c + b * nu, c0 + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
   int sense = 0;
   for (int s = 0; s < T; ++s) {
@@ -447,7 +451,7 @@ void lstm_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool re
   const int nu = u1 - u0;
   const int npanels = (nu + NR - 1) / NR, ldd = npanels * NR;
   // Pack w's rows u0..u1 transposed: panel j, row kk (of 4H), column q -> w[u0 + j NR + q, kk].
-  float* packed = scratch(k, 0).get(static_cast<size_t>(npanels) * G * NR);
+  float* packed = scratch(0).get(static_cast<size_t>(npanels) * G * NR);
   for (int j = 0; j < npanels; ++j) {
     for (int kk = 0; kk < G; ++kk) {
       float* dst = packed + (static_cast<size_t>(j) * G + kk) * NR;
@@ -457,9 +461,9 @@ void lstm_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool re
       }
     }
   }
-  float* dprod = scratch(k, 1).get(static_cast<size_t>(B) * ldd + NR);
-  float* dh = scratch(k, 2).get(static_cast<size_t>(B) * nu + VL);
-  float* dc = scratch(k, 3).get(static_cast<size_t>(B) * nu + VL);
+  float* dprod = scratch(1).get(static_cast<size_t>(B) * ldd + NR);
+  float* dh = scratch(2).get(static_cast<size_t>(B) * nu + VL);
+  float* dc = scratch(3).get(static_cast<size_t>(B) * nu + VL);
   for (int b = 0; b < B; ++b) {
     std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
     std::memcpy(dc + b * nu, dcT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);

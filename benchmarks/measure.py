@@ -10,9 +10,10 @@ primitives over the first calls). The implementations of one case are then
 timed interleaved, in round-robin rounds (one call each per round, rotating
 the order), so that load drifts on a shared machine hit all alike; rounds
 repeat until both ``min_reps`` rounds and ``target_s`` seconds per
-implementation have passed (at most ``max_reps``); calls shorter than 50 ms
+implementation have passed (at most ``max_reps``); calls shorter than 0.5 s
 get one untimed call right before each timed one, so that they run with warm
-caches as in a loop. The report gives the median, the quartiles and min/max. Times include dispatch/launch overhead, as
+caches, and after their own threads rather than another library's, as in a
+loop. The report gives the median, the quartiles and min/max. Times include dispatch/launch overhead, as
 a user sees it.
 """
 
@@ -90,8 +91,14 @@ def warm_up(run, *, warmup: int, target_s: float, max_warmup: int = 20, cap_s: f
     return first, best
 
 
-#: Calls shorter than this get one untimed call right before each timed call.
-REWARM_BELOW_S = 0.05
+#: Calls shorter than this get one untimed call right before each timed call
+#: (every call of the CPU suites). It was 50 ms until the ``ffi`` backend:
+#: a call whose time loop runs on both cores is slowed by the previous
+#: implementation's threads, which keep spinning for a while after their call
+#: (measured: jaxrnn's LSTM fwd+bwd at B=32 T=256 H=256 took 64 ms after its
+#: own call, 100-106 ms right after PyTorch's, 63 ms after PyTorch's and a
+#: 50 ms pause), whereas in a training loop it follows itself.
+REWARM_BELOW_S = 0.5
 
 
 def time_interleaved(runs, *, min_reps: int, max_reps: int, target_s: float, rewarm=(), cap_s=float("inf")):
@@ -102,8 +109,9 @@ def time_interleaved(runs, *, min_reps: int, max_reps: int, target_s: float, rew
     hit every implementation alike. A name in ``rewarm`` gets one untimed call
     right before its timed call: otherwise a short call would run with its
     data evicted from the caches by the previous implementation (seen on CPU:
-    a 0.08 ms LSTM step takes 0.5 ms right after another library's call),
-    whereas in a loop it runs warm. Rounds repeat until both ``min_reps``
+    a 0.08 ms LSTM step takes 0.5 ms right after another library's call), or
+    beside that implementation's still-spinning threads (see
+    :data:`REWARM_BELOW_S`), whereas in a loop it follows itself. Rounds repeat until both ``min_reps``
     rounds and ``target_s`` seconds per callable have passed (at most
     ``max_reps``). A callable that raises is dropped from later rounds, and
     so is one whose timed calls have taken ``cap_s`` in all (it keeps the

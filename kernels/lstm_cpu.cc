@@ -158,21 +158,46 @@ class Barrier {
   alignas(64) std::atomic<int> flag_{0};
 };
 
-// Runs job(k, n) on a team formed from XLA's intra-op thread pool: the caller
-// is member 0, and n - 1 tasks are scheduled on the pool. A task joins the team
-// when it starts; the caller waits briefly for them, then closes the team with
-// the members that have joined (possibly only itself), so that a busy pool
-// cannot stall the call. Late tasks find the team closed and return at once.
-// The pool's threads are the ones that would otherwise spin idle beside the
-// call; threads of our own competed with them for the cores.
+// Runs job(k, n) on a team formed on XLA's intra-op thread pool. Tasks are
+// scheduled on the pool, and a task joins the team when it starts; the team is
+// closed with the members present after at most max_wait_us (a small fraction
+// of the call), so that a busy pool cannot stall the call, and late tasks find
+// it closed and return at once. Two ways, both measured on 2 cores:
+//
+// * caller_works (training, save / backward calls): the caller is member 0 and
+//   n - 1 tasks are scheduled. In a differentiated program the custom call
+//   runs on one of XLA's own threads, and this was fastest (B=64 T=200 H=64
+//   fwd+bwd: 8 ms, against 11-13 ms the other way).
+// * otherwise (inference): n tasks are scheduled and the caller, often
+//   Python's thread, sleeps while they run, joining only if they have not all
+//   started within kQuickJoinUs. As a member beside one pool task it competed
+//   with XLA's idle-spinning pool threads for the cores: at B=8 T=64 H=256 one
+//   call in four stalled for several 4 ms scheduler slices (mean 3.9 ms against
+//   a median of 1.5; sleeping: mean 1.6 ms).
+constexpr int64_t kQuickJoinUs = 50;
+
 struct Formation {
   static constexpr int kClosed = -(1 << 20);
   std::atomic<int> slots{0};     // members joined so far (kClosed + ... once closed)
   std::atomic<int> team{0};      // the final size, set when closed
   std::atomic<bool> go{false};   // closed and sized: joined members may run
-  std::atomic<int> finished{0};  // joined members done
+  std::atomic<int> finished{0};  // members done
   std::unique_ptr<Barrier> barrier;
   const std::function<void(int, int, Barrier&)>* job = nullptr;
+  std::mutex mutex;              // with cv: the caller's sleep
+  std::condition_variable cv;
+
+  // A member slot (0, 1, ...), or -1 once the team is closed.
+  int join() {
+    int v = slots.load(std::memory_order_acquire);
+    while (v >= 0 && !slots.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) {
+    }
+    return v;
+  }
+  void wake() {
+    std::lock_guard<std::mutex> lock(mutex);
+    cv.notify_all();
+  }
 };
 
 using Job = std::function<void(int, int, Barrier&)>;
@@ -181,53 +206,60 @@ using Job = std::function<void(int, int, Barrier&)>;
 // (read by ffi.team_stats(): a benchmark can tell a short-handed call from a slow kernel).
 std::atomic<int64_t> team_calls{0}, short_handed_calls{0};
 
-void run_on_pool(ffi::ThreadPool& pool, int n, double max_wait_us, const Job& job) {
+void run_on_pool(ffi::ThreadPool& pool, int n, double max_wait_us, bool caller_works, const Job& job) {
   if (n <= 1) {
     Barrier alone(1);
     return job(0, 1, alone);
   }
   auto state = std::make_shared<Formation>();
   state->job = &job;
-  for (int i = 1; i < n; ++i) {
-    pool.Schedule([state] {
-      int v = state->slots.load(std::memory_order_acquire);
-      while (v >= 0 && !state->slots.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) {
-      }
-      if (v < 0) return;  // closed without us
-      const int k = v + 1;
+  int mine = caller_works ? state->join() : -1;
+  for (int i = mine >= 0 ? 1 : 0; i < n; ++i) {
+    pool.Schedule([state, n] {
+      const int k = state->join();
+      if (k < 0) return;  // closed without us
+      if (k + 1 == n) state->wake();
       while (!state->go.load(std::memory_order_acquire)) cpu_relax();
       (*state->job)(k, state->team.load(std::memory_order_relaxed), *state->barrier);
-      state->finished.fetch_add(1, std::memory_order_acq_rel);
+      if (state->finished.fetch_add(1, std::memory_order_acq_rel) + 1 == state->team.load(std::memory_order_relaxed)) {
+        state->wake();
+      }
     });
   }
-  // Wait for the tasks to join: up to max_wait_us, a small fraction of the call
-  // (a pool thread may be parked, or its core busy with another process's
-  // spinning threads for a while; running alone costs the call up to 2x).
-  const auto start = std::chrono::steady_clock::now();
-  for (int spins = 0; state->slots.load(std::memory_order_acquire) < n - 1; ++spins) {
-    if (spins < 2000) {
-      cpu_relax();
-      continue;
-    }
-    if (std::chrono::steady_clock::now() - start > std::chrono::duration<double, std::micro>(max_wait_us)) break;
-    sched_yield();
+  // All n tasks start within kQuickJoin when the pool is idle and the caller is
+  // not one of its threads; otherwise the caller joins, and waits for the rest
+  // up to max_wait_us (a small fraction of the call).
+  if (mine < 0) {
+    const auto quick = std::chrono::microseconds(std::min<int64_t>(kQuickJoinUs, static_cast<int64_t>(max_wait_us)));
+    std::unique_lock<std::mutex> lock(state->mutex);
+    state->cv.wait_for(lock, quick, [&] { return state->slots.load(std::memory_order_acquire) >= n; });
   }
-  const int joined = state->slots.exchange(Formation::kClosed, std::memory_order_acq_rel);
-  const int team = joined + 1;
+  if (state->slots.load(std::memory_order_acquire) < n) {
+    if (mine < 0) mine = state->join();
+    const auto start = std::chrono::steady_clock::now();
+    for (int spins = 0; state->slots.load(std::memory_order_acquire) < n; ++spins) {
+      if (spins < 2000) {
+        cpu_relax();
+        continue;
+      }
+      if (std::chrono::steady_clock::now() - start > std::chrono::duration<double, std::micro>(max_wait_us)) break;
+      sched_yield();
+    }
+  }
+  const int team = state->slots.exchange(Formation::kClosed, std::memory_order_acq_rel);
   team_calls.fetch_add(1, std::memory_order_relaxed);
   if (team < n) short_handed_calls.fetch_add(1, std::memory_order_relaxed);
   state->team.store(team, std::memory_order_relaxed);
   state->barrier = std::make_unique<Barrier>(team);
   state->go.store(true, std::memory_order_release);
-  job(0, team, *state->barrier);
-  int spins = 0;
-  while (state->finished.load(std::memory_order_acquire) < joined) {
-    if (++spins < 4000) {
-      cpu_relax();
-    } else {
-      sched_yield();
-    }
+  if (mine >= 0) {
+    job(mine, team, *state->barrier);
+    state->finished.fetch_add(1, std::memory_order_acq_rel);
   }
+  // The others finish about when the caller does: spin a little, then sleep.
+  for (int spins = 0; spins < 4000 && state->finished.load(std::memory_order_acquire) < team; ++spins) cpu_relax();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->cv.wait(lock, [&] { return state->finished.load(std::memory_order_acquire) >= team; });
 }
 
 // Scratch memory, 64-byte aligned, kept between calls.
@@ -563,7 +595,7 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi
   }
   advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
   const int n = team_size(d.B, d.H, d.I + d.H, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H), [&](int k, int members, Barrier& barrier) {
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H), /*caller_works=*/save, [&](int k, int members, Barrier& barrier) {
     lstm_forward_member(k, members, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
                         w.typed_data(), h0.typed_data(), c0.typed_data(), lengths.typed_data(), act_p,
                         hs->typed_data(), cs_p, hT->typed_data(), cT->typed_data());
@@ -593,7 +625,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi
     std::memcpy(dz->typed_data(), act.typed_data(), sizeof(float) * T * B * 4 * H);
   }
   const int n = team_size(d.B, d.H, 4 * d.H, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, 4 * d.H), [&](int k, int members, Barrier& barrier) {
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, 4 * d.H), /*caller_works=*/true, [&](int k, int members, Barrier& barrier) {
     lstm_backward_member(k, members, barrier, d, reverse, dz->typed_data(), cs.typed_data(), c0.typed_data(),
                          dhs.typed_data(), dhT.typed_data(), dcT.typed_data(), w.typed_data(),
                          lengths.typed_data(), dh0->typed_data(), dc0->typed_data());

@@ -29,9 +29,9 @@
 // Time runs T-1 .. 0 when ``reverse``.
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
-#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -39,11 +39,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <thread>
-#include <vector>
 
 #include <sched.h>
-#include <unistd.h>
 #include <sys/mman.h>
 
 #include "xla/ffi/api/ffi.h"
@@ -294,6 +291,19 @@ constexpr double kMinFlopsPerMember = 1.0e6;
 // The packed weights one member should hold (half of a 1 MiB L2 cache).
 constexpr double kMaxWeightBytesPerMember = 512.0 * 1024;
 
+// acc{0,1}[r] += Σ_k a[r, k] p[k, 0:NR] over K rows of a (row stride lda) and of a panel p.
+template <int R>
+inline void accumulate(const float* a, int lda, int K, const float* p, vf* acc0, vf* acc1) {
+  for (int k = 0; k < K; ++k) {
+    const vf b0 = load(p + k * NR), b1 = load(p + k * NR + VL);
+    for (int r = 0; r < R; ++r) {
+      const float x = a[r * lda + k];
+      acc0[r] += x * b0;
+      acc1[r] += x * b1;
+    }
+  }
+}
+
 // C (rows x NR) = [A1 | A2] (rows x (K1 + K2)) @ P ((K1 + K2) x NR): A1 and A2
 // are two row-major operands side by side (A2 may be absent, K2 = 0).
 template <int R>
@@ -301,23 +311,8 @@ inline void micro(const float* a1, int lda1, int K1, const float* a2, int lda2, 
                   int ldc) {
   vf acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = splat(0.0f);
-  for (int k = 0; k < K1; ++k) {
-    const vf b0 = load(p + k * NR), b1 = load(p + k * NR + VL);
-    for (int r = 0; r < R; ++r) {
-      const float x = a1[r * lda1 + k];
-      acc0[r] += x * b0;
-      acc1[r] += x * b1;
-    }
-  }
-  p += static_cast<size_t>(K1) * NR;
-  for (int k = 0; k < K2; ++k) {
-    const vf b0 = load(p + k * NR), b1 = load(p + k * NR + VL);
-    for (int r = 0; r < R; ++r) {
-      const float x = a2[r * lda2 + k];
-      acc0[r] += x * b0;
-      acc1[r] += x * b1;
-    }
-  }
+  accumulate<R>(a1, lda1, K1, p, acc0, acc1);
+  accumulate<R>(a2, lda2, K2, p + static_cast<size_t>(K1) * NR, acc0, acc1);
   for (int r = 0; r < R; ++r) {
     store(c + r * ldc, acc0[r]);
     store(c + r * ldc + VL, acc1[r]);

@@ -33,6 +33,11 @@ print(json.dumps({"retained": retained, "faults_per_call": faults}))
 def _faults(mode):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     env["JAX_PLATFORMS"] = "cpu"
+    # One arena for every thread, in both modes. XLA may run the call on a pool thread, and glibc gives such a
+    # thread its own heaps of at most 64 MiB, deleted as soon as they are empty: there the 32 MiB block is
+    # mapped afresh at every call whatever the thresholds (the limit the module docstring names). Which thread
+    # allocates varies with the load, so the measurement pins the arena to measure the thresholds alone.
+    env["MALLOC_ARENA_MAX"] = "1"
     out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrnn.cells import LSTM, LSTMCarry, check_cell
+from jaxrnn.cells import GRU, LSTM, Carry, Elman, LSTMCarry, check_cell
 from jaxrnn.scan import rnn_reference, vary_like, where_valid
 
 Array = jax.Array
@@ -66,12 +66,23 @@ Array = jax.Array
 __all__ = ["BuildError", "available", "build", "library_path", "qualifies", "rnn_ffi", "team_stats", "unavailable_reason"]
 
 #: The C++ source of the custom calls (shipped with the package).
-SOURCE = Path(__file__).with_name("lstm_cpu.cc")
+SOURCE = Path(__file__).with_name("rnn_cpu.cc")
 
 #: Compiler flags (the library is built on, and for, the machine that runs it).
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-w")
 
-_FORWARD, _BACKWARD = "jaxrnn_lstm_fwd", "jaxrnn_lstm_bwd"
+#: Custom-call targets: (registered name, the library's handler symbol).
+_TARGETS = {
+    "jaxrnn_lstm_fwd": "JaxrnnLstmForward",
+    "jaxrnn_lstm_bwd": "JaxrnnLstmBackward",
+    "jaxrnn_gru_fwd": "JaxrnnGruForward",
+    "jaxrnn_gru_bwd": "JaxrnnGruBackward",
+    "jaxrnn_elman_fwd": "JaxrnnElmanForward",
+    "jaxrnn_elman_bwd": "JaxrnnElmanBackward",
+}
+
+#: The Elman activations the C++ code knows, by the code it knows them by.
+_ELMAN_ACTIVATIONS = {"tanh": 0, "relu": 1, "linear": 2}
 
 log = logging.getLogger("jaxrnn")
 
@@ -119,11 +130,11 @@ def library_path(compiler: Optional[str] = None) -> Path:
             for s in (SOURCE.read_text(), jaxlib.__version__, compiler, " ".join(CXXFLAGS), _platform.machine(), _cpu_flags())
         )
     ).hexdigest()[:16]
-    return _cache_dir() / f"lstm_cpu-{key}.so"
+    return _cache_dir() / f"rnn_cpu-{key}.so"
 
 
 def build(force: bool = False) -> Path:
-    """Compile ``lstm_cpu.cc`` into the cache (once) and return the library's path.
+    """Compile ``rnn_cpu.cc`` into the cache (once) and return the library's path.
 
     Raises:
       BuildError: no C++ compiler, or the compiler failed (its output is in the message).
@@ -143,7 +154,7 @@ def build(force: bool = False) -> Path:
     except OSError:
         out_dir = Path(tempfile.gettempdir())
         path = out_dir / path.name
-    log.info("jaxrnn: building the CPU LSTM kernel %s", path)
+    log.info("jaxrnn: building the CPU RNN kernels %s", path)
     # Compile to a private name, then rename: concurrent builds (test workers) never see half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
@@ -161,15 +172,15 @@ def build(force: bool = False) -> Path:
 
 @functools.cache
 def _load():
-    """Build if needed, load the library and register its two custom calls (once per process)."""
+    """Build if needed, load the library and register its custom calls (once per process)."""
     if os.environ.get("JAXRNN_FFI", "1") == "0":
         raise BuildError("turned off by JAXRNN_FFI=0")
     try:
         lib = ctypes.CDLL(str(build()))
     except OSError as e:
         raise BuildError(f"loading the built library failed: {e}") from e
-    jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.JaxrnnLstmForward), platform="cpu")
-    jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.JaxrnnLstmBackward), platform="cpu")
+    for name, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return lib
 
 
@@ -201,15 +212,26 @@ def team_stats() -> dict:
       {'team_calls': 0, 'short_handed_calls': 0}
     """
     out = (ctypes.c_int64 * 2)()
-    _load().jaxrnn_lstm_cpu_team_stats(out)
+    _load().jaxrnn_rnn_cpu_team_stats(out)
     return {"team_calls": int(out[0]), "short_handed_calls": int(out[1])}
 
 
 def qualifies(cell) -> bool:
-    """Whether ``cell`` (resolved for its input dtype) is one this backend computes: a float32 LSTM."""
-    return isinstance(cell, LSTM) and cell.compute_dtype is not None and jnp.dtype(cell.compute_dtype) == jnp.float32
+    """Whether ``cell`` (resolved for its input dtype) is one this backend computes.
 
-
+    A float32 (``compute_dtype`` float32 once resolved) :class:`~jaxrnn.LSTM`,
+    :class:`~jaxrnn.GRU` with ``reset="after"``, or :class:`~jaxrnn.Elman`
+    (any activation). The GRU's ``reset="before"`` needs a second barrier per
+    step (its candidate's matmul reads ``r ⊙ h`` of every unit) and stays on
+    the ``xla`` backend.
+    """
+    if isinstance(cell, GRU) and cell.reset != "after":
+        return False
+    return (
+        isinstance(cell, (LSTM, GRU, Elman))
+        and cell.compute_dtype is not None
+        and jnp.dtype(cell.compute_dtype) == jnp.float32
+    )
 # --------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------
@@ -219,25 +241,27 @@ def _shape(x):
 
 def _check(cell, params, xs, carry0, lengths, threads):
     check_cell(cell)
-    if not isinstance(cell, LSTM):
-        raise ValueError(f"cell: impl='ffi' computes LSTM cells only, got {type(cell).__name__} (use impl='xla')")
+    if isinstance(cell, GRU) and cell.reset != "after":
+        raise ValueError("cell: impl='ffi' computes the GRU with reset='after' only, got reset='before' (use impl='xla')")
     if not qualifies(cell) or jnp.dtype(xs.dtype) != jnp.float32:
         raise ValueError(
             "xs: impl='ffi' computes in float32 (xs float32, compute_dtype None or float32), got xs "
             f"{jnp.dtype(xs.dtype).name} and compute_dtype {cell.compute_dtype} (use impl='xla')"
         )
-    H = cell.hidden_size
-    if _shape(params.w_hh) != (H, 4 * H):
-        raise ValueError(f"params.w_hh: expected shape {(H, 4 * H)}, got {_shape(params.w_hh)}")
-    if len(_shape(params.w_ih)) != 2 or _shape(params.w_ih)[1] != 4 * H:
-        raise ValueError(f"params.w_ih: expected shape (input_size, {4 * H}), got {_shape(params.w_ih)}")
-    if _shape(params.b) != (4 * H,):
-        raise ValueError(f"params.b: expected shape {(4 * H,)}, got {_shape(params.b)}")
+    H, G = cell.hidden_size, cell.num_gates * cell.hidden_size
+    if _shape(params.w_hh) != (H, G):
+        raise ValueError(f"params.w_hh: expected shape {(H, G)}, got {_shape(params.w_hh)}")
+    if len(_shape(params.w_ih)) != 2 or _shape(params.w_ih)[1] != G:
+        raise ValueError(f"params.w_ih: expected shape (input_size, {G}), got {_shape(params.w_ih)}")
+    if _shape(params.b) != (G,):
+        raise ValueError(f"params.b: expected shape {(G,)}, got {_shape(params.b)}")
+    if isinstance(cell, GRU) and _shape(params.b_hn) != (H,):
+        raise ValueError(f"params.b_hn: expected shape {(H,)}, got {_shape(params.b_hn) if params.b_hn is not None else None}")
     I = _shape(params.w_ih)[0]
     if xs.ndim != 3 or xs.shape[-1] != I:
         raise ValueError(f"xs: expected shape (T, B, {I}) (time-major inputs), got {_shape(xs)}")
     T, B = xs.shape[:2]
-    for field, leaf in zip(LSTMCarry._fields, carry0):
+    for field, leaf in zip(type(carry0)._fields, carry0):
         if _shape(leaf) != (B, H):
             raise ValueError(f"carry0.{field}: expected shape {(B, H)}, got {_shape(leaf)}")
     if lengths is not None and _shape(lengths) != (B,):
@@ -247,22 +271,25 @@ def _check(cell, params, xs, carry0, lengths, threads):
 
 
 def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int] = None):
-    """Run an LSTM over a sequence with the C++ time loops; custom VJP.
+    """Run an LSTM, GRU (``reset="after"``) or Elman RNN over a sequence with the C++ time loops; custom VJP.
 
     The backend contract of :mod:`jaxrnn.runner` (use it through
     ``jaxrnn.rnn(..., impl="ffi")``, or ``impl="auto"`` on CPU).
 
     Args:
-      cell: a resolved float32 :class:`~jaxrnn.LSTM` (see :func:`qualifies`).
-      params: ``w_ih`` ``(I, 4H)``, ``w_hh`` ``(H, 4H)``, ``b`` ``(4H,)``.
+      cell: a resolved float32 :class:`~jaxrnn.LSTM`, :class:`~jaxrnn.GRU`
+        (``reset="after"``) or :class:`~jaxrnn.Elman` (see :func:`qualifies`).
+      params: ``w_ih`` ``(I, G)``, ``w_hh`` ``(H, G)``, ``b`` ``(G,)`` with
+        ``G = num_gates * H``; the GRU's ``b_hn`` ``(H,)``.
       xs: ``(T, B, I)`` float32 time-major inputs.
-      carry0: initial :class:`~jaxrnn.LSTMCarry`, float32 leaves ``(B, H)``.
+      carry0: the initial carry, float32 leaves ``(B, H)``
+        (:class:`~jaxrnn.LSTMCarry` or :class:`~jaxrnn.cells.Carry`).
       lengths: ``(B,)`` int32 valid lengths in ``[0, T]``, or ``None``. Steps
         ``t >= lengths[b]`` keep the carry and output zeros.
       reverse: walk time backwards (padding first).
       threads: the most threads a time loop uses (``None``: as many as XLA's
         intra-op thread pool has; a small step uses fewer, see ``team_size``
-        in ``lstm_cpu.cc``).
+        in ``rnn_cpu.cc``).
 
     Returns:
       ``(hs, final_carry)``: ``(T, B, H)`` float32 outputs and the final carry.
@@ -271,7 +298,7 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
       BuildError: the library could not be built here (see :func:`build`).
 
     Example:
-      >>> cell = jaxrnn.LSTM(16).resolve(jnp.float32)
+      >>> cell = jaxrnn.GRU(16, reset="after").resolve(jnp.float32)
       >>> params = cell.init(jax.random.key(0), 8)
       >>> hs, carry = rnn_ffi(cell, params, jnp.ones((10, 4, 8)), cell.zero_carry(4), None, False)
     """
@@ -281,10 +308,20 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
         return rnn_reference(cell, params, xs, carry0, lengths, reverse)
     _load()
     f32 = jnp.float32
-    weights = _Weights(*(params[i].astype(f32) for i in range(3)))
     full = lengths is None
     lens = jnp.full((B,), T, jnp.int32) if full else lengths.astype(jnp.int32)
-    carries, final = _lstm(bool(reverse), int(threads or 0), weights, xs, LSTMCarry(*carry0), lens)
+    options = (bool(reverse), int(threads or 0))
+    if isinstance(cell, LSTM):
+        weights = _Weights(*(params[i].astype(f32) for i in range(3)))
+        carries, final = _lstm(*options, weights, xs, LSTMCarry(*carry0), lens)
+    elif isinstance(cell, GRU):
+        weights = _GRUWeights(*(params[i].astype(f32) for i in range(4)))
+        carries, h_T = _gru(*options, weights, xs, carry0.h, lens)
+        final = Carry(h_T)
+    else:
+        weights = _Weights(*(params[i].astype(f32) for i in range(3)))
+        carries, h_T = _elman(*options, _ELMAN_ACTIVATIONS[cell.activation], weights, xs, carry0.h, lens)
+        final = Carry(h_T)
     hs = carries if full else where_valid(jnp.arange(T, dtype=jnp.int32)[:, None] < lens[None, :], carries)
     return hs, final
 
@@ -293,6 +330,42 @@ class _Weights(NamedTuple):
     w_ih: Array
     w_hh: Array
     b: Array
+
+
+class _GRUWeights(NamedTuple):
+    w_ih: Array
+    w_hh: Array
+    b: Array
+    b_hn: Array
+
+
+def _previous(hs, h0, reverse):
+    """The carry each step started from: the carries shifted one step, ``h0`` first (in walking order)."""
+    if reverse:
+        return jnp.concatenate([hs[1:], h0[None]], 0)
+    return jnp.concatenate([h0[None], hs[:-1]], 0)
+
+
+def _input_and_weight_grads(xs, prev, w_ih, dz_x, dz_h):
+    """The large matmuls after a backward time loop: ``(dW_ih, dW_hh, db, dxs)``.
+
+    ``xs`` ``(T, B, I)``, ``prev`` ``(T, B, H)``, ``dz_x`` / ``dz_h``
+    ``(T*B, G)``: the pre-activation cotangents of the input and recurrent
+    products (the same array but for the GRU's candidate).
+    """
+    T, B, I = xs.shape
+    H = prev.shape[-1]
+    dw_ih = xs.reshape(T * B, I).T @ dz_x
+    dw_hh = prev.reshape(T * B, H).T @ dz_h
+    dxs = (dz_x @ w_ih.T).reshape(T, B, I)
+    return dw_ih, dw_hh, jnp.sum(dz_x, axis=0), dxs
+
+
+def _call(name, outs, *args, aliases=None, **attrs):
+    """One custom call; inside shard_map every operand and result varies over the axes ``xs`` (args[0]) varies over."""
+    call = jax.ffi.ffi_call(name, outs, input_output_aliases=aliases, vmap_method="sequential")
+    args = vary_like(args, args[0])
+    return vary_like(call(*args, **{k: (np.int32(v) if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in attrs.items()}), args[0])
 
 
 def _forward_call(reverse, threads, w, xs, carry0, lengths, save):
@@ -307,10 +380,10 @@ def _forward_call(reverse, threads, w, xs, carry0, lengths, save):
         sd((B, H), f32),
         sd((B, H), f32),
     )
-    call = jax.ffi.ffi_call(_FORWARD, outs, vmap_method="sequential")
-    # Inside shard_map: every operand and result varies over the mesh axes xs varies over.
-    args = vary_like((w.w_ih, w.b, w.w_hh, carry0.h, carry0.c, lengths), xs)
-    return vary_like(call(xs, *args, reverse=reverse, save=save, threads=np.int32(threads)), xs)
+    return _call(
+        "jaxrnn_lstm_fwd", outs, xs, w.w_ih, w.b, w.w_hh, carry0.h, carry0.c, lengths,
+        reverse=reverse, save=save, threads=threads,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -327,27 +400,102 @@ def _lstm_fwd(reverse, threads, w, xs, carry0, lengths):
 def _lstm_bwd(reverse, threads, saved, cotangents):
     w, xs, carry0, lengths, a, hs, cs = saved
     dhs, dfinal = cotangents
-    T, B, I = xs.shape
-    H = hs.shape[-1]
+    B, H = carry0.h.shape
     f32 = jnp.float32
     sd = jax.ShapeDtypeStruct
-    call = jax.ffi.ffi_call(
-        _BACKWARD, (sd(a.shape, f32), sd((B, H), f32), sd((B, H), f32)), input_output_aliases={0: 0}, vmap_method="sequential"
+    dz, dh0, dc0 = _call(
+        "jaxrnn_lstm_bwd", (sd(a.shape, f32), sd((B, H), f32), sd((B, H), f32)),
+        a, cs, carry0.c, dhs.astype(f32), dfinal.h.astype(f32), dfinal.c.astype(f32), w.w_hh, lengths,
+        aliases={0: 0}, reverse=reverse, threads=threads,
     )
-    args = vary_like((a, cs, carry0.c, dhs.astype(f32), dfinal.h.astype(f32), dfinal.c.astype(f32), w.w_hh, lengths), xs)
-    dz, dh0, dc0 = vary_like(call(*args, reverse=reverse, threads=np.int32(threads)), xs)
-    # The carry each step started from: the carries shifted one step, carry0 first.
-    if reverse:
-        prev = jnp.concatenate([hs[1:], carry0.h[None]], 0)
-    else:
-        prev = jnp.concatenate([carry0.h[None], hs[:-1]], 0)
-    dw = _Weights(
-        w_ih=xs.reshape(T * B, I).T @ dz,
-        w_hh=prev.reshape(T * B, H).T @ dz,
-        b=jnp.sum(dz, axis=0),
-    )
-    dxs = (dz @ w.w_ih.T).reshape(T, B, I)
-    return dw, dxs, LSTMCarry(dh0, dc0), None
+    dw_ih, dw_hh, db, dxs = _input_and_weight_grads(xs, _previous(hs, carry0.h, reverse), w.w_ih, dz, dz)
+    return _Weights(dw_ih, dw_hh, db), dxs, LSTMCarry(dh0, dc0), None
 
 
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)
+
+
+def _gru_forward_call(reverse, threads, w, xs, h0, lengths, save):
+    T, B, _ = xs.shape
+    H = w.w_hh.shape[0]
+    f32 = jnp.float32
+    sd = jax.ShapeDtypeStruct
+    outs = (
+        sd((T * B, 3 * H) if save else (0,), f32),  # a = [r u n]
+        sd((T * B, H) if save else (0,), f32),  # m = h_{t-1} w_hn + b_hn
+        sd((T, B, H), f32),  # h carries
+        sd((B, H), f32),
+    )
+    return _call(
+        "jaxrnn_gru_fwd", outs, xs, w.w_ih, w.b, w.w_hh, w.b_hn, h0, lengths,
+        reverse=reverse, save=save, threads=threads,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gru(reverse, threads, w, xs, h0, lengths):
+    _, _, hs, h_T = _gru_forward_call(reverse, threads, w, xs, h0, lengths, save=False)
+    return hs, h_T
+
+
+def _gru_fwd(reverse, threads, w, xs, h0, lengths):
+    a, m, hs, h_T = _gru_forward_call(reverse, threads, w, xs, h0, lengths, save=True)
+    return (hs, h_T), (w, xs, h0, lengths, a, m, hs)
+
+
+def _gru_bwd(reverse, threads, saved, cotangents):
+    w, xs, h0, lengths, a, m, hs = saved
+    dhs, dh_T = cotangents
+    B, H = h0.shape
+    f32 = jnp.float32
+    sd = jax.ShapeDtypeStruct
+    dz_x, dz_h, dh0 = _call(
+        "jaxrnn_gru_bwd", (sd(a.shape, f32), sd(a.shape, f32), sd((B, H), f32)),
+        a, m, hs, h0, dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths,
+        aliases={0: 0}, reverse=reverse, threads=threads,
+    )
+    dw_ih, dw_hh, db, dxs = _input_and_weight_grads(xs, _previous(hs, h0, reverse), w.w_ih, dz_x, dz_h)
+    db_hn = jnp.sum(dz_h[:, 2 * H:], axis=0)
+    return _GRUWeights(dw_ih, dw_hh, db, db_hn), dxs, dh0, None
+
+
+_gru.defvjp(_gru_fwd, _gru_bwd)
+
+
+def _elman_forward_call(reverse, threads, activation, w, xs, h0, lengths, save):
+    T, B, _ = xs.shape
+    H = w.w_hh.shape[0]
+    sd = jax.ShapeDtypeStruct
+    outs = (sd((T, B, H), jnp.float32), sd((B, H), jnp.float32))
+    return _call(
+        "jaxrnn_elman_fwd", outs, xs, w.w_ih, w.b, w.w_hh, h0, lengths,
+        reverse=reverse, save=save, activation=activation, threads=threads,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _elman(reverse, threads, activation, w, xs, h0, lengths):
+    return tuple(_elman_forward_call(reverse, threads, activation, w, xs, h0, lengths, save=False))
+
+
+def _elman_fwd(reverse, threads, activation, w, xs, h0, lengths):
+    hs, h_T = _elman_forward_call(reverse, threads, activation, w, xs, h0, lengths, save=True)
+    return (hs, h_T), (w, xs, h0, lengths, hs)
+
+
+def _elman_bwd(reverse, threads, activation, saved, cotangents):
+    w, xs, h0, lengths, hs = saved
+    dhs, dh_T = cotangents
+    T, B, H = hs.shape
+    f32 = jnp.float32
+    sd = jax.ShapeDtypeStruct
+    dz, dh0 = _call(
+        "jaxrnn_elman_bwd", (sd((T * B, H), f32), sd((B, H), f32)),
+        hs, dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths,
+        reverse=reverse, activation=activation, threads=threads,
+    )
+    dw_ih, dw_hh, db, dxs = _input_and_weight_grads(xs, _previous(hs, h0, reverse), w.w_ih, dz, dz)
+    return _Weights(dw_ih, dw_hh, db), dxs, dh0, None
+
+
+_elman.defvjp(_elman_fwd, _elman_bwd)

@@ -62,7 +62,7 @@ def test_wheel_contains_jaxrnn_kernels_and_imports(tmp_path):
     (wheel,) = wheel_dir.glob("jaxrnn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "jaxrnn/kernels/__init__.py" in names
-    assert "jaxrnn/kernels/lstm_cpu.cc" in names, "impl='ffi' builds its library from this source on first use"
+    assert "jaxrnn/kernels/rnn_cpu.cc" in names, "impl='ffi' builds its library from this source on first use"
     assert not any(n.startswith("kernels/") for n in names), "a top-level 'kernels' package would clash on PyPI"
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

@@ -1,13 +1,22 @@
-// The LSTM time loops of jaxrnn's ``impl="ffi"`` CPU backend, as two XLA FFI custom calls.
+// The time loops of jaxrnn's ``impl="ffi"`` CPU backend, as XLA FFI custom
+// calls: the LSTM, the GRU (reset after the matmul) and the Elman RNN.
 //
 // kernels/ffi.py builds this file on first use (with the jaxlib's FFI headers)
-// and wraps the calls in a custom VJP:
+// and wraps each cell's pair of calls in a custom VJP:
 //
 //   jaxrnn_lstm_fwd(xs, w_ih, b, w_hh, h0, c0, lengths)
 //       -> a = [i f g o] (T*B, 4H), h carries (T, B, H), c carries (T, B, H), h_T, c_T
 //   jaxrnn_lstm_bwd(a, c carries, c0, dhs, dh_T, dc_T, w_hh, lengths)
 //       -> dz (T*B, 4H, written over a), dh0, dc0
-//   then, in XLA, large matmuls: dW_hh = h_prevᵀ dz, dW_ih = xsᵀ dz, dxs = dz w_ihᵀ, db = Σ dz.
+//   jaxrnn_gru_fwd(xs, w_ih, b, w_hh, b_hn, h0, lengths)
+//       -> a = [r u n] (T*B, 3H), m = h_{t-1} w_hn + b_hn (T*B, H), h carries, h_T
+//   jaxrnn_gru_bwd(a, m, h carries, h0, dhs, dh_T, w_hh, lengths)
+//       -> dz_x = [dz_r dz_u dz_n] (T*B, 3H, written over a), dz_h = [dz_r dz_u dm] (T*B, 3H), dh0
+//   jaxrnn_elman_fwd(xs, w_ih, b, w_hh, h0, lengths) -> h carries, h_T
+//   jaxrnn_elman_bwd(h carries, dhs, dh_T, w_hh, lengths) -> dz (T*B, H), dh0
+//
+// then, in XLA, large matmuls: dW_hh = h_prevᵀ dz(_h), dW_ih = xsᵀ dz(_x),
+// dxs = dz(_x) w_ihᵀ, db = Σ dz(_x) (and the GRU's db_hn = Σ dm).
 //
 // Why a custom call: XLA's CPU runtime runs a loop's ops one at a time on one
 // core, and each step of the recurrence is one small matmul and a few
@@ -18,13 +27,17 @@
 // the backward, all of dz_t). The team is the calling thread plus tasks on
 // XLA's intra-op thread pool (see run_on_pool): threads of our own competed
 // for the cores with XLA's idle pool threads and ran up to 2x slower. The
-// forward projects each step's input itself: no (T, B, 4H) projection is ever
-// stored, and the one (T, B, 4H) array it writes (the activations) asks for
-// huge pages before its first touch.
+// forward projects each step's input itself: no (T, B, G) projection is ever
+// stored, and the (T, B, G) arrays it writes (the activations) ask for huge
+// pages before their first touch.
 //
-// Gates are stacked i, f, g, o (PyTorch/cuDNN order), all float32:
-//   z = x_t w_ih + h_{t-1} w_hh + b;  i, f, o = sigmoid(z_i, z_f, z_o);  g = tanh(z_g)
-//   c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+// The cells, all float32 (G = gates x H, gates stacked as jaxrnn stacks them):
+//   LSTM [i f g o]:  z = x_t w_ih + h_{t-1} w_hh + b;  i, f, o = sigmoid(z_i, z_f, z_o);
+//                    g = tanh(z_g);  c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+//   GRU [r u n]:     r, u = sigmoid(x_t w_i{r,u} + h_{t-1} w_h{r,u} + b_{r,u});
+//                    m = h_{t-1} w_hn + b_hn;  n = tanh(x_t w_in + b_n + r m);
+//                    h_t = h_{t-1} + u (n - h_{t-1})
+//   Elman:           h_t = act(x_t w_ih + h_{t-1} w_hh + b), act = tanh, relu or identity
 // A step with t >= lengths[b] keeps row b's carry (its gradient passes through).
 // Time runs T-1 .. 0 when ``reverse``.
 
@@ -117,6 +130,9 @@ inline vf vtanh(vf x) {
   const vf large = x < 0 ? -t : t;
   return x2 < 0.390625f ? small : large;
 }
+
+// tanh'(z) from y = tanh(z): 1 - y², as jaxrnn.cells.TANH.deriv (and so the xla backend) computes it.
+inline vf dtanh(vf y) { return 1.0f - y * y; }
 
 // ---------------------------------------------------------------------------
 // A team of threads: the caller is member 0; members 1.. are parked workers.
@@ -277,7 +293,7 @@ struct Scratch {
 // two directions of a bidirectional layer may) never share buffers; a thread
 // serves one member of one call at a time.
 Scratch& scratch(int which) {
-  thread_local Scratch slots[4];
+  thread_local Scratch slots[8];
   return slots[which];
 }
 
@@ -364,12 +380,13 @@ void unit_range(int H, int k, int n, int* u0, int* u1) {
 
 // How many members share a call: at most ``requested`` (0: the size of XLA's
 // intra-op pool) and one per 16 hidden units; then enough that each member's
-// slice of the packed weights (K x 4H floats) stays in a core's L2 cache (a
-// thin batch streams the weights every step), but no more than each member's
-// share of a step's matmul (B x K by K x 4H) pays for the barrier that ends it.
-int team_size(int B, int H, int K, int requested, ffi::ThreadPool& pool) {
-  const double flops = 8.0 * B * H * K;
-  const double weight_bytes = 16.0 * H * K;
+// slice of the packed weights (K x gates H floats) stays in a core's L2 cache
+// (a thin batch streams the weights every step), but no more than each
+// member's share of a step's matmul (B x K by K x gates H) pays for the barrier
+// that ends it.
+int team_size(int B, int H, int K, int gates, int requested, ffi::ThreadPool& pool) {
+  const double flops = 2.0 * B * K * gates * H;
+  const double weight_bytes = 4.0 * K * gates * H;
   int n = static_cast<int>(pool.num_threads());
   if (requested > 0) n = std::min(n, requested);
   n = std::min(n, (H + VL - 1) / VL);
@@ -380,9 +397,48 @@ int team_size(int B, int H, int K, int requested, ffi::ThreadPool& pool) {
 
 // How long the caller waits for its team to join: 2% of the call's time on one
 // core (at about 100 GFLOP/s), between 50 µs and 2 ms.
-double join_wait_us(int T, int B, int H, int K) {
-  const double single_core_us = 8.0 * T * B * H * K / 1.0e5;
+double join_wait_us(int T, int B, int H, int K, int gates) {
+  const double single_core_us = 2.0 * T * B * K * gates * H / 1.0e5;
   return std::min(2000.0, std::max(50.0, 0.02 * single_core_us));
+}
+
+// Packs ngroups groups of a member's nu columns of [top; bottom] ((K1 + K2) rows
+// of row stride ld; either part may be absent, K = 0) into panels of NR
+// columns: column q of the result is source column col0 + (q / nu) H + u0 + q % nu.
+const float* pack_columns(Scratch& s, const float* top, int K1, const float* bottom, int K2, int ld, int col0,
+                          int ngroups, int H, int u0, int nu, int* npanels) {
+  const int K = K1 + K2, cols = ngroups * nu;
+  *npanels = (cols + NR - 1) / NR;
+  float* packed = s.get(static_cast<size_t>(*npanels) * K * NR + NR);
+  for (int j = 0; j < *npanels; ++j) {
+    for (int kk = 0; kk < K; ++kk) {
+      const float* src = kk < K1 ? top + static_cast<size_t>(kk) * ld : bottom + static_cast<size_t>(kk - K1) * ld;
+      float* dst = packed + (static_cast<size_t>(j) * K + kk) * NR;
+      for (int q = 0; q < NR; ++q) {
+        const int col = j * NR + q;
+        dst[q] = col < cols ? src[col0 + (col / nu) * H + u0 + col % nu] : 0.0f;
+      }
+    }
+  }
+  return packed;
+}
+
+// Packs rows u0 .. u0 + nu of w (H x G) transposed into panels of NR columns:
+// panel j, row kk (of G), column q holds w[u0 + j NR + q, kk] (the backward's
+// dh_{t-1}[:, units] = dz_t w[units, :]ᵀ).
+const float* pack_rows_transposed(Scratch& s, const float* w, int G, int u0, int nu, int* npanels) {
+  *npanels = (nu + NR - 1) / NR;
+  float* packed = s.get(static_cast<size_t>(*npanels) * G * NR + NR);
+  for (int j = 0; j < *npanels; ++j) {
+    for (int kk = 0; kk < G; ++kk) {
+      float* dst = packed + (static_cast<size_t>(j) * G + kk) * NR;
+      for (int q = 0; q < NR; ++q) {
+        const int u = j * NR + q;
+        dst[q] = u < nu ? w[static_cast<size_t>(u0 + u) * G + kk] : 0.0f;
+      }
+    }
+  }
+  return packed;
 }
 
 struct Dims {
@@ -395,25 +451,15 @@ struct Dims {
 void lstm_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
                          const float* w_ih, const float* bias, const float* w, const float* h0, const float* c0,
                          const int32_t* lengths, float* act_out, float* hs, float* cs, float* hT, float* cT) {
-  const int T = d.T, B = d.B, H = d.H, I = d.I, G = 4 * H, K = I + H;
+  const int T = d.T, B = d.B, H = d.H, I = d.I, G = 4 * H;
   const bool save = act_out != nullptr;
   int u0, u1;
   unit_range(H, k, n, &u0, &u1);
   const int nu = u1 - u0;
-  const int cols = 4 * nu, npanels = (cols + NR - 1) / NR, ldg = npanels * NR;
-  // Pack this member's columns of [w_ih; w_hh] ((I + H) x 4H; gate-major: [i f g o]
-  // over its units) into panels of NR columns.
-  float* packed = scratch(0).get(static_cast<size_t>(npanels) * K * NR);
-  for (int j = 0; j < npanels; ++j) {
-    for (int kk = 0; kk < K; ++kk) {
-      const float* src = kk < I ? w_ih + static_cast<size_t>(kk) * G : w + static_cast<size_t>(kk - I) * G;
-      float* dst = packed + (static_cast<size_t>(j) * K + kk) * NR;
-      for (int q = 0; q < NR; ++q) {
-        const int col = j * NR + q;
-        dst[q] = col < cols ? src[(col / nu) * H + u0 + col % nu] : 0.0f;
-      }
-    }
-  }
+  // This member's columns of [w_ih; w_hh] ((I + H) x 4H; gate-major: [i f g o] over its units).
+  int npanels;
+  const float* packed = pack_columns(scratch(0), w_ih, I, w, H, G, 0, 4, H, u0, nu, &npanels);
+  const int ldg = npanels * NR;
   float* gates = scratch(1).get(static_cast<size_t>(B) * ldg + NR);
   float* c = scratch(2).get(static_cast<size_t>(B) * nu + VL);
   for (int b = 0; b < B; ++b) std::memcpy(c + b * nu, c0 + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
@@ -476,18 +522,9 @@ void lstm_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool re
   int u0, u1;
   unit_range(H, k, n, &u0, &u1);
   const int nu = u1 - u0;
-  const int npanels = (nu + NR - 1) / NR, ldd = npanels * NR;
-  // Pack w's rows u0..u1 transposed: panel j, row kk (of 4H), column q -> w[u0 + j NR + q, kk].
-  float* packed = scratch(0).get(static_cast<size_t>(npanels) * G * NR);
-  for (int j = 0; j < npanels; ++j) {
-    for (int kk = 0; kk < G; ++kk) {
-      float* dst = packed + (static_cast<size_t>(j) * G + kk) * NR;
-      for (int q = 0; q < NR; ++q) {
-        const int u = j * NR + q;
-        dst[q] = u < nu ? w[static_cast<size_t>(u0 + u) * G + kk] : 0.0f;
-      }
-    }
-  }
+  int npanels;
+  const float* packed = pack_rows_transposed(scratch(0), w, G, u0, nu, &npanels);
+  const int ldd = npanels * NR;
   float* dprod = scratch(1).get(static_cast<size_t>(B) * ldd + NR);
   float* dh = scratch(2).get(static_cast<size_t>(B) * nu + VL);
   float* dc = scratch(3).get(static_cast<size_t>(B) * nu + VL);
@@ -519,10 +556,10 @@ void lstm_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool re
                  o = load_n(a + 3 * H + gu, m);
         const vf tc = vtanh(load_n(ct + u, m));
         const vf dhv = load_n(dhb + u, m) + load_n(dht + u, m);
-        const vf dcv = load_n(dcb + u, m) + dhv * o * (1.0f - tc * tc);
+        const vf dcv = load_n(dcb + u, m) + dhv * o * dtanh(tc);
         store_n(a + gu, dcv * g * i * (1.0f - i), m);
         store_n(a + H + gu, dcv * load_n(cprev + u, m) * f * (1.0f - f), m);
-        store_n(a + 2 * H + gu, dcv * i * (1.0f - g * g), m);
+        store_n(a + 2 * H + gu, dcv * i * dtanh(g), m);
         store_n(a + 3 * H + gu, dhv * tc * o * (1.0f - o), m);
         store_n(dcb + u, dcv * f, m);
       }
@@ -538,6 +575,243 @@ void lstm_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool re
     std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
     std::memcpy(dc0 + static_cast<size_t>(b) * H + u0, dc + b * nu, sizeof(float) * nu);
   }
+}
+
+// ---------------------------------------------------------------------------
+// GRU, reset after the matmul.
+// ---------------------------------------------------------------------------
+void gru_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
+                        const float* w_ih, const float* bias, const float* w, const float* b_hn, const float* h0,
+                        const int32_t* lengths, float* act_out, float* m_out, float* hs, float* hT) {
+  const int T = d.T, B = d.B, H = d.H, I = d.I, G = 3 * H;
+  const bool save = act_out != nullptr;
+  int u0, u1;
+  unit_range(H, k, n, &u0, &u1);
+  const int nu = u1 - u0;
+  // Three products per step: [x | h] [w_ir w_iu; w_hr w_hu], x w_in and h w_hn (kept apart: r scales the last).
+  int np_ru, np_x, np_h;
+  const float* p_ru = pack_columns(scratch(0), w_ih, I, w, H, G, 0, 2, H, u0, nu, &np_ru);
+  const float* p_x = pack_columns(scratch(1), w_ih, I, nullptr, 0, G, 2 * H, 1, H, u0, nu, &np_x);
+  const float* p_h = pack_columns(scratch(2), nullptr, 0, w, H, G, 2 * H, 1, H, u0, nu, &np_h);
+  const int ld_ru = np_ru * NR, ld_x = np_x * NR, ld_h = np_h * NR;
+  float* g_ru = scratch(3).get(static_cast<size_t>(B) * ld_ru + NR);
+  float* g_x = scratch(4).get(static_cast<size_t>(B) * ld_x + NR);
+  float* g_h = scratch(5).get(static_cast<size_t>(B) * ld_h + NR);
+  int sense = 0;
+  for (int s = 0; s < T; ++s) {
+    const int t = reverse ? T - 1 - s : s;
+    const int tp = reverse ? t + 1 : t - 1;
+    const float* h_prev = s == 0 ? h0 : hs + static_cast<size_t>(tp) * B * H;
+    const float* x_t = xs + static_cast<size_t>(t) * B * I;
+    if (nu > 0) {
+      gemm_rows(x_t, I, I, h_prev, H, H, B, p_ru, np_ru, g_ru, ld_ru);
+      gemm_rows(x_t, I, I, nullptr, 0, 0, B, p_x, np_x, g_x, ld_x);
+      gemm_rows(h_prev, H, H, nullptr, 0, 0, B, p_h, np_h, g_h, ld_h);
+    }
+    for (int b = 0; b < B && nu > 0; ++b) {
+      const size_t row = static_cast<size_t>(t) * B + b;
+      const float* hp = h_prev + static_cast<size_t>(b) * H + u0;
+      float* hrow = hs + row * H + u0;
+      if (t >= lengths[b]) {  // hold the carry
+        std::memcpy(hrow, hp, sizeof(float) * nu);
+        continue;
+      }
+      const float* gru = g_ru + static_cast<size_t>(b) * ld_ru;
+      const float* gx = g_x + static_cast<size_t>(b) * ld_x;
+      const float* gh = g_h + static_cast<size_t>(b) * ld_h;
+      for (int u = 0; u < nu; u += VL) {
+        const int mm = std::min(VL, nu - u);
+        const int gu = u0 + u;
+        const vf r = vsigmoid(load_n(gru + u, mm) + load_n(bias + gu, mm));
+        const vf uu = vsigmoid(load_n(gru + nu + u, mm) + load_n(bias + H + gu, mm));
+        const vf m = load_n(gh + u, mm) + load_n(b_hn + gu, mm);
+        const vf nn = vtanh(load_n(gx + u, mm) + load_n(bias + 2 * H + gu, mm) + r * m);
+        const vf h = load_n(hp + u, mm);
+        store_n(hrow + u, h + uu * (nn - h), mm);
+        if (save) {
+          float* act = act_out + row * G;
+          store_n(act + gu, r, mm);
+          store_n(act + H + gu, uu, mm);
+          store_n(act + 2 * H + gu, nn, mm);
+          store_n(m_out + row * H + gu, m, mm);
+        }
+      }
+    }
+    barrier.wait(sense);
+  }
+  const int tl = reverse ? 0 : T - 1;
+  for (int b = 0; b < B; ++b) {
+    const float* src = T > 0 ? hs + (static_cast<size_t>(tl) * B + b) * H : h0 + static_cast<size_t>(b) * H;
+    std::memcpy(hT + static_cast<size_t>(b) * H + u0, src + u0, sizeof(float) * nu);
+  }
+}
+
+// h_t = h + u (n - h), n = tanh(z_n), z_n = x w_in + b_n + r m, m = h w_hn + b_hn:
+//   dn = dh u;  du = dh (n - h);  dz_n = dn (1 - n²);  dz_r = dz_n m r (1 - r);  dz_u = du u (1 - u);
+//   dm = dz_n r;  dh_{t-1} = dh (1 - u) + [dz_r dz_u dm] w_hhᵀ.
+void gru_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, float* act_dzx,
+                         const float* ms, const float* hs, const float* h0, const float* dhs, const float* dhT,
+                         const float* w, const int32_t* lengths, float* dzh, float* dh0) {
+  const int T = d.T, B = d.B, H = d.H, G = 3 * H;
+  int u0, u1;
+  unit_range(H, k, n, &u0, &u1);
+  const int nu = u1 - u0;
+  int npanels;
+  const float* packed = pack_rows_transposed(scratch(0), w, G, u0, nu, &npanels);
+  const int ldd = npanels * NR;
+  float* dprod = scratch(1).get(static_cast<size_t>(B) * ldd + NR);
+  float* dh = scratch(2).get(static_cast<size_t>(B) * nu + VL);
+  float* keep = scratch(3).get(static_cast<size_t>(B) * nu + VL);  // dh (1 - u): the direct path to h_{t-1}
+  for (int b = 0; b < B; ++b) std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+  int sense = 0;
+  for (int s = 0; s < T; ++s) {
+    const int t = reverse ? s : T - 1 - s;
+    const bool first = reverse ? t == T - 1 : t == 0;
+    const int tp = reverse ? t + 1 : t - 1;
+    for (int b = 0; b < B && nu > 0; ++b) {
+      const size_t row = static_cast<size_t>(t) * B + b;
+      float* a = act_dzx + row * G;
+      float* zh = dzh + row * G;
+      if (t >= lengths[b]) {  // padding: no gate gradient; the carry's passes through
+        for (int q = 0; q < 3; ++q) {
+          std::memset(a + q * H + u0, 0, sizeof(float) * nu);
+          std::memset(zh + q * H + u0, 0, sizeof(float) * nu);
+        }
+        continue;
+      }
+      const float* hp = first ? h0 + static_cast<size_t>(b) * H + u0 : hs + (static_cast<size_t>(tp) * B + b) * H + u0;
+      const float* mrow = ms + row * H + u0;
+      const float* dht = dhs + row * H + u0;
+      float* dhb = dh + b * nu;
+      float* kb = keep + b * nu;
+      for (int u = 0; u < nu; u += VL) {
+        const int mm = std::min(VL, nu - u);
+        const int gu = u0 + u;
+        const vf r = load_n(a + gu, mm), uu = load_n(a + H + gu, mm), nn = load_n(a + 2 * H + gu, mm);
+        const vf dhv = load_n(dhb + u, mm) + load_n(dht + u, mm);
+        const vf dzn = dhv * uu * dtanh(nn);
+        const vf dzr = dzn * load_n(mrow + u, mm) * r * (1.0f - r);
+        const vf dzu = dhv * (nn - load_n(hp + u, mm)) * uu * (1.0f - uu);
+        store_n(a + gu, dzr, mm);
+        store_n(a + H + gu, dzu, mm);
+        store_n(a + 2 * H + gu, dzn, mm);
+        store_n(zh + gu, dzr, mm);
+        store_n(zh + H + gu, dzu, mm);
+        store_n(zh + 2 * H + gu, dzn * r, mm);
+        store_n(kb + u, dhv * (1.0f - uu), mm);
+      }
+    }
+    barrier.wait(sense);  // all of dz_h at t is written
+    if (nu > 0) gemm_rows(dzh + static_cast<size_t>(t) * B * G, G, G, nullptr, 0, 0, B, packed, npanels, dprod, ldd);
+    for (int b = 0; b < B && nu > 0; ++b) {
+      if (t >= lengths[b]) continue;  // dh passes through unchanged
+      const float* pr = dprod + static_cast<size_t>(b) * ldd;
+      float* dhb = dh + b * nu;
+      const float* kb = keep + b * nu;
+      for (int u = 0; u < nu; u += VL) {
+        const int mm = std::min(VL, nu - u);
+        store_n(dhb + u, load_n(pr + u, mm) + load_n(kb + u, mm), mm);
+      }
+    }
+  }
+  for (int b = 0; b < B; ++b) std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
+}
+
+// ---------------------------------------------------------------------------
+// Elman RNN: h_t = act(z_t). The backward needs only the outputs: act'(z) in terms of h.
+// ---------------------------------------------------------------------------
+enum Activation : int32_t { kTanh = 0, kRelu = 1, kLinear = 2 };
+
+inline vf activate(int32_t kind, vf z) {
+  if (kind == kTanh) return vtanh(z);
+  if (kind == kRelu) return vmax(z, splat(0.0f));
+  return z;
+}
+inline vf activation_deriv(int32_t kind, vf h) {
+  if (kind == kTanh) return dtanh(h);
+  if (kind == kRelu) return h > 0 ? splat(1.0f) : splat(0.0f);
+  return splat(1.0f);
+}
+
+void elman_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, int32_t kind,
+                          const float* xs, const float* w_ih, const float* bias, const float* w, const float* h0,
+                          const int32_t* lengths, float* hs, float* hT) {
+  const int T = d.T, B = d.B, H = d.H, I = d.I;
+  int u0, u1;
+  unit_range(H, k, n, &u0, &u1);
+  const int nu = u1 - u0;
+  int npanels;
+  const float* packed = pack_columns(scratch(0), w_ih, I, w, H, H, 0, 1, H, u0, nu, &npanels);
+  const int ldg = npanels * NR;
+  float* gates = scratch(1).get(static_cast<size_t>(B) * ldg + NR);
+  int sense = 0;
+  for (int s = 0; s < T; ++s) {
+    const int t = reverse ? T - 1 - s : s;
+    const int tp = reverse ? t + 1 : t - 1;
+    const float* h_prev = s == 0 ? h0 : hs + static_cast<size_t>(tp) * B * H;
+    const float* x_t = xs + static_cast<size_t>(t) * B * I;
+    if (nu > 0) gemm_rows(x_t, I, I, h_prev, H, H, B, packed, npanels, gates, ldg);
+    for (int b = 0; b < B && nu > 0; ++b) {
+      const size_t row = static_cast<size_t>(t) * B + b;
+      float* hrow = hs + row * H + u0;
+      if (t >= lengths[b]) {
+        std::memcpy(hrow, h_prev + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+        continue;
+      }
+      const float* g = gates + static_cast<size_t>(b) * ldg;
+      for (int u = 0; u < nu; u += VL) {
+        const int mm = std::min(VL, nu - u);
+        store_n(hrow + u, activate(kind, load_n(g + u, mm) + load_n(bias + u0 + u, mm)), mm);
+      }
+    }
+    barrier.wait(sense);
+  }
+  const int tl = reverse ? 0 : T - 1;
+  for (int b = 0; b < B; ++b) {
+    const float* src = T > 0 ? hs + (static_cast<size_t>(tl) * B + b) * H : h0 + static_cast<size_t>(b) * H;
+    std::memcpy(hT + static_cast<size_t>(b) * H + u0, src + u0, sizeof(float) * nu);
+  }
+}
+
+void elman_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, int32_t kind,
+                           const float* hs, const float* dhs, const float* dhT, const float* w,
+                           const int32_t* lengths, float* dz, float* dh0) {
+  const int T = d.T, B = d.B, H = d.H;
+  int u0, u1;
+  unit_range(H, k, n, &u0, &u1);
+  const int nu = u1 - u0;
+  int npanels;
+  const float* packed = pack_rows_transposed(scratch(0), w, H, u0, nu, &npanels);
+  const int ldd = npanels * NR;
+  float* dprod = scratch(1).get(static_cast<size_t>(B) * ldd + NR);
+  float* dh = scratch(2).get(static_cast<size_t>(B) * nu + VL);
+  for (int b = 0; b < B; ++b) std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+  int sense = 0;
+  for (int s = 0; s < T; ++s) {
+    const int t = reverse ? s : T - 1 - s;
+    for (int b = 0; b < B && nu > 0; ++b) {
+      const size_t row = static_cast<size_t>(t) * B + b;
+      float* z = dz + row * H + u0;
+      if (t >= lengths[b]) {
+        std::memset(z, 0, sizeof(float) * nu);
+        continue;
+      }
+      const float* h = hs + row * H + u0;
+      const float* dht = dhs + row * H + u0;
+      const float* dhb = dh + b * nu;
+      for (int u = 0; u < nu; u += VL) {
+        const int mm = std::min(VL, nu - u);
+        store_n(z + u, (load_n(dhb + u, mm) + load_n(dht + u, mm)) * activation_deriv(kind, load_n(h + u, mm)), mm);
+      }
+    }
+    barrier.wait(sense);  // all of dz_t is written
+    if (nu > 0) gemm_rows(dz + static_cast<size_t>(t) * B * H, H, H, nullptr, 0, 0, B, packed, npanels, dprod, ldd);
+    for (int b = 0; b < B && nu > 0; ++b) {
+      if (t >= lengths[b]) continue;
+      std::memcpy(dh + b * nu, dprod + static_cast<size_t>(b) * ldd, sizeof(float) * nu);
+    }
+  }
+  for (int b = 0; b < B; ++b) std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
 }
 
 ffi::Error check_dims(const char* what, ffi::Span<const int64_t> dims, std::initializer_list<int64_t> expected) {
@@ -589,8 +863,8 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi
     advise_huge_pages(cs_p, sizeof(float) * T * B * H);
   }
   advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
-  const int n = team_size(d.B, d.H, d.I + d.H, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H), /*caller_works=*/save, [&](int k, int members, Barrier& barrier) {
+  const int n = team_size(d.B, d.H, d.I + d.H, 4, threads, pool);
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H, 4), /*caller_works=*/save, [&](int k, int members, Barrier& barrier) {
     lstm_forward_member(k, members, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
                         w.typed_data(), h0.typed_data(), c0.typed_data(), lengths.typed_data(), act_p,
                         hs->typed_data(), cs_p, hT->typed_data(), cT->typed_data());
@@ -619,11 +893,132 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi
   if (dz->typed_data() != act.typed_data()) {  // XLA did not alias: start from a copy
     std::memcpy(dz->typed_data(), act.typed_data(), sizeof(float) * T * B * 4 * H);
   }
-  const int n = team_size(d.B, d.H, 4 * d.H, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, 4 * d.H), /*caller_works=*/true, [&](int k, int members, Barrier& barrier) {
+  const int n = team_size(d.B, d.H, 4 * d.H, 4, threads, pool);
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, 4 * d.H, 4), /*caller_works=*/true, [&](int k, int members, Barrier& barrier) {
     lstm_backward_member(k, members, barrier, d, reverse, dz->typed_data(), cs.typed_data(), c0.typed_data(),
                          dhs.typed_data(), dhT.typed_data(), dcT.typed_data(), w.typed_data(),
                          lengths.typed_data(), dh0->typed_data(), dc0->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GruForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
+                      ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b_hn, ffi::Buffer<ffi::F32> h0,
+                      ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> ms,
+                      ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> hT, bool reverse, bool save,
+                      int32_t threads, ffi::ThreadPool pool) {
+  const auto xd = xs.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("xs: expected rank 3");
+  const auto hd = h0.dimensions();
+  if (hd.size() != 2) return ffi::Error::InvalidArgument("h0: expected rank 2");
+  const Dims d{static_cast<int>(xd[0]), static_cast<int>(xd[1]), static_cast<int>(hd[1]), static_cast<int>(xd[2])};
+  const int64_t T = d.T, B = d.B, H = d.H, I = d.I;
+  JAXRNN_CHECK(check_dims("w_ih", w_ih.dimensions(), {I, 3 * H}));
+  JAXRNN_CHECK(check_dims("bias", bias.dimensions(), {3 * H}));
+  JAXRNN_CHECK(check_dims("w_hh", w.dimensions(), {H, 3 * H}));
+  JAXRNN_CHECK(check_dims("b_hn", b_hn.dimensions(), {H}));
+  JAXRNN_CHECK(check_dims("h0", hd, {B, H}));
+  JAXRNN_CHECK(check_dims("lengths", lengths.dimensions(), {B}));
+  JAXRNN_CHECK(check_dims("hs", hs->dimensions(), {T, B, H}));
+  JAXRNN_CHECK(check_dims("h_T", hT->dimensions(), {B, H}));
+  float* act_p = nullptr;
+  float* m_p = nullptr;
+  if (save) {
+    JAXRNN_CHECK(check_dims("a", act->dimensions(), {T * B, 3 * H}));
+    JAXRNN_CHECK(check_dims("m", ms->dimensions(), {T * B, H}));
+    act_p = act->typed_data();
+    m_p = ms->typed_data();
+    advise_huge_pages(act_p, sizeof(float) * T * B * 3 * H);
+    advise_huge_pages(m_p, sizeof(float) * T * B * H);
+  }
+  advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
+  const int n = team_size(d.B, d.H, d.I + d.H, 3, threads, pool);
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H, 3), /*caller_works=*/save, [&](int k, int members, Barrier& barrier) {
+    gru_forward_member(k, members, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
+                       w.typed_data(), b_hn.typed_data(), h0.typed_data(), lengths.typed_data(), act_p, m_p,
+                       hs->typed_data(), hT->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GruBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> ms, ffi::Buffer<ffi::F32> hs,
+                       ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT,
+                       ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dzx,
+                       ffi::ResultBuffer<ffi::F32> dzh, ffi::ResultBuffer<ffi::F32> dh0, bool reverse,
+                       int32_t threads, ffi::ThreadPool pool) {
+  const auto hd = hs.dimensions();
+  if (hd.size() != 3) return ffi::Error::InvalidArgument("hs: expected rank 3");
+  const Dims d{static_cast<int>(hd[0]), static_cast<int>(hd[1]), static_cast<int>(hd[2]), 0};
+  const int64_t T = d.T, B = d.B, H = d.H;
+  JAXRNN_CHECK(check_dims("a", act.dimensions(), {T * B, 3 * H}));
+  JAXRNN_CHECK(check_dims("m", ms.dimensions(), {T * B, H}));
+  JAXRNN_CHECK(check_dims("h0", h0.dimensions(), {B, H}));
+  JAXRNN_CHECK(check_dims("dhs", dhs.dimensions(), {T, B, H}));
+  JAXRNN_CHECK(check_dims("dh_T", dhT.dimensions(), {B, H}));
+  JAXRNN_CHECK(check_dims("w_hh", w.dimensions(), {H, 3 * H}));
+  JAXRNN_CHECK(check_dims("lengths", lengths.dimensions(), {B}));
+  JAXRNN_CHECK(check_dims("dz_x", dzx->dimensions(), {T * B, 3 * H}));
+  JAXRNN_CHECK(check_dims("dz_h", dzh->dimensions(), {T * B, 3 * H}));
+  if (dzx->typed_data() != act.typed_data()) {  // XLA did not alias: start from a copy
+    std::memcpy(dzx->typed_data(), act.typed_data(), sizeof(float) * T * B * 3 * H);
+  }
+  advise_huge_pages(dzh->typed_data(), sizeof(float) * T * B * 3 * H);
+  const int n = team_size(d.B, d.H, 3 * d.H, 3, threads, pool);
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, 3 * d.H, 3), /*caller_works=*/true, [&](int k, int members, Barrier& barrier) {
+    gru_backward_member(k, members, barrier, d, reverse, dzx->typed_data(), ms.typed_data(), hs.typed_data(),
+                        h0.typed_data(), dhs.typed_data(), dhT.typed_data(), w.typed_data(), lengths.typed_data(),
+                        dzh->typed_data(), dh0->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ElmanForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
+                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::S32> lengths,
+                        ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> hT, bool reverse, bool save,
+                        int32_t activation, int32_t threads, ffi::ThreadPool pool) {
+  const auto xd = xs.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("xs: expected rank 3");
+  const auto hd = h0.dimensions();
+  if (hd.size() != 2) return ffi::Error::InvalidArgument("h0: expected rank 2");
+  if (activation < kTanh || activation > kLinear) return ffi::Error::InvalidArgument("activation: expected 0, 1 or 2");
+  const Dims d{static_cast<int>(xd[0]), static_cast<int>(xd[1]), static_cast<int>(hd[1]), static_cast<int>(xd[2])};
+  const int64_t T = d.T, B = d.B, H = d.H, I = d.I;
+  JAXRNN_CHECK(check_dims("w_ih", w_ih.dimensions(), {I, H}));
+  JAXRNN_CHECK(check_dims("bias", bias.dimensions(), {H}));
+  JAXRNN_CHECK(check_dims("w_hh", w.dimensions(), {H, H}));
+  JAXRNN_CHECK(check_dims("h0", hd, {B, H}));
+  JAXRNN_CHECK(check_dims("lengths", lengths.dimensions(), {B}));
+  JAXRNN_CHECK(check_dims("hs", hs->dimensions(), {T, B, H}));
+  JAXRNN_CHECK(check_dims("h_T", hT->dimensions(), {B, H}));
+  advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
+  const int n = team_size(d.B, d.H, d.I + d.H, 1, threads, pool);
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H, 1), /*caller_works=*/save, [&](int k, int members, Barrier& barrier) {
+    elman_forward_member(k, members, barrier, d, reverse, activation, xs.typed_data(), w_ih.typed_data(),
+                         bias.typed_data(), w.typed_data(), h0.typed_data(), lengths.typed_data(), hs->typed_data(),
+                         hT->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ElmanBackward(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT,
+                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dz,
+                         ffi::ResultBuffer<ffi::F32> dh0, bool reverse, int32_t activation, int32_t threads,
+                         ffi::ThreadPool pool) {
+  const auto hd = hs.dimensions();
+  if (hd.size() != 3) return ffi::Error::InvalidArgument("hs: expected rank 3");
+  if (activation < kTanh || activation > kLinear) return ffi::Error::InvalidArgument("activation: expected 0, 1 or 2");
+  const Dims d{static_cast<int>(hd[0]), static_cast<int>(hd[1]), static_cast<int>(hd[2]), 0};
+  const int64_t T = d.T, B = d.B, H = d.H;
+  JAXRNN_CHECK(check_dims("dhs", dhs.dimensions(), {T, B, H}));
+  JAXRNN_CHECK(check_dims("dh_T", dhT.dimensions(), {B, H}));
+  JAXRNN_CHECK(check_dims("w_hh", w.dimensions(), {H, H}));
+  JAXRNN_CHECK(check_dims("lengths", lengths.dimensions(), {B}));
+  JAXRNN_CHECK(check_dims("dz", dz->dimensions(), {T * B, H}));
+  advise_huge_pages(dz->typed_data(), sizeof(float) * T * B * H);
+  const int n = team_size(d.B, d.H, d.H, 1, threads, pool);
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.H, 1), /*caller_works=*/true, [&](int k, int members, Barrier& barrier) {
+    elman_backward_member(k, members, barrier, d, reverse, activation, hs.typed_data(), dhs.typed_data(),
+                          dhT.typed_data(), w.typed_data(), lengths.typed_data(), dz->typed_data(), dh0->typed_data());
   });
   return ffi::Error::Success();
 }
@@ -666,8 +1061,73 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackward,
                                   .Attr<int32_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruForward, GruForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_hn
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // a = [r u n]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // m
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h carries
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("save")
+                                  .Attr<int32_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // m
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h carries
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dhs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dz_x (over a)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dz_h
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh0
+                                  .Attr<bool>("reverse")
+                                  .Attr<int32_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanForward, ElmanForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h carries
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("save")
+                                  .Attr<int32_t>("activation")
+                                  .Attr<int32_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanBackward, ElmanBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h carries
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dhs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dz
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh0
+                                  .Attr<bool>("reverse")
+                                  .Attr<int32_t>("activation")
+                                  .Attr<int32_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
 // [calls that formed a team, calls that ran short-handed] since the library was loaded.
-extern "C" void jaxrnn_lstm_cpu_team_stats(int64_t* out) {
+extern "C" void jaxrnn_rnn_cpu_team_stats(int64_t* out) {
   out[0] = team_calls.load(std::memory_order_relaxed);
   out[1] = short_handed_calls.load(std::memory_order_relaxed);
 }

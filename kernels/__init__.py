@@ -6,9 +6,10 @@ Every backend has the signature documented in :mod:`jaxrnn.runner`::
 
 * ``xla``: :func:`jaxrnn.kernels.xla.rnn_xla`, a time loop with a
   hand-written custom VJP (stored gates, batched weight gradients).
-* ``ffi`` (CPU, float32 LSTM): :func:`jaxrnn.kernels.ffi.rnn_ffi`, the time
+* ``ffi`` (CPU, float32 LSTM, GRU with ``reset="after"``, Elman):
+  :func:`jaxrnn.kernels.ffi.rnn_ffi`, the time
   loops as C++ XLA FFI custom calls run by a team of threads
-  (``kernels/lstm_cpu.cc``, built on first use), in the same custom-VJP
+  (``kernels/rnn_cpu.cc``, built on first use), in the same custom-VJP
   structure: large matmuls in XLA, the recurrence in the custom calls.
 * ``pallas``: the input projection (one large matmul), then
   :func:`jaxrnn.kernels.pallas.rnn_pallas`, a fused-gate Pallas kernel that
@@ -23,7 +24,7 @@ Every backend has the signature documented in :mod:`jaxrnn.runner`::
   once they lower for CUDA).
 
 ``impl`` is resolved here, at trace time. ``"auto"`` picks ``ffi`` on CPU for
-a float32 LSTM when its library builds and one device is visible (a custom
+a float32 cell it computes when its library builds and one device is visible (a custom
 call cannot be split over devices by XLA's partitioner), Pallas on GPU/TPU
 when the cell qualifies, and ``xla`` otherwise. Besides the names, ``impl``
 takes a backend with options, :class:`XLA`, :class:`FFI` or :class:`Pallas`: frozen, hashable
@@ -75,7 +76,7 @@ class XLA:
 
 @dataclasses.dataclass(frozen=True)
 class FFI:
-    """The ``"ffi"`` backend with options (``impl=FFI()`` is ``impl="ffi"``): CPU, float32 LSTM.
+    """The ``"ffi"`` backend with options (``impl=FFI()`` is ``impl="ffi"``): CPU, float32 LSTM, GRU (reset after), Elman.
 
     Attributes:
       threads: the most threads a time loop uses (``None``: every core).
@@ -100,12 +101,12 @@ class FFI:
 
 
 def _ffi_is_default(cell, platform):
-    """``impl="auto"`` on CPU: a float32 LSTM, one visible device, and the library builds here."""
+    """``impl="auto"`` on CPU: a cell :func:`ffi.qualifies` accepts, one visible device, and the library builds here."""
     if platform != "cpu" or not ffi.qualifies(cell) or jax.device_count() != 1:
         return False
     reason = ffi.unavailable_reason()
     if reason is not None and not reason.startswith(("no C++ compiler", "turned off")):
-        warn_once(f"impl='auto' uses impl='xla' for the LSTM on CPU: the C++ kernel did not build ({reason[:300]})")
+        warn_once(f"impl='auto' uses impl='xla' on CPU: the C++ kernels did not build ({reason[:300]})")
     return reason is None
 
 
@@ -157,7 +158,8 @@ def resolve(impl, cell, platform):
 
     ``impl`` is ``"xla"``, ``"ffi"``, ``"pallas"``, ``"auto"`` or an
     :class:`XLA` / :class:`FFI` / :class:`Pallas` configuration. ``"auto"``
-    picks ``ffi`` on CPU for a float32 LSTM when its library builds and one
+    picks ``ffi`` on CPU for a float32 cell it computes (LSTM, GRU with
+    ``reset="after"``, Elman) when its library builds and one
     device is visible, Pallas on GPU/TPU when the cell qualifies, the XLA path
     otherwise; Pallas on CPU runs in interpret mode and warns once (unless
     ``interpret`` was asked for).

@@ -1,28 +1,35 @@
-r"""The ``impl="ffi"`` backend: the LSTM's time loops as C++ custom calls (CPU).
+r"""The ``impl="ffi"`` backend: the time loops of the LSTM, GRU and Elman RNN as C++ custom calls (CPU).
 
 XLA's CPU runtime runs the ops of a loop one at a time, and a step of the
 recurrence is a small matmul plus a few elementwise ops: the ``xla`` backend
 keeps one core busy per step and pays a dispatch per op. This backend runs
-each time loop as one XLA FFI custom call (``kernels/lstm_cpu.cc``) in which a
+each time loop as one XLA FFI custom call (``kernels/rnn_cpu.cc``) in which a
 team (the calling thread and tasks on XLA's intra-op thread pool) splits the
 hidden units, keeps its slice of the weights in cache for all steps, and meets
 at one barrier per step. The surrounding work
 stays in XLA as large matmuls:
 
-* forward: ``jaxrnn_lstm_fwd`` projects each step's input itself (no
-  ``(T, B, 4H)`` projection is stored) and saves the gate activations
-  ``a = [i, f, g, o]`` and the cell states;
-* backward: ``jaxrnn_lstm_bwd`` walks back through time writing the gate
-  pre-activation cotangents ``dz`` over ``a``; then
-  :math:`\bar W_{hh} = \sum_t h_{t-1}^\top dz_t`,
+* forward: ``jaxrnn_{lstm,gru,elman}_fwd`` project each step's input
+  themselves (no ``(T, B, G)`` projection is stored) and save what the
+  backward needs: the LSTM's gate activations ``a = [i, f, g, o]`` and cell
+  states, the GRU's ``a = [r, u, n]`` and ``m = h_{t-1} W_hn + b_hn``, the
+  Elman RNN's outputs only;
+* backward: ``jaxrnn_{lstm,gru,elman}_bwd`` walk back through time writing
+  the gate pre-activation cotangents ``dz`` (over ``a`` where there is one);
+  then :math:`\bar W_{hh} = \sum_t h_{t-1}^\top dz_t`,
   :math:`\bar W_{ih} = \sum_t x_t^\top dz_t`, :math:`\bar x_t = dz_t W_{ih}^\top`
-  and :math:`\bar b = \sum_t dz_t` are large matmuls and a sum.
+  and :math:`\bar b = \sum_t dz_t` are large matmuls and a sum (the GRU's
+  candidate has two cotangents, ``dz_n`` for its input part and
+  ``dm = r dz_n`` for its recurrent part, so its backward writes both
+  ``dz_x`` and ``dz_h``).
 
-Scope: :class:`~jaxrnn.LSTM` in float32 (``xs`` float32, ``compute_dtype``
-``None`` or float32; parameters of another float dtype are cast, and their
-gradients cast back). ``impl="auto"`` picks this backend on CPU for such
-cells when the library builds (see :func:`available`) and one device is
-visible; otherwise the ``xla`` backend.
+Scope: in float32 (``xs`` float32, ``compute_dtype`` ``None`` or float32;
+parameters of another float dtype are cast, and their gradients cast back),
+:class:`~jaxrnn.LSTM`, :class:`~jaxrnn.GRU` with ``reset="after"`` and
+:class:`~jaxrnn.Elman` with any activation (see :func:`qualifies`).
+``impl="auto"`` picks this backend on CPU for such cells when the library
+builds (see :func:`available`) and one device is visible; otherwise the
+``xla`` backend.
 
 Building: on first use the C++ source is compiled with the system C++
 compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the FFI headers

@@ -7,7 +7,10 @@ benchmarks.studies.lm_cpu``), measures nothing itself, and writes
 threshold, the measured speed-ups (peer time / jaxrnn time, or jaxrnn
 tokens/s over PyTorch's), the worst case, and whether it is met. jaxrnn's
 row of a case is the one ``impl="auto"`` runs on CPU: ``jaxrnn:ffi`` where
-the case has it (float32 LSTMs), else ``jaxrnn:xla``.
+the case has it (float32 LSTM, GRU with reset after, Elman), else
+``jaxrnn:xla``. Target 6 (compilation) is checked on both of those backends;
+``jaxrnn:reference`` (plain autodiff through ``lax.scan``, the correctness
+oracle, not a backend ``"auto"`` picks) is reported beside it.
 
 The targets (issue "Performance where users feel it"):
 
@@ -98,13 +101,17 @@ def evaluate(folder):
         padded = _speedups(cpu, lambda r: r["mode"] == "fwdbwd" and r["structure"] == "bidir2" and r.get("padded"))
         targets.append(_target("3", "bidirectional 2-layer LSTM and GRU stacks, fwd+bwd, padded batch (PyTorch packed)",
                                padded, {"torch": 1.3, "flax.linen": 2.0}))  # fmt: skip
-        mine = [r for r in cpu["rows"] if r["status"] == "ok" and r["impl"].startswith("jaxrnn:")]
+        ok = [r for r in cpu["rows"] if r["status"] == "ok"]
+        mine = [r for r in ok if r["impl"] in ("jaxrnn:ffi", "jaxrnn:xla")]
+        oracle = [r for r in ok if r["impl"] == "jaxrnn:reference"]
         slow = [r["case_id"] + " " + r["impl"] for r in mine if (r["compile_s"] or 0) >= 1.0]
         again = [r["case_id"] + " " + r["impl"] for r in mine if r["notes"].get("recompiled_on_second_call")]
         targets.append({
             "target": "6",
-            "description": "compilation under 1 s for every cpu case, and no recompilation on a second call",
+            "description": "compilation under 1 s for every cpu case (jaxrnn:ffi and jaxrnn:xla), and no "
+                           "recompilation on a second call",
             "longest_compile_s": max((r["compile_s"] or 0) for r in mine) if mine else None,
+            "reference_longest_compile_s": max((r["compile_s"] or 0) for r in oracle) if oracle else None,
             "over_1s": slow,
             "recompiled": again,
             "met": bool(mine) and not slow and not again,
@@ -133,7 +140,7 @@ def markdown(targets, sources) -> str:
         "",
         "Read from " + ", ".join(f"`{s}`" for s in sources) + " (their device, versions, load averages and method "
         "are recorded there). Speed-up = peer time / jaxrnn time (what `impl=\"auto\"` runs on CPU: `jaxrnn:ffi` for "
-        "float32 LSTMs, else `jaxrnn:xla`); "
+        "float32 LSTM, GRU (reset after) and Elman cells, else `jaxrnn:xla`); "
         "for the language model, jaxrnn tokens/s over PyTorch's.",
         "",
         "| target | what | threshold | worst measured | met |",
@@ -146,6 +153,8 @@ def markdown(targets, sources) -> str:
         elif t["target"] == "6":
             thr = "< 1 s, no recompilation"
             worst = f"longest {_fmt(t['longest_compile_s'])} s; over 1 s: {len(t['over_1s'])}; recompiled: {len(t['recompiled'])}"
+            if t.get("reference_longest_compile_s") is not None:
+                worst += f" (jaxrnn:reference, not a backend `auto` picks: longest {_fmt(t['reference_longest_compile_s'])} s)"
         else:
             thr = ">= " + (f"{t['threshold']}x" if t.get("threshold") else "target")
             by_batch = t["detail"].get("ratio_by_batch")

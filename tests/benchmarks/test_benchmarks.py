@@ -396,6 +396,7 @@ def test_cpu_targets_reads_worst_cases_and_thresholds(tmp_path):
         row("b", "jaxrnn:xla", {"torch": 1 / 1.2, "flax.linen": 0.25}, cell="gru"),  # 1.2x torch: below 1.3
         row("p", "jaxrnn:xla", {"torch": 0.25, "flax.linen": 0.4}, structure="bidir2", padded=True, batch=16),
         row("p", "torch", {}, structure="bidir2", padded=True, batch=16),
+        row("p", "jaxrnn:reference", {}, structure="bidir2", padded=True, batch=16, compile_s=1.5),  # the oracle
     ]}  # fmt: skip
     with open(tmp_path / "cpu.json", "w") as f:
         json.dump(cpu, f)
@@ -406,7 +407,14 @@ def test_cpu_targets_reads_worst_cases_and_thresholds(tmp_path):
     assert [c["speedup"]["torch"] for c in got["1"]["cases"] if c["case_id"] == "a"] == [pytest.approx(2.5)]
     assert got["3"]["met"] is True and got["3"]["worst"]["flax.linen"]["speedup"] == pytest.approx(2.5)
     assert got["1b"]["met"] is True  # every case at least 1.0x PyTorch
+    # Compilation: the backends "auto" picks; the reference's 1.5 s is reported, not counted.
     assert got["6"]["met"] is True and got["6"]["longest_compile_s"] == 0.5
+    assert got["6"]["reference_longest_compile_s"] == 1.5
+    cpu["rows"].append(row("q", "jaxrnn:ffi", {}, compile_s=1.25))
+    with open(tmp_path / "cpu.json", "w") as f:
+        json.dump(cpu, f)
+    slow = {t["target"]: t for t in cpu_targets.evaluate(str(tmp_path))}["6"]
+    assert slow["met"] is False and slow["over_1s"] == ["q jaxrnn:ffi"]
     assert cpu_targets.main(["--results", str(tmp_path)]) == 0
     assert (tmp_path / "cpu_targets.md").read_text().count("| 1 |") == 1
     assert cpu_targets.main(["--results", str(tmp_path / "missing")]) == 2

@@ -6,7 +6,7 @@ Every backend has the signature documented in :mod:`jaxrnn.runner`::
 
 * ``xla``: :func:`jaxrnn.kernels.xla.rnn_xla`, a time loop with a
   hand-written custom VJP (stored gates, batched weight gradients).
-* ``ffi`` (CPU, float32 LSTM, GRU with ``reset="after"``, Elman):
+* ``ffi`` (CPU, float32 LSTM, GRU, Elman):
   :func:`jaxrnn.kernels.ffi.rnn_ffi`, the time
   loops as C++ XLA FFI custom calls run by a team of threads
   (``kernels/rnn_cpu.cc``, built on first use), in the same custom-VJP
@@ -76,7 +76,7 @@ class XLA:
 
 @dataclasses.dataclass(frozen=True)
 class FFI:
-    """The ``"ffi"`` backend with options (``impl=FFI()`` is ``impl="ffi"``): CPU, float32 LSTM, GRU (reset after), Elman.
+    """The ``"ffi"`` backend with options (``impl=FFI()`` is ``impl="ffi"``): CPU, float32 LSTM, GRU, Elman.
 
     Attributes:
       threads: the most threads a time loop uses (``None``: every core).
@@ -158,8 +158,8 @@ def resolve(impl, cell, platform):
 
     ``impl`` is ``"xla"``, ``"ffi"``, ``"pallas"``, ``"auto"`` or an
     :class:`XLA` / :class:`FFI` / :class:`Pallas` configuration. ``"auto"``
-    picks ``ffi`` on CPU for a float32 cell it computes (LSTM, GRU with
-    ``reset="after"``, Elman) when its library builds and one
+    picks ``ffi`` on CPU for a float32 cell it computes (LSTM, GRU,
+    Elman) when its library builds and one
     device is visible, Pallas on GPU/TPU when the cell qualifies, the XLA path
     otherwise; Pallas on CPU runs in interpret mode and warns once (unless
     ``interpret`` was asked for).

@@ -25,8 +25,10 @@ stays in XLA as large matmuls:
 
 Scope: in float32 (``xs`` float32, ``compute_dtype`` ``None`` or float32;
 parameters of another float dtype are cast, and their gradients cast back),
-:class:`~jaxrnn.LSTM`, :class:`~jaxrnn.GRU` with ``reset="after"`` and
-:class:`~jaxrnn.Elman` with any activation (see :func:`qualifies`).
+:class:`~jaxrnn.LSTM`, :class:`~jaxrnn.GRU` with either reset (``"before"``
+meets twice per step: its candidate's matmul reads ``r ⊙ h`` of every unit;
+its backward's ``dz`` is written over ``a``, and ``dW_hn = qᵀ dz_n`` with the
+saved ``q = r ⊙ h_{t-1}``) and :class:`~jaxrnn.Elman` with any activation (see :func:`qualifies`).
 ``impl="auto"`` picks this backend on CPU for such cells when the library
 builds (see :func:`available`) and one device is visible; otherwise the
 ``xla`` backend.
@@ -84,6 +86,8 @@ _TARGETS = {
     "jaxrnn_lstm_bwd": "JaxrnnLstmBackward",
     "jaxrnn_gru_fwd": "JaxrnnGruForward",
     "jaxrnn_gru_bwd": "JaxrnnGruBackward",
+    "jaxrnn_gru_before_fwd": "JaxrnnGruBeforeForward",
+    "jaxrnn_gru_before_bwd": "JaxrnnGruBeforeBackward",
     "jaxrnn_elman_fwd": "JaxrnnElmanForward",
     "jaxrnn_elman_bwd": "JaxrnnElmanBackward",
 }
@@ -227,13 +231,10 @@ def qualifies(cell) -> bool:
     """Whether ``cell`` (resolved for its input dtype) is one this backend computes.
 
     A float32 (``compute_dtype`` float32 once resolved) :class:`~jaxrnn.LSTM`,
-    :class:`~jaxrnn.GRU` with ``reset="after"``, or :class:`~jaxrnn.Elman`
-    (any activation). The GRU's ``reset="before"`` needs a second barrier per
-    step (its candidate's matmul reads ``r ⊙ h`` of every unit) and stays on
-    the ``xla`` backend.
+    :class:`~jaxrnn.GRU` (either reset; ``reset="before"`` meets twice per
+    step, since its candidate's matmul reads ``r ⊙ h`` of every unit), or
+    :class:`~jaxrnn.Elman` (any activation).
     """
-    if isinstance(cell, GRU) and cell.reset != "after":
-        return False
     return (
         isinstance(cell, (LSTM, GRU, Elman))
         and cell.compute_dtype is not None
@@ -248,8 +249,6 @@ def _shape(x):
 
 def _check(cell, params, xs, carry0, lengths, threads):
     check_cell(cell)
-    if isinstance(cell, GRU) and cell.reset != "after":
-        raise ValueError("cell: impl='ffi' computes the GRU with reset='after' only, got reset='before' (use impl='xla')")
     if not qualifies(cell) or jnp.dtype(xs.dtype) != jnp.float32:
         raise ValueError(
             "xs: impl='ffi' computes in float32 (xs float32, compute_dtype None or float32), got xs "
@@ -262,7 +261,7 @@ def _check(cell, params, xs, carry0, lengths, threads):
         raise ValueError(f"params.w_ih: expected shape (input_size, {G}), got {_shape(params.w_ih)}")
     if _shape(params.b) != (G,):
         raise ValueError(f"params.b: expected shape {(G,)}, got {_shape(params.b)}")
-    if isinstance(cell, GRU) and _shape(params.b_hn) != (H,):
+    if isinstance(cell, GRU) and cell.reset == "after" and _shape(params.b_hn) != (H,):
         raise ValueError(f"params.b_hn: expected shape {(H,)}, got {_shape(params.b_hn) if params.b_hn is not None else None}")
     I = _shape(params.w_ih)[0]
     if xs.ndim != 3 or xs.shape[-1] != I:
@@ -278,16 +277,16 @@ def _check(cell, params, xs, carry0, lengths, threads):
 
 
 def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int] = None):
-    """Run an LSTM, GRU (``reset="after"``) or Elman RNN over a sequence with the C++ time loops; custom VJP.
+    """Run an LSTM, GRU or Elman RNN over a sequence with the C++ time loops; custom VJP.
 
     The backend contract of :mod:`jaxrnn.runner` (use it through
     ``jaxrnn.rnn(..., impl="ffi")``, or ``impl="auto"`` on CPU).
 
     Args:
       cell: a resolved float32 :class:`~jaxrnn.LSTM`, :class:`~jaxrnn.GRU`
-        (``reset="after"``) or :class:`~jaxrnn.Elman` (see :func:`qualifies`).
+        or :class:`~jaxrnn.Elman` (see :func:`qualifies`).
       params: ``w_ih`` ``(I, G)``, ``w_hh`` ``(H, G)``, ``b`` ``(G,)`` with
-        ``G = num_gates * H``; the GRU's ``b_hn`` ``(H,)``.
+        ``G = num_gates * H``; with ``reset="after"``, the GRU's ``b_hn`` ``(H,)``.
       xs: ``(T, B, I)`` float32 time-major inputs.
       carry0: the initial carry, float32 leaves ``(B, H)``
         (:class:`~jaxrnn.LSTMCarry` or :class:`~jaxrnn.cells.Carry`).
@@ -321,6 +320,10 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
     if isinstance(cell, LSTM):
         weights = _Weights(*(params[i].astype(f32) for i in range(3)))
         carries, final = _lstm(*options, weights, xs, LSTMCarry(*carry0), lens)
+    elif isinstance(cell, GRU) and cell.reset == "before":
+        weights = _Weights(*(params[i].astype(f32) for i in range(3)))
+        carries, h_T = _gru_before(*options, weights, xs, carry0.h, lens)
+        final = Carry(h_T)
     elif isinstance(cell, GRU):
         weights = _GRUWeights(*(params[i].astype(f32) for i in range(4)))
         carries, h_T = _gru(*options, weights, xs, carry0.h, lens)
@@ -506,3 +509,54 @@ def _elman_bwd(reverse, threads, activation, saved, cotangents):
 
 
 _elman.defvjp(_elman_fwd, _elman_bwd)
+
+
+def _gru_before_forward_call(reverse, threads, w, xs, h0, lengths, save):
+    T, B, _ = xs.shape
+    H = w.w_hh.shape[0]
+    f32 = jnp.float32
+    sd = jax.ShapeDtypeStruct
+    outs = (
+        sd((T * B, 3 * H) if save else (0,), f32),  # a = [r u n]
+        sd((T * B, H) if save else (0,), f32),  # q = r ⊙ h_{t-1}
+        sd((T, B, H), f32),  # h carries
+        sd((B, H), f32),
+    )
+    return _call(
+        "jaxrnn_gru_before_fwd", outs, xs, w.w_ih, w.b, w.w_hh, h0, lengths,
+        reverse=reverse, save=save, threads=threads,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gru_before(reverse, threads, w, xs, h0, lengths):
+    _, _, hs, h_T = _gru_before_forward_call(reverse, threads, w, xs, h0, lengths, save=False)
+    return hs, h_T
+
+
+def _gru_before_fwd(reverse, threads, w, xs, h0, lengths):
+    a, q, hs, h_T = _gru_before_forward_call(reverse, threads, w, xs, h0, lengths, save=True)
+    return (hs, h_T), (w, xs, h0, lengths, a, q, hs)
+
+
+def _gru_before_bwd(reverse, threads, saved, cotangents):
+    w, xs, h0, lengths, a, q, hs = saved
+    dhs, dh_T = cotangents
+    T, B, I = xs.shape
+    H = h0.shape[-1]
+    f32 = jnp.float32
+    sd = jax.ShapeDtypeStruct
+    dz, dh0 = _call(
+        "jaxrnn_gru_before_bwd", (sd(a.shape, f32), sd((B, H), f32)),
+        a, hs, h0, dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths,
+        aliases={0: 0}, reverse=reverse, threads=threads,
+    )
+    # The recurrent products: [h_{t-1} w_h{r,u}, q_t w_hn]; the input ones as every cell's.
+    prev = _previous(hs, h0, reverse).reshape(T * B, H)
+    dw_hh = jnp.concatenate([prev.T @ dz[:, : 2 * H], q.T @ dz[:, 2 * H :]], axis=1)
+    dw_ih = xs.reshape(T * B, I).T @ dz
+    dxs = (dz @ w.w_ih.T).reshape(T, B, I)
+    return _Weights(dw_ih, dw_hh, jnp.sum(dz, axis=0)), dxs, dh0, None
+
+
+_gru_before.defvjp(_gru_before_fwd, _gru_before_bwd)

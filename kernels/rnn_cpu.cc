@@ -12,11 +12,16 @@
 //       -> a = [r u n] (T*B, 3H), m = h_{t-1} w_hn + b_hn (T*B, H), h carries, h_T
 //   jaxrnn_gru_bwd(a, m, h carries, h0, dhs, dh_T, w_hh, lengths)
 //       -> dz_x = [dz_r dz_u dz_n] (T*B, 3H, written over a), dz_h = [dz_r dz_u dm] (T*B, 3H), dh0
+//   jaxrnn_gru_before_fwd(xs, w_ih, b, w_hh, h0, lengths)
+//       -> a = [r u n] (T*B, 3H), q = r h_{t-1} (T*B, H), h carries, h_T
+//   jaxrnn_gru_before_bwd(a, h carries, h0, dhs, dh_T, w_hh, lengths)
+//       -> dz = [dz_r dz_u dz_n] (T*B, 3H, written over a), dh0
 //   jaxrnn_elman_fwd(xs, w_ih, b, w_hh, h0, lengths) -> h carries, h_T
 //   jaxrnn_elman_bwd(h carries, dhs, dh_T, w_hh, lengths) -> dz (T*B, H), dh0
 //
 // then, in XLA, large matmuls: dW_hh = h_prevᵀ dz(_h), dW_ih = xsᵀ dz(_x),
-// dxs = dz(_x) w_ihᵀ, db = Σ dz(_x) (and the GRU's db_hn = Σ dm).
+// dxs = dz(_x) w_ihᵀ, db = Σ dz(_x) (and the GRU's db_hn = Σ dm; with the
+// reset before the matmul, dW_hn = qᵀ dz_n).
 //
 // Why a custom call: XLA's CPU runtime runs a loop's ops one at a time on one
 // core, and each step of the recurrence is one small matmul and a few
@@ -35,7 +40,8 @@
 //   LSTM [i f g o]:  z = x_t w_ih + h_{t-1} w_hh + b;  i, f, o = sigmoid(z_i, z_f, z_o);
 //                    g = tanh(z_g);  c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
 //   GRU [r u n]:     r, u = sigmoid(x_t w_i{r,u} + h_{t-1} w_h{r,u} + b_{r,u});
-//                    m = h_{t-1} w_hn + b_hn;  n = tanh(x_t w_in + b_n + r m);
+//                    reset after:  m = h_{t-1} w_hn + b_hn;  n = tanh(x_t w_in + b_n + r m)
+//                    reset before: q = r h_{t-1};  n = tanh(x_t w_in + b_n + q w_hn)
 //                    h_t = h_{t-1} + u (n - h_{t-1})
 //   Elman:           h_t = act(x_t w_ih + h_{t-1} w_hh + b), act = tanh, relu or identity
 // A step with t >= lengths[b] keeps row b's carry (its gradient passes through).
@@ -427,18 +433,18 @@ const float* pack_columns(Scratch& s, const float* top, int K1, const float* bot
   return packed;
 }
 
-// Packs rows u0 .. u0 + nu of w (H x G) transposed into panels of NR columns:
-// panel j, row kk (of G), column q holds w[u0 + j NR + q, kk] (the backward's
-// dh_{t-1}[:, units] = dz_t w[units, :]ᵀ).
-const float* pack_rows_transposed(Scratch& s, const float* w, int G, int u0, int nu, int* npanels) {
+// Packs rows u0 .. u0 + nu of w (H rows of stride ld), columns col0 .. col0 + K,
+// transposed into panels of NR columns: panel j, row kk (of K), column q holds
+// w[u0 + j NR + q, col0 + kk] (the backward's dh_{t-1}[:, units] = dz_t w[units, :]ᵀ).
+const float* pack_rows_transposed(Scratch& s, const float* w, int ld, int col0, int K, int u0, int nu, int* npanels) {
   *npanels = (nu + NR - 1) / NR;
-  float* packed = s.get(static_cast<size_t>(*npanels) * G * NR + NR);
+  float* packed = s.get(static_cast<size_t>(*npanels) * K * NR + NR);
   for (int j = 0; j < *npanels; ++j) {
-    for (int kk = 0; kk < G; ++kk) {
-      float* dst = packed + (static_cast<size_t>(j) * G + kk) * NR;
+    for (int kk = 0; kk < K; ++kk) {
+      float* dst = packed + (static_cast<size_t>(j) * K + kk) * NR;
       for (int q = 0; q < NR; ++q) {
         const int u = j * NR + q;
-        dst[q] = u < nu ? w[static_cast<size_t>(u0 + u) * G + kk] : 0.0f;
+        dst[q] = u < nu ? w[static_cast<size_t>(u0 + u) * ld + col0 + kk] : 0.0f;
       }
     }
   }
@@ -527,7 +533,7 @@ void lstm_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool re
   unit_range(H, k, n, &u0, &u1);
   const int nu = u1 - u0;
   int npanels;
-  const float* packed = pack_rows_transposed(scratch(0), w, G, u0, nu, &npanels);
+  const float* packed = pack_rows_transposed(scratch(0), w, G, 0, G, u0, nu, &npanels);
   const int ldd = npanels * NR;
   float* dprod = scratch(1).get(static_cast<size_t>(B) * ldd + NR);
   float* dh = scratch(2).get(static_cast<size_t>(B) * nu + VL);
@@ -661,7 +667,7 @@ void gru_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool rev
   unit_range(H, k, n, &u0, &u1);
   const int nu = u1 - u0;
   int npanels;
-  const float* packed = pack_rows_transposed(scratch(0), w, G, u0, nu, &npanels);
+  const float* packed = pack_rows_transposed(scratch(0), w, G, 0, G, u0, nu, &npanels);
   const int ldd = npanels * NR;
   float* dprod = scratch(1).get(static_cast<size_t>(B) * ldd + NR);
   float* dh = scratch(2).get(static_cast<size_t>(B) * nu + VL);
@@ -715,6 +721,167 @@ void gru_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool rev
       for (int u = 0; u < nu; u += VL) {
         const int mm = std::min(VL, nu - u);
         store_n(dhb + u, load_n(pr + u, mm) + load_n(kb + u, mm), mm);
+      }
+    }
+  }
+  for (int b = 0; b < B; ++b) std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
+}
+
+// ---------------------------------------------------------------------------
+// GRU, reset before the matmul (the lectures' form): the candidate's product
+// reads q = r ⊙ h_{t-1} of every unit, so a step has two barriers.
+//   r, u = sigmoid(x w_i{r,u} + h w_h{r,u} + b_{r,u});  q = r h;
+//   n = tanh(x w_in + b_n + q w_hn);  h_t = h + u (n - h)
+// ---------------------------------------------------------------------------
+void gru_before_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
+                               const float* w_ih, const float* bias, const float* w, const float* h0,
+                               const int32_t* lengths, float* act_out, float* q_all, bool save, float* hs,
+                               float* hT) {
+  const int T = d.T, B = d.B, H = d.H, I = d.I, G = 3 * H;
+  int u0, u1;
+  unit_range(H, k, n, &u0, &u1);
+  const int nu = u1 - u0;
+  int np_ru, np_x, np_h;
+  const float* p_ru = pack_columns(scratch(0), w_ih, I, w, H, G, 0, 2, H, u0, nu, &np_ru);
+  const float* p_x = pack_columns(scratch(1), w_ih, I, nullptr, 0, G, 2 * H, 1, H, u0, nu, &np_x);
+  const float* p_h = pack_columns(scratch(2), nullptr, 0, w, H, G, 2 * H, 1, H, u0, nu, &np_h);
+  const int ld_ru = np_ru * NR, ld_x = np_x * NR, ld_h = np_h * NR;
+  float* g_ru = scratch(3).get(static_cast<size_t>(B) * ld_ru + NR);
+  float* g_x = scratch(4).get(static_cast<size_t>(B) * ld_x + NR);
+  float* g_h = scratch(5).get(static_cast<size_t>(B) * ld_h + NR);
+  float* uu_keep = scratch(6).get(static_cast<size_t>(B) * nu + VL);
+  int sense = 0;
+  for (int s = 0; s < T; ++s) {
+    const int t = reverse ? T - 1 - s : s;
+    const int tp = reverse ? t + 1 : t - 1;
+    const float* h_prev = s == 0 ? h0 : hs + static_cast<size_t>(tp) * B * H;
+    const float* x_t = xs + static_cast<size_t>(t) * B * I;
+    float* q = save ? q_all + static_cast<size_t>(t) * B * H : q_all;  // (B, H): this step's r ⊙ h_{t-1}
+    if (nu > 0) {
+      gemm_rows(x_t, I, I, h_prev, H, H, B, p_ru, np_ru, g_ru, ld_ru);
+      gemm_rows(x_t, I, I, nullptr, 0, 0, B, p_x, np_x, g_x, ld_x);
+    }
+    for (int b = 0; b < B && nu > 0; ++b) {
+      const size_t row = static_cast<size_t>(t) * B + b;
+      float* qrow = q + static_cast<size_t>(b) * H + u0;
+      if (t >= lengths[b]) {
+        std::memset(qrow, 0, sizeof(float) * nu);
+        continue;
+      }
+      const float* hp = h_prev + static_cast<size_t>(b) * H + u0;
+      const float* gru = g_ru + static_cast<size_t>(b) * ld_ru;
+      for (int u = 0; u < nu; u += VL) {
+        const int mm = std::min(VL, nu - u);
+        const int gu = u0 + u;
+        const vf r = vsigmoid(load_n(gru + u, mm) + load_n(bias + gu, mm));
+        const vf uu = vsigmoid(load_n(gru + nu + u, mm) + load_n(bias + H + gu, mm));
+        store_n(qrow + u, r * load_n(hp + u, mm), mm);
+        store_n(uu_keep + b * nu + u, uu, mm);
+        if (save) {
+          store_n(act_out + row * G + gu, r, mm);
+          store_n(act_out + row * G + H + gu, uu, mm);
+        }
+      }
+    }
+    barrier.wait(sense);  // all of q_t is written
+    if (nu > 0) gemm_rows(q, H, H, nullptr, 0, 0, B, p_h, np_h, g_h, ld_h);
+    for (int b = 0; b < B && nu > 0; ++b) {
+      const size_t row = static_cast<size_t>(t) * B + b;
+      const float* hp = h_prev + static_cast<size_t>(b) * H + u0;
+      float* hrow = hs + row * H + u0;
+      if (t >= lengths[b]) {  // hold the carry
+        std::memcpy(hrow, hp, sizeof(float) * nu);
+        continue;
+      }
+      const float* gx = g_x + static_cast<size_t>(b) * ld_x;
+      const float* gh = g_h + static_cast<size_t>(b) * ld_h;
+      for (int u = 0; u < nu; u += VL) {
+        const int mm = std::min(VL, nu - u);
+        const int gu = u0 + u;
+        const vf nn = vtanh(load_n(gx + u, mm) + load_n(bias + 2 * H + gu, mm) + load_n(gh + u, mm));
+        const vf uu = load_n(uu_keep + b * nu + u, mm);
+        const vf h = load_n(hp + u, mm);
+        store_n(hrow + u, h + uu * (nn - h), mm);
+        if (save) store_n(act_out + row * G + 2 * H + gu, nn, mm);
+      }
+    }
+    barrier.wait(sense);  // all of h_t is written (and q may be overwritten)
+  }
+  const int tl = reverse ? 0 : T - 1;
+  for (int b = 0; b < B; ++b) {
+    const float* src = T > 0 ? hs + (static_cast<size_t>(tl) * B + b) * H : h0 + static_cast<size_t>(b) * H;
+    std::memcpy(hT + static_cast<size_t>(b) * H + u0, src + u0, sizeof(float) * nu);
+  }
+}
+
+//   dn = dh u;  du = dh (n - h);  dz_n = dn (1 - n²);  dz_u = du u (1 - u);
+//   dq = dz_n w_hnᵀ (every unit's dz_n: first barrier);  dz_r = dq h r (1 - r);
+//   dh_{t-1} = dh (1 - u) + dq r + [dz_r dz_u] w_h{r,u}ᵀ (every unit's dz_r: second barrier).
+void gru_before_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, float* act_dz,
+                                const float* hs, const float* h0, const float* dhs, const float* dhT,
+                                const float* w, const int32_t* lengths, float* dh0) {
+  const int T = d.T, B = d.B, H = d.H, G = 3 * H;
+  int u0, u1;
+  unit_range(H, k, n, &u0, &u1);
+  const int nu = u1 - u0;
+  int np_n, np_ru;
+  const float* p_n = pack_rows_transposed(scratch(0), w, G, 2 * H, H, u0, nu, &np_n);      // w_hn[units, :]ᵀ
+  const float* p_ru = pack_rows_transposed(scratch(1), w, G, 0, 2 * H, u0, nu, &np_ru);    // w_h{r,u}[units, :]ᵀ
+  const int ld_n = np_n * NR, ld_ru = np_ru * NR;
+  float* dq = scratch(2).get(static_cast<size_t>(B) * ld_n + NR);
+  float* dprod = scratch(3).get(static_cast<size_t>(B) * ld_ru + NR);
+  float* dh = scratch(4).get(static_cast<size_t>(B) * nu + VL);
+  float* keep = scratch(5).get(static_cast<size_t>(B) * nu + VL);
+  for (int b = 0; b < B; ++b) std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+  int sense = 0;
+  for (int s = 0; s < T; ++s) {
+    const int t = reverse ? s : T - 1 - s;
+    const bool first = reverse ? t == T - 1 : t == 0;
+    const int tp = reverse ? t + 1 : t - 1;
+    float* a_t = act_dz + static_cast<size_t>(t) * B * G;
+    // Phase 1: dz_u, dz_n, and dh (1 - u); r stays in place for phase 2.
+    for (int b = 0; b < B && nu > 0; ++b) {
+      const size_t row = static_cast<size_t>(t) * B + b;
+      float* a = a_t + static_cast<size_t>(b) * G;
+      if (t >= lengths[b]) {
+        for (int q = 0; q < 3; ++q) std::memset(a + q * H + u0, 0, sizeof(float) * nu);
+        continue;
+      }
+      const float* hp = first ? h0 + static_cast<size_t>(b) * H + u0 : hs + (static_cast<size_t>(tp) * B + b) * H + u0;
+      const float* dht = dhs + row * H + u0;
+      for (int u = 0; u < nu; u += VL) {
+        const int mm = std::min(VL, nu - u);
+        const int gu = u0 + u;
+        const vf uu = load_n(a + H + gu, mm), nn = load_n(a + 2 * H + gu, mm);
+        const vf dhv = load_n(dh + b * nu + u, mm) + load_n(dht + u, mm);
+        store_n(a + H + gu, dhv * (nn - load_n(hp + u, mm)) * uu * (1.0f - uu), mm);
+        store_n(a + 2 * H + gu, dhv * uu * dtanh(nn), mm);
+        store_n(keep + b * nu + u, dhv * (1.0f - uu), mm);
+      }
+    }
+    barrier.wait(sense);  // every unit's dz_n at t is written
+    if (nu > 0) gemm_rows(a_t + 2 * H, G, H, nullptr, 0, 0, B, p_n, np_n, dq, ld_n);
+    for (int b = 0; b < B && nu > 0; ++b) {
+      if (t >= lengths[b]) continue;
+      float* a = a_t + static_cast<size_t>(b) * G;
+      const float* hp = first ? h0 + static_cast<size_t>(b) * H + u0 : hs + (static_cast<size_t>(tp) * B + b) * H + u0;
+      const float* dqb = dq + static_cast<size_t>(b) * ld_n;
+      for (int u = 0; u < nu; u += VL) {
+        const int mm = std::min(VL, nu - u);
+        const int gu = u0 + u;
+        const vf r = load_n(a + gu, mm), dqv = load_n(dqb + u, mm);
+        store_n(a + gu, dqv * load_n(hp + u, mm) * r * (1.0f - r), mm);
+        store_n(keep + b * nu + u, load_n(keep + b * nu + u, mm) + dqv * r, mm);
+      }
+    }
+    barrier.wait(sense);  // every unit's dz_r at t is written
+    if (nu > 0) gemm_rows(a_t, G, 2 * H, nullptr, 0, 0, B, p_ru, np_ru, dprod, ld_ru);
+    for (int b = 0; b < B && nu > 0; ++b) {
+      if (t >= lengths[b]) continue;  // dh passes through unchanged
+      const float* pr = dprod + static_cast<size_t>(b) * ld_ru;
+      for (int u = 0; u < nu; u += VL) {
+        const int mm = std::min(VL, nu - u);
+        store_n(dh + b * nu + u, load_n(pr + u, mm) + load_n(keep + b * nu + u, mm), mm);
       }
     }
   }
@@ -785,7 +952,7 @@ void elman_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool r
   unit_range(H, k, n, &u0, &u1);
   const int nu = u1 - u0;
   int npanels;
-  const float* packed = pack_rows_transposed(scratch(0), w, H, u0, nu, &npanels);
+  const float* packed = pack_rows_transposed(scratch(0), w, H, 0, H, u0, nu, &npanels);
   const int ldd = npanels * NR;
   float* dprod = scratch(1).get(static_cast<size_t>(B) * ldd + NR);
   float* dh = scratch(2).get(static_cast<size_t>(B) * nu + VL);
@@ -976,6 +1143,75 @@ ffi::Error GruBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> ms, ffi:
   return ffi::Error::Success();
 }
 
+ffi::Error GruBeforeForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
+                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::S32> lengths,
+                            ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> qs,
+                            ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> hT, bool reverse, bool save,
+                            int32_t threads, ffi::ThreadPool pool) {
+  const auto xd = xs.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("xs: expected rank 3");
+  const auto hd = h0.dimensions();
+  if (hd.size() != 2) return ffi::Error::InvalidArgument("h0: expected rank 2");
+  const Dims d{static_cast<int>(xd[0]), static_cast<int>(xd[1]), static_cast<int>(hd[1]), static_cast<int>(xd[2])};
+  const int64_t T = d.T, B = d.B, H = d.H, I = d.I;
+  JAXRNN_CHECK(check_dims("w_ih", w_ih.dimensions(), {I, 3 * H}));
+  JAXRNN_CHECK(check_dims("bias", bias.dimensions(), {3 * H}));
+  JAXRNN_CHECK(check_dims("w_hh", w.dimensions(), {H, 3 * H}));
+  JAXRNN_CHECK(check_dims("h0", hd, {B, H}));
+  JAXRNN_CHECK(check_dims("lengths", lengths.dimensions(), {B}));
+  JAXRNN_CHECK(check_dims("hs", hs->dimensions(), {T, B, H}));
+  JAXRNN_CHECK(check_dims("h_T", hT->dimensions(), {B, H}));
+  float* act_p = nullptr;
+  float* q_p = nullptr;
+  std::unique_ptr<float[]> q_step;  // inference: one step's q, shared by the team
+  if (save) {
+    JAXRNN_CHECK(check_dims("a", act->dimensions(), {T * B, 3 * H}));
+    JAXRNN_CHECK(check_dims("q", qs->dimensions(), {T * B, H}));
+    act_p = act->typed_data();
+    q_p = qs->typed_data();
+    advise_huge_pages(act_p, sizeof(float) * T * B * 3 * H);
+    advise_huge_pages(q_p, sizeof(float) * T * B * H);
+  } else {
+    q_step.reset(new float[static_cast<size_t>(B) * H]);
+    q_p = q_step.get();
+  }
+  advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
+  const int n = team_size(d.B, d.H, d.I + d.H, 3, threads, pool);
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H, 3), /*caller_works=*/save, [&](int k, int members, Barrier& barrier) {
+    gru_before_forward_member(k, members, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
+                              w.typed_data(), h0.typed_data(), lengths.typed_data(), act_p, q_p, save,
+                              hs->typed_data(), hT->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GruBeforeBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h0,
+                             ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT, ffi::Buffer<ffi::F32> w,
+                             ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dz,
+                             ffi::ResultBuffer<ffi::F32> dh0, bool reverse, int32_t threads, ffi::ThreadPool pool) {
+  const auto hd = hs.dimensions();
+  if (hd.size() != 3) return ffi::Error::InvalidArgument("hs: expected rank 3");
+  const Dims d{static_cast<int>(hd[0]), static_cast<int>(hd[1]), static_cast<int>(hd[2]), 0};
+  const int64_t T = d.T, B = d.B, H = d.H;
+  JAXRNN_CHECK(check_dims("a", act.dimensions(), {T * B, 3 * H}));
+  JAXRNN_CHECK(check_dims("h0", h0.dimensions(), {B, H}));
+  JAXRNN_CHECK(check_dims("dhs", dhs.dimensions(), {T, B, H}));
+  JAXRNN_CHECK(check_dims("dh_T", dhT.dimensions(), {B, H}));
+  JAXRNN_CHECK(check_dims("w_hh", w.dimensions(), {H, 3 * H}));
+  JAXRNN_CHECK(check_dims("lengths", lengths.dimensions(), {B}));
+  JAXRNN_CHECK(check_dims("dz", dz->dimensions(), {T * B, 3 * H}));
+  if (dz->typed_data() != act.typed_data()) {  // XLA did not alias: start from a copy
+    std::memcpy(dz->typed_data(), act.typed_data(), sizeof(float) * T * B * 3 * H);
+  }
+  const int n = team_size(d.B, d.H, 3 * d.H, 3, threads, pool);
+  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, 3 * d.H, 3), /*caller_works=*/true, [&](int k, int members, Barrier& barrier) {
+    gru_before_backward_member(k, members, barrier, d, reverse, dz->typed_data(), hs.typed_data(), h0.typed_data(),
+                               dhs.typed_data(), dhT.typed_data(), w.typed_data(), lengths.typed_data(),
+                               dh0->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error ElmanForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::S32> lengths,
                         ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> hT, bool reverse, bool save,
@@ -1095,6 +1331,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackward,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz_x (over a)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz_h
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh0
+                                  .Attr<bool>("reverse")
+                                  .Attr<int32_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBeforeForward, GruBeforeForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // a = [r u n]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // q = r h_{t-1}
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h carries
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("save")
+                                  .Attr<int32_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBeforeBackward, GruBeforeBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h carries
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dhs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dz = [dz_r dz_u dz_n] (over a)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("threads")

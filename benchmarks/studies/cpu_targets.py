@@ -7,7 +7,7 @@ benchmarks.studies.lm_cpu``), measures nothing itself, and writes
 threshold, the measured speed-ups (peer time / jaxrnn time, or jaxrnn
 tokens/s over PyTorch's), the worst case, and whether it is met. jaxrnn's
 row of a case is the one ``impl="auto"`` runs on CPU: ``jaxrnn:ffi`` where
-the case has it (float32 LSTM, GRU with reset after, Elman), else
+the case has it (float32 LSTM, GRU, Elman), else
 ``jaxrnn:xla``. Target 6 (compilation) is checked on both of those backends;
 ``jaxrnn:reference`` (plain autodiff through ``lax.scan``, the correctness
 oracle, not a backend ``"auto"`` picks) is reported beside it.
@@ -140,7 +140,7 @@ def markdown(targets, sources) -> str:
         "",
         "Read from " + ", ".join(f"`{s}`" for s in sources) + " (their device, versions, load averages and method "
         "are recorded there). Speed-up = peer time / jaxrnn time (what `impl=\"auto\"` runs on CPU: `jaxrnn:ffi` for "
-        "float32 LSTM, GRU (reset after) and Elman cells, else `jaxrnn:xla`); "
+        "float32 LSTM, GRU and Elman cells, else `jaxrnn:xla`); "
         "for the language model, jaxrnn tokens/s over PyTorch's.",
         "",
         "| target | what | threshold | worst measured | met |",

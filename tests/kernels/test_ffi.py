@@ -1,6 +1,6 @@
 """The ``impl="ffi"`` backend (kernels/ffi.py, kernels/rnn_cpu.cc) against ``impl="reference"``.
 
-Every cell the backend computes (LSTM, GRU with reset="after", Elman with
+Every cell the backend computes (LSTM, GRU with either reset, Elman with
 each activation); shapes chosen to reach every path of the C++ code: one team member and
 several (``threads``), hidden sizes below, at and off multiples of the 16-unit
 blocks, batches off multiples of the 8-row register block, padded rows
@@ -41,6 +41,7 @@ CASES = [(SHAPES[0], None), (SHAPES[1], None), (SHAPES[2], None), (SHAPES[2], 1)
 CELLS = {
     "lstm": jaxrnn.LSTM,
     "gru": lambda H: jaxrnn.GRU(H, reset="after"),
+    "gru-before": lambda H: jaxrnn.GRU(H, reset="before"),
     "elman": jaxrnn.Elman,
     "elman-relu": lambda H: jaxrnn.Elman(H, activation="relu"),
     "elman-linear": lambda H: jaxrnn.Elman(H, activation="linear"),
@@ -80,7 +81,7 @@ def _final_loss(final):
 
 
 @pytest.mark.parametrize("shape, threads", CASES, ids=lambda v: "B{}-T{}-H{}-I{}".format(*v) if isinstance(v, tuple) else f"threads={v}")
-@pytest.mark.parametrize("kind", ["lstm", "gru", "elman"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru-before", "elman"])
 def test_matches_reference(kind, shape, threads):
     cell, params, xs, carry0, lens = _problem(*shape, cell=kind)
     impl = kernels.FFI(threads=threads)
@@ -120,7 +121,7 @@ def test_other_elman_activations_match_reference(kind):
                 assert_close(got, want, scale=4.0, err_msg=f"{kind} {shape} reverse={reverse}")
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "elman"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru-before", "elman"])
 def test_large_buffers_match_xla(kind):
     """Buffers of several MiB (the huge-page advice applies) and the full two-member split.
 
@@ -163,7 +164,7 @@ def test_saturated_gates_count_exactly():
     assert_close(ys, ys_r)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru-before"])
 def test_independent_calls_in_one_program(kind):
     """Two independent recurrences in one jitted program (XLA may run their custom calls at the same
     time, on different threads): each equals the reference (the C++ scratch memory is per thread)."""
@@ -181,7 +182,7 @@ def test_independent_calls_in_one_program(kind):
     assert_close(both("ffi"), both("reference"), scale=2.0)  # summed over both recurrences
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "elman"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru-before", "elman"])
 def test_low_precision_params(kind):
     """Parameters of another float dtype are cast to float32 and get gradients of their own dtype back."""
     cell, params, xs, carry0, _ = _problem(3, 7, 5, 4, cell=kind)
@@ -193,7 +194,7 @@ def test_low_precision_params(kind):
     assert_close(got, want, dtype=jnp.bfloat16)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "elman"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru-before", "elman"])
 def test_vmap_over_parameters(kind):
     """Under ``vmap`` the custom calls run once per mapped element, each equal to the reference."""
     cell, params, xs, carry0, lens = _problem(4, 6, 20, 3, cell=kind)
@@ -207,7 +208,7 @@ def test_vmap_over_parameters(kind):
     assert_close(run("ffi"), run("reference"))
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "elman"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru-before", "elman"])
 def test_empty_sequence_and_batch(kind):
     """``T = 0`` and ``B = 0`` go to the reference: zeros, and the initial carry (and its gradient) back."""
     cell, params, xs, carry0, _ = _problem(3, 7, 5, 4, cell=kind)
@@ -223,7 +224,7 @@ def test_empty_sequence_and_batch(kind):
         assert_close(jax.value_and_grad(loss("ffi"))(c), jax.value_and_grad(loss("reference"))(c))
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "elman"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru-before", "elman"])
 def test_no_retrace_or_recompile(monkeypatch, kind):
     """A second jitted call with equal shapes neither traces the custom calls again nor recompiles."""
     traces = []
@@ -237,7 +238,8 @@ def test_no_retrace_or_recompile(monkeypatch, kind):
 
     jax.block_until_ready(grad(params, xs))
     first = len(traces)
-    assert sorted(set(traces)) == [f"jaxrnn_{kind}_bwd", f"jaxrnn_{kind}_fwd"], traces
+    name = "jaxrnn_" + kind.replace("-", "_")
+    assert sorted(set(traces)) == [f"{name}_bwd", f"{name}_fwd"], traces
     jax.block_until_ready(grad(randomize(params, jax.random.key(9)), xs + 1.0))
     assert len(traces) == first, "the jitted gradient was traced again"
     assert grad._cache_size() == 1, "the jitted gradient was compiled again"
@@ -252,7 +254,7 @@ def test_auto_picks_ffi_for_float32_cells_on_cpu():
     assert resolve("auto", jaxrnn.Elman(8, activation="relu").resolve(jnp.float32)) == on_cpu
     assert resolve("auto", lstm.resolve(jnp.bfloat16)) == "xla"
     assert resolve("auto", jaxrnn.LSTM(8, compute_dtype=jnp.bfloat16).resolve(jnp.float32)) == "xla"
-    assert resolve("auto", jaxrnn.GRU(8).resolve(jnp.float32)) == "xla"  # reset="before": two barriers a step
+    assert resolve("auto", jaxrnn.GRU(8, reset="before").resolve(jnp.float32)) == on_cpu
     assert resolve("auto", lstm.resolve(jnp.float32), "gpu") != "ffi"
     assert resolve("ffi", lstm.resolve(jnp.float32)) == "ffi"
     # What "auto" picks is what runs: equal to impl="ffi" exactly.
@@ -262,8 +264,6 @@ def test_auto_picks_ffi_for_float32_cells_on_cpu():
 
 def test_validation():
     cell, params, xs, carry0, _ = _problem(3, 7, 5, 4)
-    with pytest.raises(ValueError, match="cell: impl='ffi' computes the GRU with reset='after' only, got reset='before'"):
-        jaxrnn.rnn(jaxrnn.GRU(5), jaxrnn.GRU(5).init(jax.random.key(0), 4), xs, impl="ffi")
     gru = jaxrnn.GRU(5, reset="after")
     gru_params = gru.init(jax.random.key(0), 4)
     with pytest.raises(ValueError, match=r"params.b_hn: expected shape \(5,\), got \(4,\)"):
@@ -336,7 +336,7 @@ SHARD_MAP = textwrap.dedent(
     except ImportError:
         from jax.experimental.shard_map import shard_map
     mesh = jax.make_mesh((2,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
-    for cell in (jaxrnn.GRU(20, reset="after"), jaxrnn.Elman(20), jaxrnn.LSTM(20)):
+    for cell in (jaxrnn.GRU(20, reset="after"), jaxrnn.GRU(20), jaxrnn.Elman(20), jaxrnn.LSTM(20)):
         p = cell.init(jax.random.key(0), 3)
         xs = jax.random.normal(jax.random.key(1), (4, 6, 3))
         lengths = jnp.arange(4) % 7

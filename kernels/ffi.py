@@ -426,20 +426,22 @@ _lstm.defvjp(_lstm_fwd, _lstm_bwd)
 
 
 def _gru_forward_call(reverse, threads, w, xs, h0, lengths, save):
+    """The GRU's forward custom call: ``w`` with ``b_hn`` (:class:`_GRUWeights`) is the reset after the matmul,
+    which saves ``a = [r u n]`` and ``m = h_{t-1} W_hn + b_hn``; without (:class:`_Weights`), the reset before,
+    which saves ``a`` and ``q = r ⊙ h_{t-1}``."""
     T, B, _ = xs.shape
     H = w.w_hh.shape[0]
     f32 = jnp.float32
     sd = jax.ShapeDtypeStruct
     outs = (
         sd((T * B, 3 * H) if save else (0,), f32),  # a = [r u n]
-        sd((T * B, H) if save else (0,), f32),  # m = h_{t-1} w_hn + b_hn
+        sd((T * B, H) if save else (0,), f32),  # m (reset after) or q (reset before)
         sd((T, B, H), f32),  # h carries
         sd((B, H), f32),
     )
-    return _call(
-        "jaxrnn_gru_fwd", outs, xs, w.w_ih, w.b, w.w_hh, w.b_hn, h0, lengths,
-        reverse=reverse, save=save, threads=threads,
-    )
+    name = "jaxrnn_gru_fwd" if isinstance(w, _GRUWeights) else "jaxrnn_gru_before_fwd"
+    w_ih, w_hh, b, *b_hn = w
+    return _call(name, outs, xs, w_ih, b, w_hh, *b_hn, h0, lengths, reverse=reverse, save=save, threads=threads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -511,31 +513,14 @@ def _elman_bwd(reverse, threads, activation, saved, cotangents):
 _elman.defvjp(_elman_fwd, _elman_bwd)
 
 
-def _gru_before_forward_call(reverse, threads, w, xs, h0, lengths, save):
-    T, B, _ = xs.shape
-    H = w.w_hh.shape[0]
-    f32 = jnp.float32
-    sd = jax.ShapeDtypeStruct
-    outs = (
-        sd((T * B, 3 * H) if save else (0,), f32),  # a = [r u n]
-        sd((T * B, H) if save else (0,), f32),  # q = r ⊙ h_{t-1}
-        sd((T, B, H), f32),  # h carries
-        sd((B, H), f32),
-    )
-    return _call(
-        "jaxrnn_gru_before_fwd", outs, xs, w.w_ih, w.b, w.w_hh, h0, lengths,
-        reverse=reverse, save=save, threads=threads,
-    )
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _gru_before(reverse, threads, w, xs, h0, lengths):
-    _, _, hs, h_T = _gru_before_forward_call(reverse, threads, w, xs, h0, lengths, save=False)
+    _, _, hs, h_T = _gru_forward_call(reverse, threads, w, xs, h0, lengths, save=False)
     return hs, h_T
 
 
 def _gru_before_fwd(reverse, threads, w, xs, h0, lengths):
-    a, q, hs, h_T = _gru_before_forward_call(reverse, threads, w, xs, h0, lengths, save=True)
+    a, q, hs, h_T = _gru_forward_call(reverse, threads, w, xs, h0, lengths, save=True)
     return (hs, h_T), (w, xs, h0, lengths, a, q, hs)
 
 

@@ -587,6 +587,28 @@ void lstm_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool re
   }
 }
 
+// A member's three GRU products per step, packed, with their outputs:
+// [x | h] [w_ir w_iu; w_hr w_hu] (g_ru), x w_in (g_x) and h w_hn (g_h), kept
+// apart because r scales the last (after the matmul, or before it: then the
+// product reads r ⊙ h). Scratch slots 0-5.
+struct GruProducts {
+  int np_ru, np_x, np_h, ld_ru, ld_x, ld_h;
+  const float *p_ru, *p_x, *p_h;
+  float *g_ru, *g_x, *g_h;
+  GruProducts(const float* w_ih, const float* w, int I, int H, int B, int u0, int nu) {
+    const int G = 3 * H;
+    p_ru = pack_columns(scratch(0), w_ih, I, w, H, G, 0, 2, H, u0, nu, &np_ru);
+    p_x = pack_columns(scratch(1), w_ih, I, nullptr, 0, G, 2 * H, 1, H, u0, nu, &np_x);
+    p_h = pack_columns(scratch(2), nullptr, 0, w, H, G, 2 * H, 1, H, u0, nu, &np_h);
+    ld_ru = np_ru * NR;
+    ld_x = np_x * NR;
+    ld_h = np_h * NR;
+    g_ru = scratch(3).get(static_cast<size_t>(B) * ld_ru + NR);
+    g_x = scratch(4).get(static_cast<size_t>(B) * ld_x + NR);
+    g_h = scratch(5).get(static_cast<size_t>(B) * ld_h + NR);
+  }
+};
+
 // ---------------------------------------------------------------------------
 // GRU, reset after the matmul.
 // ---------------------------------------------------------------------------
@@ -598,15 +620,7 @@ void gru_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reve
   int u0, u1;
   unit_range(H, k, n, &u0, &u1);
   const int nu = u1 - u0;
-  // Three products per step: [x | h] [w_ir w_iu; w_hr w_hu], x w_in and h w_hn (kept apart: r scales the last).
-  int np_ru, np_x, np_h;
-  const float* p_ru = pack_columns(scratch(0), w_ih, I, w, H, G, 0, 2, H, u0, nu, &np_ru);
-  const float* p_x = pack_columns(scratch(1), w_ih, I, nullptr, 0, G, 2 * H, 1, H, u0, nu, &np_x);
-  const float* p_h = pack_columns(scratch(2), nullptr, 0, w, H, G, 2 * H, 1, H, u0, nu, &np_h);
-  const int ld_ru = np_ru * NR, ld_x = np_x * NR, ld_h = np_h * NR;
-  float* g_ru = scratch(3).get(static_cast<size_t>(B) * ld_ru + NR);
-  float* g_x = scratch(4).get(static_cast<size_t>(B) * ld_x + NR);
-  float* g_h = scratch(5).get(static_cast<size_t>(B) * ld_h + NR);
+  const GruProducts p(w_ih, w, I, H, B, u0, nu);
   int sense = 0;
   for (int s = 0; s < T; ++s) {
     const int t = reverse ? T - 1 - s : s;
@@ -614,9 +628,9 @@ void gru_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reve
     const float* h_prev = s == 0 ? h0 : hs + static_cast<size_t>(tp) * B * H;
     const float* x_t = xs + static_cast<size_t>(t) * B * I;
     if (nu > 0) {
-      gemm_rows(x_t, I, I, h_prev, H, H, B, p_ru, np_ru, g_ru, ld_ru);
-      gemm_rows(x_t, I, I, nullptr, 0, 0, B, p_x, np_x, g_x, ld_x);
-      gemm_rows(h_prev, H, H, nullptr, 0, 0, B, p_h, np_h, g_h, ld_h);
+      gemm_rows(x_t, I, I, h_prev, H, H, B, p.p_ru, p.np_ru, p.g_ru, p.ld_ru);
+      gemm_rows(x_t, I, I, nullptr, 0, 0, B, p.p_x, p.np_x, p.g_x, p.ld_x);
+      gemm_rows(h_prev, H, H, nullptr, 0, 0, B, p.p_h, p.np_h, p.g_h, p.ld_h);
     }
     for (int b = 0; b < B && nu > 0; ++b) {
       const size_t row = static_cast<size_t>(t) * B + b;
@@ -626,9 +640,9 @@ void gru_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reve
         std::memcpy(hrow, hp, sizeof(float) * nu);
         continue;
       }
-      const float* gru = g_ru + static_cast<size_t>(b) * ld_ru;
-      const float* gx = g_x + static_cast<size_t>(b) * ld_x;
-      const float* gh = g_h + static_cast<size_t>(b) * ld_h;
+      const float* gru = p.g_ru + static_cast<size_t>(b) * p.ld_ru;
+      const float* gx = p.g_x + static_cast<size_t>(b) * p.ld_x;
+      const float* gh = p.g_h + static_cast<size_t>(b) * p.ld_h;
       for (int u = 0; u < nu; u += VL) {
         const int mm = std::min(VL, nu - u);
         const int gu = u0 + u;
@@ -741,14 +755,7 @@ void gru_before_forward_member(int k, int n, Barrier& barrier, const Dims& d, bo
   int u0, u1;
   unit_range(H, k, n, &u0, &u1);
   const int nu = u1 - u0;
-  int np_ru, np_x, np_h;
-  const float* p_ru = pack_columns(scratch(0), w_ih, I, w, H, G, 0, 2, H, u0, nu, &np_ru);
-  const float* p_x = pack_columns(scratch(1), w_ih, I, nullptr, 0, G, 2 * H, 1, H, u0, nu, &np_x);
-  const float* p_h = pack_columns(scratch(2), nullptr, 0, w, H, G, 2 * H, 1, H, u0, nu, &np_h);
-  const int ld_ru = np_ru * NR, ld_x = np_x * NR, ld_h = np_h * NR;
-  float* g_ru = scratch(3).get(static_cast<size_t>(B) * ld_ru + NR);
-  float* g_x = scratch(4).get(static_cast<size_t>(B) * ld_x + NR);
-  float* g_h = scratch(5).get(static_cast<size_t>(B) * ld_h + NR);
+  const GruProducts p(w_ih, w, I, H, B, u0, nu);
   float* uu_keep = scratch(6).get(static_cast<size_t>(B) * nu + VL);
   int sense = 0;
   for (int s = 0; s < T; ++s) {
@@ -758,8 +765,8 @@ void gru_before_forward_member(int k, int n, Barrier& barrier, const Dims& d, bo
     const float* x_t = xs + static_cast<size_t>(t) * B * I;
     float* q = save ? q_all + static_cast<size_t>(t) * B * H : q_all;  // (B, H): this step's r ⊙ h_{t-1}
     if (nu > 0) {
-      gemm_rows(x_t, I, I, h_prev, H, H, B, p_ru, np_ru, g_ru, ld_ru);
-      gemm_rows(x_t, I, I, nullptr, 0, 0, B, p_x, np_x, g_x, ld_x);
+      gemm_rows(x_t, I, I, h_prev, H, H, B, p.p_ru, p.np_ru, p.g_ru, p.ld_ru);
+      gemm_rows(x_t, I, I, nullptr, 0, 0, B, p.p_x, p.np_x, p.g_x, p.ld_x);
     }
     for (int b = 0; b < B && nu > 0; ++b) {
       const size_t row = static_cast<size_t>(t) * B + b;
@@ -769,7 +776,7 @@ void gru_before_forward_member(int k, int n, Barrier& barrier, const Dims& d, bo
         continue;
       }
       const float* hp = h_prev + static_cast<size_t>(b) * H + u0;
-      const float* gru = g_ru + static_cast<size_t>(b) * ld_ru;
+      const float* gru = p.g_ru + static_cast<size_t>(b) * p.ld_ru;
       for (int u = 0; u < nu; u += VL) {
         const int mm = std::min(VL, nu - u);
         const int gu = u0 + u;
@@ -784,7 +791,7 @@ void gru_before_forward_member(int k, int n, Barrier& barrier, const Dims& d, bo
       }
     }
     barrier.wait(sense);  // all of q_t is written
-    if (nu > 0) gemm_rows(q, H, H, nullptr, 0, 0, B, p_h, np_h, g_h, ld_h);
+    if (nu > 0) gemm_rows(q, H, H, nullptr, 0, 0, B, p.p_h, p.np_h, p.g_h, p.ld_h);
     for (int b = 0; b < B && nu > 0; ++b) {
       const size_t row = static_cast<size_t>(t) * B + b;
       const float* hp = h_prev + static_cast<size_t>(b) * H + u0;
@@ -793,8 +800,8 @@ void gru_before_forward_member(int k, int n, Barrier& barrier, const Dims& d, bo
         std::memcpy(hrow, hp, sizeof(float) * nu);
         continue;
       }
-      const float* gx = g_x + static_cast<size_t>(b) * ld_x;
-      const float* gh = g_h + static_cast<size_t>(b) * ld_h;
+      const float* gx = p.g_x + static_cast<size_t>(b) * p.ld_x;
+      const float* gh = p.g_h + static_cast<size_t>(b) * p.ld_h;
       for (int u = 0; u < nu; u += VL) {
         const int mm = std::min(VL, nu - u);
         const int gu = u0 + u;

@@ -261,11 +261,12 @@ def test_shakespeare_benchmark_tiny_budget(tmp_path, capsys):
     for key in ("val_loss", "config", "seconds", "tokens_per_second", "device", "versions", "curve", "baselines"):
         assert key in result
     assert result["benchmark"] == "shakespeare" and result["config"]["stateful"] and result["config"]["dropout"] == 0.25
-    # the budget: stopped within it (or right after the probe, which always runs its steps, when a loaded machine
-    # spends the budget on the probe), plus one step and the last checkpoint; then at least the probe's steps
+    # the budget: stopped within it (or right after the probe, when a loaded machine spends the budget on the
+    # probe), plus one step and the last checkpoint; fewer steps than the probe's only when the budget ran out
     probe_end = result["curve"][0]["seconds"]
     assert result["seconds"] <= max(0.1 * 60, probe_end) + 5.0
-    assert result["run"]["planned_steps"] >= result["steps"] >= shakespeare.PROBE_STEPS
+    assert result["run"]["planned_steps"] >= result["steps"] >= 1
+    assert result["steps"] >= shakespeare.PROBE_STEPS or result["seconds"] >= 0.1 * 60, result["steps"]
     # val_loss is lm.evaluate of the saved parameters on the whole validation split of the slice
     model, params, metadata = load(tmp_path / "ckpt")
     vocab, train_ids, val_ids = corpus_split(data.DEFAULT_TEXT[:4000])

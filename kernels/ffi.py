@@ -320,12 +320,9 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
     if isinstance(cell, LSTM):
         weights = _Weights(*(params[i].astype(f32) for i in range(3)))
         carries, final = _lstm(*options, weights, xs, LSTMCarry(*carry0), lens)
-    elif isinstance(cell, GRU) and cell.reset == "before":
-        weights = _Weights(*(params[i].astype(f32) for i in range(3)))
-        carries, h_T = _gru_before(*options, weights, xs, carry0.h, lens)
-        final = Carry(h_T)
-    elif isinstance(cell, GRU):
-        weights = _GRUWeights(*(params[i].astype(f32) for i in range(4)))
+    elif isinstance(cell, GRU):  # the weights' type picks the reset (b_hn: after the matmul)
+        kind = _GRUWeights if cell.reset == "after" else _Weights
+        weights = kind(*(params[i].astype(f32) for i in range(len(kind._fields))))
         carries, h_T = _gru(*options, weights, xs, carry0.h, lens)
         final = Carry(h_T)
     else:
@@ -446,29 +443,43 @@ def _gru_forward_call(reverse, threads, w, xs, h0, lengths, save):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _gru(reverse, threads, w, xs, h0, lengths):
+    """The GRU, either reset: ``w`` a :class:`_GRUWeights` (with ``b_hn``) is the reset after the matmul, a
+    :class:`_Weights` the reset before (see :func:`_gru_forward_call`)."""
     _, _, hs, h_T = _gru_forward_call(reverse, threads, w, xs, h0, lengths, save=False)
     return hs, h_T
 
 
 def _gru_fwd(reverse, threads, w, xs, h0, lengths):
-    a, m, hs, h_T = _gru_forward_call(reverse, threads, w, xs, h0, lengths, save=True)
-    return (hs, h_T), (w, xs, h0, lengths, a, m, hs)
+    a, m_or_q, hs, h_T = _gru_forward_call(reverse, threads, w, xs, h0, lengths, save=True)
+    return (hs, h_T), (w, xs, h0, lengths, a, m_or_q, hs)
 
 
 def _gru_bwd(reverse, threads, saved, cotangents):
-    w, xs, h0, lengths, a, m, hs = saved
+    w, xs, h0, lengths, a, m_or_q, hs = saved
     dhs, dh_T = cotangents
-    B, H = h0.shape
+    T, B, I = xs.shape
+    H = h0.shape[-1]
     f32 = jnp.float32
     sd = jax.ShapeDtypeStruct
-    dz_x, dz_h, dh0 = _call(
-        "jaxrnn_gru_bwd", (sd(a.shape, f32), sd(a.shape, f32), sd((B, H), f32)),
-        a, m, hs, h0, dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths,
-        aliases={0: 0}, reverse=reverse, threads=threads,
+    prev = _previous(hs, h0, reverse)
+    cotangents = (dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths)
+    if isinstance(w, _GRUWeights):  # reset after: dz_h = [dz_r dz_u dm] beside dz_x
+        dz_x, dz_h, dh0 = _call(
+            "jaxrnn_gru_bwd", (sd(a.shape, f32), sd(a.shape, f32), sd((B, H), f32)),
+            a, m_or_q, hs, h0, *cotangents, aliases={0: 0}, reverse=reverse, threads=threads,
+        )
+        dw_ih, dw_hh, db, dxs = _input_and_weight_grads(xs, prev, w.w_ih, dz_x, dz_h)
+        return _GRUWeights(dw_ih, dw_hh, db, jnp.sum(dz_h[:, 2 * H:], axis=0)), dxs, dh0, None
+    # Reset before: one dz; the recurrent products are [h_{t-1} w_h{r,u}, q_t w_hn] with q = r ⊙ h_{t-1}.
+    dz, dh0 = _call(
+        "jaxrnn_gru_before_bwd", (sd(a.shape, f32), sd((B, H), f32)),
+        a, hs, h0, *cotangents, aliases={0: 0}, reverse=reverse, threads=threads,
     )
-    dw_ih, dw_hh, db, dxs = _input_and_weight_grads(xs, _previous(hs, h0, reverse), w.w_ih, dz_x, dz_h)
-    db_hn = jnp.sum(dz_h[:, 2 * H:], axis=0)
-    return _GRUWeights(dw_ih, dw_hh, db, db_hn), dxs, dh0, None
+    prev = prev.reshape(T * B, H)
+    dw_hh = jnp.concatenate([prev.T @ dz[:, : 2 * H], m_or_q.T @ dz[:, 2 * H :]], axis=1)
+    dw_ih = xs.reshape(T * B, I).T @ dz
+    dxs = (dz @ w.w_ih.T).reshape(T, B, I)
+    return _Weights(dw_ih, dw_hh, jnp.sum(dz, axis=0)), dxs, dh0, None
 
 
 _gru.defvjp(_gru_fwd, _gru_bwd)
@@ -511,37 +522,3 @@ def _elman_bwd(reverse, threads, activation, saved, cotangents):
 
 
 _elman.defvjp(_elman_fwd, _elman_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _gru_before(reverse, threads, w, xs, h0, lengths):
-    _, _, hs, h_T = _gru_forward_call(reverse, threads, w, xs, h0, lengths, save=False)
-    return hs, h_T
-
-
-def _gru_before_fwd(reverse, threads, w, xs, h0, lengths):
-    a, q, hs, h_T = _gru_forward_call(reverse, threads, w, xs, h0, lengths, save=True)
-    return (hs, h_T), (w, xs, h0, lengths, a, q, hs)
-
-
-def _gru_before_bwd(reverse, threads, saved, cotangents):
-    w, xs, h0, lengths, a, q, hs = saved
-    dhs, dh_T = cotangents
-    T, B, I = xs.shape
-    H = h0.shape[-1]
-    f32 = jnp.float32
-    sd = jax.ShapeDtypeStruct
-    dz, dh0 = _call(
-        "jaxrnn_gru_before_bwd", (sd(a.shape, f32), sd((B, H), f32)),
-        a, hs, h0, dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths,
-        aliases={0: 0}, reverse=reverse, threads=threads,
-    )
-    # The recurrent products: [h_{t-1} w_h{r,u}, q_t w_hn]; the input ones as every cell's.
-    prev = _previous(hs, h0, reverse).reshape(T * B, H)
-    dw_hh = jnp.concatenate([prev.T @ dz[:, : 2 * H], q.T @ dz[:, 2 * H :]], axis=1)
-    dw_ih = xs.reshape(T * B, I).T @ dz
-    dxs = (dz @ w.w_ih.T).reshape(T, B, I)
-    return _Weights(dw_ih, dw_hh, jnp.sum(dz, axis=0)), dxs, dh0, None
-
-
-_gru_before.defvjp(_gru_before_fwd, _gru_before_bwd)

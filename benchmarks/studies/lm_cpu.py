@@ -77,9 +77,18 @@ gradients agree parameter by parameter, and greedy generation (``top_k=1``;
 ``argmax`` in PyTorch) yields the same tokens from the same logits. Without
 PyTorch the study says so and times jaxrnn alone.
 
+What the machine allows is measured, not assumed: both programs do the same
+matmuls (:func:`lm_flops`), so each one's FLOP rate is reported beside the
+float32 matmul ceiling of the run (the fastest large square matmul in JAX,
+at the start and the end), with the **ratio at the ceiling**: PyTorch's time
+over the time the model's matmuls take at that rate, the most any program
+could beat this PyTorch run by. A target above it cannot be met on that
+machine by a faster kernel; only by less work.
+
 Writes ``<out>/lm_cpu.json`` (environment, load averages at the start and
 the end, configuration, per-implementation statistics, ratios, the issue's
-targets with met / not met, the equivalence check) and ``<out>/lm_cpu.md``,
+targets with met / not met, FLOP rates and the ratio at the ceiling, the
+equivalence check) and ``<out>/lm_cpu.md``,
 ``<out>`` being ``benchmarks/results/cpu`` by default; a table on stdout,
 progress on stderr.
 
@@ -95,6 +104,7 @@ import copy
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +133,9 @@ WARMUP = 2
 RTOL = 1e-5
 #: Greedy tokens compared by the equivalence check.
 CHECK_GEN_STEPS = 8
+#: Square matmul sizes whose fastest rate is the run's float32 matmul ceiling (measured at the start and the end).
+CEILING_SIZES = (1024, 2048)
+CEILING_SIZES_QUICK = (256,)
 
 
 def log(message: str) -> None:
@@ -405,6 +418,50 @@ def check_equivalence(module, tokens: np.ndarray, *, lr: float = 2e-3, clip: flo
 
 
 # --------------------------------------------------------------------------
+# The work: matmul FLOPs, and what the machine's matmul rate allows
+# --------------------------------------------------------------------------
+def lm_flops(cfg, *, training: bool, batch: int, steps: int) -> float:
+    """Matmul FLOPs of the language model over ``batch x steps`` tokens (:data:`benchmarks.measure.FLOP_MODEL`).
+
+    Per token, forward: each LSTM layer ``2 * 4H * (I_l + H)`` (``I_0`` the
+    embedding width, ``H`` above; :func:`benchmarks.measure.model_flops`)
+    plus the output layer ``2 * H * V``; training counts each matmul 3 times
+    (forward, input gradient, weight gradient). Embedding lookups, gate
+    math, softmax, sampling and Adam are not counted: both programs do them
+    alike, and they cost little beside the matmuls.
+
+    Example:
+      >>> lm_flops(dict(vocab=65, embed=64, hidden=32, layers=2), training=True, batch=4, steps=16)
+      8663040.0
+    """
+    case = SimpleNamespace(hidden_size=cfg["hidden"], bidirectional=False, num_layers=cfg["layers"],
+                           input_size=cfg["embed"], batch=batch, seq_len=steps, mode="fwdbwd" if training else "fwd")  # fmt: skip
+    output = 2.0 * batch * steps * cfg["hidden"] * cfg["vocab"]
+    return measure.model_flops(case, 4) + (3.0 if training else 1.0) * output
+
+
+def work_bound(result, flops: float, ceiling_flop_s):
+    """Add the FLOP rates of a measured workload (``result`` from :func:`measure_training` / :func:`measure_generation`).
+
+    Sets ``model_flops`` (per call), each implementation's ``flop_per_s``
+    (``model_flops`` over its median) and ``matmul_fraction`` (of
+    ``ceiling_flop_s``), and ``ratio_at_ceiling``: PyTorch's median time
+    over ``model_flops / ceiling_flop_s``, the most any implementation could
+    be faster than this PyTorch run if all its work ran at the large-matmul
+    rate of this machine (``None`` without PyTorch or a ceiling).
+    """
+    result["model_flops"] = flops
+    for name in ("jaxrnn", "torch"):
+        if name in result:
+            rate = flops / result[name]["median_s"]
+            result[name]["flop_per_s"] = rate
+            result[name]["matmul_fraction"] = rate / ceiling_flop_s if ceiling_flop_s else None
+    bound = "torch" in result and ceiling_flop_s
+    result["ratio_at_ceiling"] = result["torch"]["median_s"] / (flops / ceiling_flop_s) if bound else None
+    return result
+
+
+# --------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------
 def time_pair(runs, rounds: int, settle_s: float):
@@ -509,26 +566,37 @@ def _met(target):
 
 
 def rows(record):
-    """``(workload, jaxrnn tokens/s, torch tokens/s, ratio, jaxrnn ms/token, torch ms/token)`` per measurement."""
-    c, out = record["config"], []
-    t = record["training"]
-    out.append((f"training B={c['batch']} T={c['window']}", t["jaxrnn"]["tokens_per_s"], t.get("torch", {}).get("tokens_per_s"),
-                t["ratio"], None, None))  # fmt: skip
-    for g in record["generation"].values():
-        out.append((f"generation B={g['batch']} ({g['length']} tokens)", g["jaxrnn"]["tokens_per_s"],
-                    g.get("torch", {}).get("tokens_per_s"), g["ratio"], g["jaxrnn"]["ms_per_token"],
-                    g.get("torch", {}).get("ms_per_token")))  # fmt: skip
-    return out
+    """Per measurement: ``(workload, jaxrnn tokens/s, torch tokens/s, ratio, jaxrnn ms/token, torch ms/token,
+    jaxrnn GFLOP/s, its fraction of the matmul ceiling, torch GFLOP/s, the ratio at the ceiling)``."""
+    c = record["config"]
+
+    def row(name, result, per_token):
+        j, t = result["jaxrnn"], result.get("torch", {})
+        gflops = lambda r: None if r.get("flop_per_s") is None else r["flop_per_s"] / 1e9  # noqa: E731
+        return (name, j["tokens_per_s"], t.get("tokens_per_s"), result["ratio"],
+                j.get("ms_per_token") if per_token else None, t.get("ms_per_token") if per_token else None,
+                gflops(j), j.get("matmul_fraction"), gflops(t), result.get("ratio_at_ceiling"))  # fmt: skip
+
+    out = [row(f"training B={c['batch']} T={c['window']}", record["training"], False)]
+    return out + [row(f"generation B={g['batch']} ({g['length']} tokens)", g, True) for g in record["generation"].values()]
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
 def table(record) -> str:
     """The short plain-text table printed at the end."""
-    lines = [f"{'workload':<34} {'jaxrnn tok/s':>13} {'torch tok/s':>12} {'ratio':>6} {'jaxrnn ms/tok':>14} {'torch ms/tok':>13}"]
-    for name, tj, tt, r, mj, mt in rows(record):
-        lines.append(f"{name:<34} {_fmt(tj):>13} {_fmt(tt):>12} {_fmt(r, '.2f'):>6} {_fmt(mj, '.3f'):>14} {_fmt(mt, '.3f'):>13}")
+    lines = [f"{'workload':<34} {'jaxrnn tok/s':>13} {'torch tok/s':>12} {'ratio':>6} {'jaxrnn ms/tok':>14} "
+             f"{'torch ms/tok':>13} {'jaxrnn GFLOP/s':>15} {'torch GFLOP/s':>14} {'at ceiling':>11}"]  # fmt: skip
+    for name, tj, tt, r, mj, mt, gj, fj, gt, rc in rows(record):
+        lines.append(f"{name:<34} {_fmt(tj):>13} {_fmt(tt):>12} {_fmt(r, '.2f'):>6} {_fmt(mj, '.3f'):>14} "
+                     f"{_fmt(mt, '.3f'):>13} {_fmt(gj, '.0f') + ' (' + _pct(fj) + ')':>15} {_fmt(gt, '.0f'):>14} "
+                     f"{_fmt(rc, '.2f'):>11}")  # fmt: skip
     tg = record["targets"]
     lines.append(f"targets: training >= {tg['training']['threshold']}x: {_met(tg['training'])}; "
                  f"generation >= {tg['generation']['threshold']}x: {_met(tg['generation'])}")  # fmt: skip
+    lines.append(f"float32 matmul ceiling: {record['matmul_ceiling']['float32']['ceiling_flop_s'] / 1e9:.0f} GFLOP/s")
     lines.append("jaxrnn compilation (excluded): " + ", ".join(f"{k} {v:.2f} s" for k, v in compile_times(record)))
     return "\n".join(lines)
 
@@ -561,14 +629,23 @@ def markdown(record) -> str:
         f"Adam {c['lr']}, clip {c['clip']}; generation: {c['gen_length']} tokens after a 1-token prompt, temperature 1. "
         f"Median of {c['rounds']} (training) / {c['gen_rounds']} (generation) interleaved rounds.",
         "",
-        "| workload | jaxrnn tokens/s | PyTorch tokens/s | ratio | jaxrnn ms/token | PyTorch ms/token |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"Float32 matmul ceiling of this run: {record['matmul_ceiling']['float32']['ceiling_flop_s'] / 1e9:.0f} GFLOP/s "
+        "(the fastest square matmul in JAX, at the start and the end).",
+        "",
+        "| workload | jaxrnn tokens/s | PyTorch tokens/s | ratio | jaxrnn ms/token | PyTorch ms/token "
+        "| jaxrnn GFLOP/s (% ceiling) | PyTorch GFLOP/s | ratio at the ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, tj, tt, r, mj, mt in rows(record):
-        lines.append(f"| {name} | {_fmt(tj)} | {_fmt(tt)} | {_fmt(r, '.2f')} | {_fmt(mj, '.3f')} | {_fmt(mt, '.3f')} |")
+    for name, tj, tt, r, mj, mt, gj, fj, gt, rc in rows(record):
+        lines.append(f"| {name} | {_fmt(tj)} | {_fmt(tt)} | {_fmt(r, '.2f')} | {_fmt(mj, '.3f')} | {_fmt(mt, '.3f')} "
+                     f"| {_fmt(gj, '.0f')} ({_pct(fj)}) | {_fmt(gt, '.0f')} | {_fmt(rc, '.2f')} |")  # fmt: skip
     lines.append("")
+    bounds = {"training": record["training"].get("ratio_at_ceiling")}
+    gen_bounds = [g.get("ratio_at_ceiling") for g in record["generation"].values()]
+    bounds["generation"] = None if None in gen_bounds else min(gen_bounds)
     for key, tg in record["targets"].items():
-        lines.append(f"* target {key}: {tg['description']}: ratio {_fmt(tg['ratio'], '.2f')}, **{_met(tg)}**")
+        bound = "" if bounds[key] is None else f" (at most {bounds[key]:.2f}x with every matmul at the ceiling)"
+        lines.append(f"* target {key}: {tg['description']}: ratio {_fmt(tg['ratio'], '.2f')}, **{_met(tg)}**{bound}")
     lines.append("* jaxrnn compilation (first call minus the median; excluded): "
                  + ", ".join(f"{k} {v:.2f} s" for k, v in compile_times(record)))  # fmt: skip
     if not record["torch"]["available"]:
@@ -579,7 +656,7 @@ def markdown(record) -> str:
             f"{eq['loss_jaxrnn']:.6f} vs {eq['loss_torch']:.6f}, gradients within {eq['grad_rel_error']:.1e}, "
             f"greedy tokens {'identical' if eq['greedy_tokens_equal'] else 'different'})"
         )
-    lines += ["", record["method"], ""]
+    lines += ["", record["method"], "", record["flop_model"], ""]
     return "\n".join(lines)
 
 
@@ -633,6 +710,14 @@ METHOD = (
     "torch.multinomial; tokens/s = batch*length / median call time, ms/token = median / length. Ratio = jaxrnn tokens/s "
     "over PyTorch's."
 )
+FLOP_MODEL = (
+    "Matmul FLOPs per call (lm_flops): per token, 2*4H*(I_l + H) per LSTM layer (I_0 the embedding width) plus "
+    "2*H*V for the output layer; training counts each matmul 3 times (forward, input and weight gradients), "
+    "generation the length + 1 network steps once. FLOP/s = model FLOPs / median time; % of the float32 matmul "
+    "ceiling, the fastest square matmul (1024, 2048) in JAX at the start and the end of the run. 'At the ceiling' is "
+    "PyTorch's median time over model FLOPs / ceiling: the most any program doing these matmuls could beat this "
+    "PyTorch run by, were all of its work to run at the large-matmul rate."
+)
 
 
 def run(cfg, out: str) -> dict:
@@ -659,9 +744,17 @@ def run(cfg, out: str) -> dict:
     def fresh():
         return None if initial is None else copy.deepcopy(initial)
 
+    sizes = CEILING_SIZES_QUICK if cfg["quick"] else CEILING_SIZES
+    log(f"float32 matmul ceiling ({', '.join(f'{n}x{n}' for n in sizes)})")
+    ceiling_start = measure.matmul_ceiling(["float32"], sizes)
     start = time.perf_counter()
     training = measure_training(model, params, fresh(), cfg)
     generation = {f"batch_{b}": measure_generation(model, params, fresh(), cfg, b) for b in cfg["gen_batches"]}
+    ceiling = measure.merge_ceilings(ceiling_start, measure.matmul_ceiling(["float32"], sizes))
+    peak = ceiling["float32"]["ceiling_flop_s"]
+    work_bound(training, lm_flops(cfg, training=True, batch=cfg["batch"], steps=cfg["window"]), peak)
+    for g in generation.values():  # the prompt's step and one per sampled token
+        work_bound(g, lm_flops(cfg, training=False, batch=g["batch"], steps=g["length"] + 1), peak)
     if initial is not None:
         log("checking equal work (same loss, gradients and greedy tokens)")
         batch = random_batches(1, cfg["batch"], cfg["window"], cfg["vocab"], cfg["seed"])[0]
@@ -681,6 +774,8 @@ def run(cfg, out: str) -> dict:
         "config": cfg,
         "torch": torch_info,
         "method": METHOD,
+        "flop_model": FLOP_MODEL,
+        "matmul_ceiling": ceiling,
         "training": training,
         "generation": generation,
         "targets": targets(training, generation),

@@ -92,6 +92,21 @@ def test_quick_run_writes_the_record(tmp_path, capsys):
         assert "compile_s" not in result["torch"]
         assert result["ratio"] == pytest.approx(result["jaxrnn"]["tokens_per_s"] / result["torch"]["tokens_per_s"])
 
+    # The work model, by hand for the quick sizes (V=65, E=64, H=32, 2 layers): per token forward,
+    # 2*128*(64+32) + 2*128*(32+32) + 2*32*65 = 45,120 FLOPs; training counts it 3x over 4*16 tokens,
+    # generation once over (20 + 1) steps per row.
+    ceiling = record["matmul_ceiling"]["float32"]["ceiling_flop_s"]
+    assert ceiling > 0 and record["flop_model"]
+    assert record["training"]["model_flops"] == 3 * 45_120 * 4 * 16
+    assert [g["model_flops"] for g in record["generation"].values()] == [45_120 * 21 * b for b in (1, 4)]
+    for _, result, _ in results:
+        for impl in ("jaxrnn", "torch"):
+            s = result[impl]
+            assert s["flop_per_s"] == pytest.approx(result["model_flops"] / s["median_s"])
+            assert s["matmul_fraction"] == pytest.approx(s["flop_per_s"] / ceiling)
+        assert result["ratio_at_ceiling"] == pytest.approx(result["torch"]["median_s"] * ceiling / result["model_flops"])
+    assert "ratio at the ceiling" in (tmp_path / "lm_cpu.md").read_text()
+
     t = record["targets"]
     assert t["training"]["threshold"] == 1.3 and t["generation"]["threshold"] == 5.0
     assert t["training"]["met"] == (record["training"]["ratio"] >= 1.3)
@@ -109,7 +124,8 @@ def test_without_torch_jaxrnn_alone(tmp_path, monkeypatch):
     assert lm_cpu.main(argv + ["--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "lm_cpu.json").read_text())
     assert record["torch"] == {"available": False, "reason": "torch is not importable (simulated)", "threads": None}
-    assert set(record["training"]) == {"jaxrnn", "ratio"} and record["training"]["ratio"] is None
+    assert set(record["training"]) == {"jaxrnn", "ratio", "model_flops", "ratio_at_ceiling"}
+    assert record["training"]["ratio"] is None and record["training"]["ratio_at_ceiling"] is None
     assert set(record["generation"]) == {"batch_2"} and "torch" not in record["generation"]["batch_2"]
     assert record["targets"]["training"]["met"] is None and record["targets"]["generation"]["met"] is None
     assert record["equivalence"]["ok"] is None

@@ -160,6 +160,8 @@ def markdown(targets, sources) -> str:
             by_batch = t["detail"].get("ratio_by_batch")
             worst = f"{_fmt(t['ratio'])}x" + (
                 " (" + ", ".join(f"batch {b}: {_fmt(r)}x" for b, r in by_batch.items()) + ")" if by_batch else "")
+            if t["detail"].get("ratio_at_ceiling") is not None:  # lm_cpu's bound: every matmul at the machine's rate
+                worst += f"; at most {_fmt(t['detail']['ratio_at_ceiling'])}x at the float32 matmul ceiling"
         lines.append(f"| {t['target']} | {t['description']} | {thr} | {worst} | {'**yes**' if t['met'] else 'no'} |")
     lines += ["", "Per case (speed-ups against PyTorch and flax linen):", ""]
     for t in targets:

@@ -417,4 +417,18 @@ def test_cpu_targets_reads_worst_cases_and_thresholds(tmp_path):
     assert slow["met"] is False and slow["over_1s"] == ["q jaxrnn:ffi"]
     assert cpu_targets.main(["--results", str(tmp_path)]) == 0
     assert (tmp_path / "cpu_targets.md").read_text().count("| 1 |") == 1
+    # The language model's targets, with the bound lm_cpu measured (the ratio were every matmul at the ceiling).
+    lm = {"targets": {
+        "training": {"description": "training", "threshold": 1.3, "ratio": 1.12, "ratio_at_ceiling": 1.9, "met": False},
+        "generation": {"description": "generation", "threshold": 5.0, "ratio": 1.6, "ratio_by_batch": {"1": 13.0, "32": 1.6},
+                       "ratio_at_ceiling": 3.5, "met": False},
+    }}  # fmt: skip
+    with open(tmp_path / "lm_cpu.json", "w") as f:
+        json.dump(lm, f)
+    got = {t["target"]: t for t in cpu_targets.evaluate(str(tmp_path))}
+    assert got["4"]["ratio"] == 1.12 and got["4"]["met"] is False and got["5"]["detail"]["ratio_at_ceiling"] == 3.5
+    assert cpu_targets.main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "cpu_targets.md").read_text()
+    assert "1.12x; at most 1.90x at the float32 matmul ceiling" in text
+    assert "1.60x (batch 1: 13.00x, batch 32: 1.60x); at most 3.50x" in text
     assert cpu_targets.main(["--results", str(tmp_path / "missing")]) == 2

@@ -61,6 +61,10 @@ def test_the_loaded_model_is_the_torch_model():
     np.testing.assert_allclose(np.asarray(logits), expected.numpy(), rtol=RTOL, atol=ATOL)
 
 
+def t_at(record, target):
+    return record["targets"][target]["ratio_at_ceiling"]
+
+
 def test_quick_run_writes_the_record(tmp_path, capsys):
     pytest.importorskip("torch")
     assert lm_cpu.main(["--quick", "--out", str(tmp_path)]) == 0
@@ -106,6 +110,8 @@ def test_quick_run_writes_the_record(tmp_path, capsys):
             assert s["matmul_fraction"] == pytest.approx(s["flop_per_s"] / ceiling)
         assert result["ratio_at_ceiling"] == pytest.approx(result["torch"]["median_s"] * ceiling / result["model_flops"])
     assert "ratio at the ceiling" in (tmp_path / "lm_cpu.md").read_text()
+    assert t_at(record, "training") == record["training"]["ratio_at_ceiling"]
+    assert t_at(record, "generation") == min(g["ratio_at_ceiling"] for g in record["generation"].values())
 
     t = record["targets"]
     assert t["training"]["threshold"] == 1.3 and t["generation"]["threshold"] == 5.0

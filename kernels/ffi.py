@@ -462,18 +462,18 @@ def _gru_bwd(reverse, threads, saved, cotangents):
     f32 = jnp.float32
     sd = jax.ShapeDtypeStruct
     prev = _previous(hs, h0, reverse)
-    cotangents = (dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths)
+    rest = (dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths)  # the operands both backward calls end with
     if isinstance(w, _GRUWeights):  # reset after: dz_h = [dz_r dz_u dm] beside dz_x
         dz_x, dz_h, dh0 = _call(
             "jaxrnn_gru_bwd", (sd(a.shape, f32), sd(a.shape, f32), sd((B, H), f32)),
-            a, m_or_q, hs, h0, *cotangents, aliases={0: 0}, reverse=reverse, threads=threads,
+            a, m_or_q, hs, h0, *rest, aliases={0: 0}, reverse=reverse, threads=threads,
         )
         dw_ih, dw_hh, db, dxs = _input_and_weight_grads(xs, prev, w.w_ih, dz_x, dz_h)
         return _GRUWeights(dw_ih, dw_hh, db, jnp.sum(dz_h[:, 2 * H:], axis=0)), dxs, dh0, None
     # Reset before: one dz; the recurrent products are [h_{t-1} w_h{r,u}, q_t w_hn] with q = r ⊙ h_{t-1}.
     dz, dh0 = _call(
         "jaxrnn_gru_before_bwd", (sd(a.shape, f32), sd((B, H), f32)),
-        a, hs, h0, *cotangents, aliases={0: 0}, reverse=reverse, threads=threads,
+        a, hs, h0, *rest, aliases={0: 0}, reverse=reverse, threads=threads,
     )
     prev = prev.reshape(T * B, H)
     dw_hh = jnp.concatenate([prev.T @ dz[:, : 2 * H], m_or_q.T @ dz[:, 2 * H :]], axis=1)

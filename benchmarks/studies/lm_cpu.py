@@ -716,7 +716,7 @@ FLOP_MODEL = (
     "Matmul FLOPs per call (lm_flops): per token, 2*4H*(I_l + H) per LSTM layer (I_0 the embedding width) plus "
     "2*H*V for the output layer; training counts each matmul 3 times (forward, input and weight gradients), "
     "generation the length + 1 network steps once. FLOP/s = model FLOPs / median time; % of the float32 matmul "
-    "ceiling, the fastest square matmul (1024, 2048) in JAX at the start and the end of the run. 'At the ceiling' is "
+    "ceiling, the fastest square matmul in JAX (CEILING_SIZES; CEILING_SIZES_QUICK with --quick) at the start and the end of the run. 'At the ceiling' is "
     "PyTorch's median time over model FLOPs / ceiling: the most any program doing these matmuls could beat this "
     "PyTorch run by, were all of its work to run at the large-matmul rate."
 )

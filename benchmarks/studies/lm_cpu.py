@@ -748,11 +748,12 @@ def run(cfg, out: str) -> dict:
 
     sizes = CEILING_SIZES_QUICK if cfg["quick"] else CEILING_SIZES
     log(f"float32 matmul ceiling ({', '.join(f'{n}x{n}' for n in sizes)})")
-    ceiling_start = measure.matmul_ceiling(["float32"], sizes)
+    ceiling_s = 0.0 if cfg["quick"] else 1.0  # seconds per size (at least 5 calls)
+    ceiling_start = measure.matmul_ceiling(["float32"], sizes, target_s=ceiling_s)
     start = time.perf_counter()
     training = measure_training(model, params, fresh(), cfg)
     generation = {f"batch_{b}": measure_generation(model, params, fresh(), cfg, b) for b in cfg["gen_batches"]}
-    ceiling = measure.merge_ceilings(ceiling_start, measure.matmul_ceiling(["float32"], sizes))
+    ceiling = measure.merge_ceilings(ceiling_start, measure.matmul_ceiling(["float32"], sizes, target_s=ceiling_s))
     peak = ceiling["float32"]["ceiling_flop_s"]
     work_bound(training, lm_flops(cfg, training=True, batch=cfg["batch"], steps=cfg["window"]), peak)
     for g in generation.values():  # the prompt's step and one per sampled token

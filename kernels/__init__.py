@@ -80,12 +80,17 @@ class FFI:
 
     Attributes:
       threads: the most threads a time loop uses (``None``: every core).
+      split: how those threads share a loop: ``"rows"`` (chunks of the
+        batch, no barrier), ``"units"`` (a team over the hidden units, one
+        barrier per step) or ``"auto"`` (rows when the weights fit one core's
+        cache; see :func:`~jaxrnn.kernels.ffi.rnn_ffi`).
 
     Example:
       >>> ys, carry = jaxrnn.rnn(jaxrnn.LSTM(16), params, xs, impl=FFI(threads=1))
     """
 
     threads: Optional[int] = None
+    split: str = "auto"
     name: ClassVar[str] = "ffi"
 
     def __post_init__(self):
@@ -94,10 +99,12 @@ class FFI:
             not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
         ):
             raise ValueError(f"FFI.threads: expected a positive int or None, got {self.threads!r}")
+        if not isinstance(self.split, str) or self.split not in ffi.SPLITS:
+            raise ValueError(f"FFI.split: expected one of {ffi.SPLITS}, got {self.split!r}")
 
     def __call__(self, cell, params, xs, carry0, lengths, reverse):
 
-        return ffi.rnn_ffi(cell, params, xs, carry0, lengths, reverse, threads=self.threads)
+        return ffi.rnn_ffi(cell, params, xs, carry0, lengths, reverse, threads=self.threads, split=self.split)
 
 
 def _ffi_is_default(cell, platform):

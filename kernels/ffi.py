@@ -72,7 +72,7 @@ from jaxrnn.scan import rnn_reference, vary_like, where_valid
 
 Array = jax.Array
 
-__all__ = ["BuildError", "available", "build", "library_path", "qualifies", "rnn_ffi", "team_stats", "unavailable_reason"]
+__all__ = ["SPLITS", "BuildError", "available", "build", "library_path", "qualifies", "rnn_ffi", "team_stats", "unavailable_reason"]
 
 #: The C++ source of the custom calls (shipped with the package).
 SOURCE = Path(__file__).with_name("rnn_cpu.cc")
@@ -247,7 +247,7 @@ def _shape(x):
     return tuple(np.shape(x))
 
 
-def _check(cell, params, xs, carry0, lengths, threads):
+def _check(cell, params, xs, carry0, lengths, threads, split="auto"):
     check_cell(cell)
     if not qualifies(cell) or jnp.dtype(xs.dtype) != jnp.float32:
         raise ValueError(
@@ -274,9 +274,11 @@ def _check(cell, params, xs, carry0, lengths, threads):
         raise ValueError(f"lengths: expected shape {(B,)}, got {_shape(lengths)}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+    if not isinstance(split, str) or split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
 
 
-def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int] = None):
+def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int] = None, split: str = "auto"):
     """Run an LSTM, GRU or Elman RNN over a sequence with the C++ time loops; custom VJP.
 
     The backend contract of :mod:`jaxrnn.runner` (use it through
@@ -296,6 +298,14 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
       threads: the most threads a time loop uses (``None``: as many as XLA's
         intra-op thread pool has; a small step uses fewer, see ``team_size``
         in ``rnn_cpu.cc``).
+      split: how the threads share a loop. ``"rows"``: each takes chunks of
+        the batch's rows and runs their whole loop alone, with no barrier
+        (rows never meet; every thread reads all of the weights each step);
+        ``"units"``: a team splits the hidden units and meets at a barrier
+        every step (each member keeps its slice of the weights in its cache);
+        ``"auto"`` (default): rows when the weights fit one core's cache
+        (512 KiB: hidden 128 with input 64 for the LSTM) and the batch has at
+        least 16 rows, else units (see ``run_split`` in ``rnn_cpu.cc``).
 
     Returns:
       ``(hs, final_carry)``: ``(T, B, H)`` float32 outputs and the final carry.
@@ -308,7 +318,7 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
       >>> params = cell.init(jax.random.key(0), 8)
       >>> hs, carry = rnn_ffi(cell, params, jnp.ones((10, 4, 8)), cell.zero_carry(4), None, False)
     """
-    _check(cell, params, xs, carry0, lengths, threads)
+    _check(cell, params, xs, carry0, lengths, threads, split)
     T, B = xs.shape[:2]
     if T == 0 or B == 0:
         return rnn_reference(cell, params, xs, carry0, lengths, reverse)
@@ -316,7 +326,7 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
     f32 = jnp.float32
     full = lengths is None
     lens = jnp.full((B,), T, jnp.int32) if full else lengths.astype(jnp.int32)
-    options = (bool(reverse), int(threads or 0))
+    options = (bool(reverse), _Loop(int(threads or 0), SPLITS.index(split)))
     if isinstance(cell, LSTM):
         weights = _Weights(*(params[i].astype(f32) for i in range(3)))
         carries, final = _lstm(*options, weights, xs, LSTMCarry(*carry0), lens)
@@ -331,6 +341,17 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
         final = Carry(h_T)
     hs = carries if full else where_valid(jnp.arange(T, dtype=jnp.int32)[:, None] < lens[None, :], carries)
     return hs, final
+
+
+class _Loop(NamedTuple):
+    """How a call's time loop runs (the custom calls' ``threads`` and ``split`` attributes; hashable)."""
+
+    threads: int  # 0: as many as XLA's intra-op pool has
+    split: int  # 0 auto, 1 hidden units, 2 batch rows (kSplit* in rnn_cpu.cc)
+
+
+#: The ``split`` values of :func:`rnn_ffi`; the index is the custom calls' ``split`` attribute.
+SPLITS = ("auto", "units", "rows")
 
 
 class _Weights(NamedTuple):
@@ -375,7 +396,7 @@ def _call(name, outs, *args, aliases=None, **attrs):
     return vary_like(call(*args, **{k: (np.int32(v) if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in attrs.items()}), args[0])
 
 
-def _forward_call(reverse, threads, w, xs, carry0, lengths, save):
+def _forward_call(reverse, loop, w, xs, carry0, lengths, save):
     T, B, _ = xs.shape
     H = w.w_hh.shape[0]
     f32 = jnp.float32
@@ -389,22 +410,22 @@ def _forward_call(reverse, threads, w, xs, carry0, lengths, save):
     )
     return _call(
         "jaxrnn_lstm_fwd", outs, xs, w.w_ih, w.b, w.w_hh, carry0.h, carry0.c, lengths,
-        reverse=reverse, save=save, threads=threads,
+        reverse=reverse, save=save, **loop._asdict(),
     )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _lstm(reverse, threads, w, xs, carry0, lengths):
-    _, hs, _, h_T, c_T = _forward_call(reverse, threads, w, xs, carry0, lengths, save=False)
+def _lstm(reverse, loop, w, xs, carry0, lengths):
+    _, hs, _, h_T, c_T = _forward_call(reverse, loop, w, xs, carry0, lengths, save=False)
     return hs, LSTMCarry(h_T, c_T)
 
 
-def _lstm_fwd(reverse, threads, w, xs, carry0, lengths):
-    a, hs, cs, h_T, c_T = _forward_call(reverse, threads, w, xs, carry0, lengths, save=True)
+def _lstm_fwd(reverse, loop, w, xs, carry0, lengths):
+    a, hs, cs, h_T, c_T = _forward_call(reverse, loop, w, xs, carry0, lengths, save=True)
     return (hs, LSTMCarry(h_T, c_T)), (w, xs, carry0, lengths, a, hs, cs)
 
 
-def _lstm_bwd(reverse, threads, saved, cotangents):
+def _lstm_bwd(reverse, loop, saved, cotangents):
     w, xs, carry0, lengths, a, hs, cs = saved
     dhs, dfinal = cotangents
     B, H = carry0.h.shape
@@ -413,7 +434,7 @@ def _lstm_bwd(reverse, threads, saved, cotangents):
     dz, dh0, dc0 = _call(
         "jaxrnn_lstm_bwd", (sd(a.shape, f32), sd((B, H), f32), sd((B, H), f32)),
         a, cs, carry0.c, dhs.astype(f32), dfinal.h.astype(f32), dfinal.c.astype(f32), w.w_hh, lengths,
-        aliases={0: 0}, reverse=reverse, threads=threads,
+        aliases={0: 0}, reverse=reverse, **loop._asdict(),
     )
     dw_ih, dw_hh, db, dxs = _input_and_weight_grads(xs, _previous(hs, carry0.h, reverse), w.w_ih, dz, dz)
     return _Weights(dw_ih, dw_hh, db), dxs, LSTMCarry(dh0, dc0), None
@@ -422,7 +443,7 @@ def _lstm_bwd(reverse, threads, saved, cotangents):
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)
 
 
-def _gru_forward_call(reverse, threads, w, xs, h0, lengths, save):
+def _gru_forward_call(reverse, loop, w, xs, h0, lengths, save):
     """The GRU's forward custom call: ``w`` with ``b_hn`` (:class:`_GRUWeights`) is the reset after the matmul,
     which saves ``a = [r u n]`` and ``m = h_{t-1} W_hn + b_hn``; without (:class:`_Weights`), the reset before,
     which saves ``a`` and ``q = r ⊙ h_{t-1}``."""
@@ -438,23 +459,23 @@ def _gru_forward_call(reverse, threads, w, xs, h0, lengths, save):
     )
     name = "jaxrnn_gru_fwd" if isinstance(w, _GRUWeights) else "jaxrnn_gru_before_fwd"
     w_ih, w_hh, b, *b_hn = w
-    return _call(name, outs, xs, w_ih, b, w_hh, *b_hn, h0, lengths, reverse=reverse, save=save, threads=threads)
+    return _call(name, outs, xs, w_ih, b, w_hh, *b_hn, h0, lengths, reverse=reverse, save=save, **loop._asdict())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _gru(reverse, threads, w, xs, h0, lengths):
+def _gru(reverse, loop, w, xs, h0, lengths):
     """The GRU, either reset: ``w`` a :class:`_GRUWeights` (with ``b_hn``) is the reset after the matmul, a
     :class:`_Weights` the reset before (see :func:`_gru_forward_call`)."""
-    _, _, hs, h_T = _gru_forward_call(reverse, threads, w, xs, h0, lengths, save=False)
+    _, _, hs, h_T = _gru_forward_call(reverse, loop, w, xs, h0, lengths, save=False)
     return hs, h_T
 
 
-def _gru_fwd(reverse, threads, w, xs, h0, lengths):
-    a, m_or_q, hs, h_T = _gru_forward_call(reverse, threads, w, xs, h0, lengths, save=True)
+def _gru_fwd(reverse, loop, w, xs, h0, lengths):
+    a, m_or_q, hs, h_T = _gru_forward_call(reverse, loop, w, xs, h0, lengths, save=True)
     return (hs, h_T), (w, xs, h0, lengths, a, m_or_q, hs)
 
 
-def _gru_bwd(reverse, threads, saved, cotangents):
+def _gru_bwd(reverse, loop, saved, cotangents):
     w, xs, h0, lengths, a, m_or_q, hs = saved
     dhs, dh_T = cotangents
     T, B, I = xs.shape
@@ -466,14 +487,14 @@ def _gru_bwd(reverse, threads, saved, cotangents):
     if isinstance(w, _GRUWeights):  # reset after: dz_h = [dz_r dz_u dm] beside dz_x
         dz_x, dz_h, dh0 = _call(
             "jaxrnn_gru_bwd", (sd(a.shape, f32), sd(a.shape, f32), sd((B, H), f32)),
-            a, m_or_q, hs, h0, *rest, aliases={0: 0}, reverse=reverse, threads=threads,
+            a, m_or_q, hs, h0, *rest, aliases={0: 0}, reverse=reverse, **loop._asdict(),
         )
         dw_ih, dw_hh, db, dxs = _input_and_weight_grads(xs, prev, w.w_ih, dz_x, dz_h)
         return _GRUWeights(dw_ih, dw_hh, db, jnp.sum(dz_h[:, 2 * H:], axis=0)), dxs, dh0, None
     # Reset before: one dz; the recurrent products are [h_{t-1} w_h{r,u}, q_t w_hn] with q = r ⊙ h_{t-1}.
     dz, dh0 = _call(
         "jaxrnn_gru_before_bwd", (sd(a.shape, f32), sd((B, H), f32)),
-        a, hs, h0, *rest, aliases={0: 0}, reverse=reverse, threads=threads,
+        a, hs, h0, *rest, aliases={0: 0}, reverse=reverse, **loop._asdict(),
     )
     prev = prev.reshape(T * B, H)
     dw_hh = jnp.concatenate([prev.T @ dz[:, : 2 * H], m_or_q.T @ dz[:, 2 * H :]], axis=1)
@@ -485,28 +506,28 @@ def _gru_bwd(reverse, threads, saved, cotangents):
 _gru.defvjp(_gru_fwd, _gru_bwd)
 
 
-def _elman_forward_call(reverse, threads, activation, w, xs, h0, lengths, save):
+def _elman_forward_call(reverse, loop, activation, w, xs, h0, lengths, save):
     T, B, _ = xs.shape
     H = w.w_hh.shape[0]
     sd = jax.ShapeDtypeStruct
     outs = (sd((T, B, H), jnp.float32), sd((B, H), jnp.float32))
     return _call(
         "jaxrnn_elman_fwd", outs, xs, w.w_ih, w.b, w.w_hh, h0, lengths,
-        reverse=reverse, save=save, activation=activation, threads=threads,
+        reverse=reverse, save=save, activation=activation, **loop._asdict(),
     )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _elman(reverse, threads, activation, w, xs, h0, lengths):
-    return tuple(_elman_forward_call(reverse, threads, activation, w, xs, h0, lengths, save=False))
+def _elman(reverse, loop, activation, w, xs, h0, lengths):
+    return tuple(_elman_forward_call(reverse, loop, activation, w, xs, h0, lengths, save=False))
 
 
-def _elman_fwd(reverse, threads, activation, w, xs, h0, lengths):
-    hs, h_T = _elman_forward_call(reverse, threads, activation, w, xs, h0, lengths, save=True)
+def _elman_fwd(reverse, loop, activation, w, xs, h0, lengths):
+    hs, h_T = _elman_forward_call(reverse, loop, activation, w, xs, h0, lengths, save=True)
     return (hs, h_T), (w, xs, h0, lengths, hs)
 
 
-def _elman_bwd(reverse, threads, activation, saved, cotangents):
+def _elman_bwd(reverse, loop, activation, saved, cotangents):
     w, xs, h0, lengths, hs = saved
     dhs, dh_T = cotangents
     T, B, H = hs.shape
@@ -515,7 +536,7 @@ def _elman_bwd(reverse, threads, activation, saved, cotangents):
     dz, dh0 = _call(
         "jaxrnn_elman_bwd", (sd((T * B, H), f32), sd((B, H), f32)),
         hs, dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths,
-        reverse=reverse, activation=activation, threads=threads,
+        reverse=reverse, activation=activation, **loop._asdict(),
     )
     dw_ih, dw_hh, db, dxs = _input_and_weight_grads(xs, _previous(hs, h0, reverse), w.w_ih, dz, dz)
     return _Weights(dw_ih, dw_hh, db), dxs, dh0, None

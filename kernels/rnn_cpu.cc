@@ -25,13 +25,18 @@
 //
 // Why a custom call: XLA's CPU runtime runs a loop's ops one at a time on one
 // core, and each step of the recurrence is one small matmul and a few
-// elementwise ops. Here a team splits the hidden units: member k owns units
-// [u0, u1), keeps its columns of [w_ih; w_hh] packed in its own cache for all
-// T steps, computes its units' gates and state update, and meets the other
-// members at one barrier per step (the next step's matmul needs all of h_t; in
-// the backward, all of dz_t). The team is the calling thread plus tasks on
-// XLA's intra-op thread pool (see run_on_pool): threads of our own competed
-// for the cores with XLA's idle pool threads and ran up to 2x slower. The
+// elementwise ops. Here the threads of a call split it one of two ways
+// (run_split). When the weights fit one core's cache (the experiments' small
+// models), by batch rows: rows never meet, so a thread takes a chunk of rows
+// and runs its whole loop alone, with no barrier, and a thread that starts
+// late takes the chunks left. Otherwise a team splits the hidden units:
+// member k owns units [u0, u1), keeps its columns of [w_ih; w_hh] packed in
+// its own cache for all T steps, computes its units' gates and state update,
+// and meets the other members at one barrier per step (the next step's matmul
+// needs all of h_t; in the backward, all of dz_t). The threads are the
+// calling thread plus tasks on XLA's intra-op thread pool (see run_on_pool):
+// threads of our own competed for the cores with XLA's idle pool threads and
+// ran up to 2x slower. The
 // forward projects each step's input itself: no (T, B, G) projection is ever
 // stored, and the (T, B, G) arrays it writes (the activations) ask for huge
 // pages before their first touch.
@@ -455,32 +460,159 @@ struct Dims {
   int T, B, H, I;
 };
 
+// The tile of a call's loop one member computes: hidden units [u0, u1) of batch rows [b0, b1).
+struct Part {
+  int u0, u1, b0, b1;
+};
+
+// gemm_rows over the rows [b0, b1) of row-major operands that hold every row of the batch.
+inline void gemm_part(const Part& part, const float* a1, int lda1, int K1, const float* a2, int lda2, int K2,
+                      const float* panels, int npanels, float* c, int ldc) {
+  const size_t b0 = part.b0;
+  gemm_rows(a1 + b0 * lda1, lda1, K1, a2 != nullptr ? a2 + b0 * lda2 : nullptr, lda2, K2, part.b1 - part.b0,
+            panels, npanels, c + b0 * ldc, ldc);
+}
+
+// How a call's loop is split (the ``split`` attribute).
+enum Split : int32_t { kSplitAuto = 0, kSplitUnits = 1, kSplitRows = 2 };
+
+// Rows of the batch never meet: a chunk of rows can run its whole loop, all
+// T steps, alone. When the weights fit one core's cache (a member reads all of
+// them every step), chunks of rows need no barrier at all, and a pool thread
+// that starts late takes what is left instead of stalling a team. Chunks have
+// at least kMinChunkRows rows (one register block of the matmul), and there
+// are up to kChunksPerThread per thread, so that a late thread leaves the
+// early ones work to take.
+constexpr int kMinChunkRows = 8;
+constexpr int kChunksPerThread = 2;
+// Below this much matmul work per call, one thread (scheduling a task costs microseconds).
+constexpr double kMinRowSplitFlops = 2.0e6;
+
+using PartJob = std::function<void(const Part&, Barrier&)>;
+
+struct Chunks {
+  std::atomic<int> next{0};     // the next chunk to take
+  std::atomic<int> done{0};     // chunks finished
+  std::atomic<int> started{0};  // pool tasks started
+  std::atomic<int> workers{0};  // threads that took a chunk
+  int count = 0, B = 0, H = 0;
+  const PartJob* job = nullptr;
+  std::mutex mutex;
+  std::condition_variable cv;
+
+  // Takes and runs chunks until none is left. The job is touched only while a
+  // chunk is unfinished, that is while the caller still waits.
+  void work() {
+    Barrier alone(1);
+    bool counted = false;
+    for (int c = next.fetch_add(1, std::memory_order_acq_rel); c < count;
+         c = next.fetch_add(1, std::memory_order_acq_rel)) {
+      if (!counted) {
+        workers.fetch_add(1, std::memory_order_relaxed);
+        counted = true;
+      }
+      const int b0 = static_cast<int>(static_cast<int64_t>(B) * c / count);
+      const int b1 = static_cast<int>(static_cast<int64_t>(B) * (c + 1) / count);
+      (*job)(Part{0, H, b0, b1}, alone);
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == count) {
+        std::lock_guard<std::mutex> lock(mutex);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+// Runs job over `count` chunks of rows with up to `threads` threads: the caller
+// and threads - 1 pool tasks (caller_works), or `threads` pool tasks that the
+// caller joins only if they have not all started within kQuickJoinUs (as in
+// run_on_pool). A task that starts after the last chunk was taken returns at once.
+void run_row_chunks(ffi::ThreadPool& pool, int threads, int count, int B, int H, bool caller_works,
+                    const PartJob& job) {
+  auto state = std::make_shared<Chunks>();
+  state->count = count;
+  state->B = B;
+  state->H = H;
+  state->job = &job;
+  const int tasks = caller_works ? threads - 1 : threads;
+  for (int i = 0; i < tasks; ++i) {
+    pool.Schedule([state] {
+      state->started.fetch_add(1, std::memory_order_acq_rel);
+      state->work();
+    });
+  }
+  if (!caller_works) {
+    std::unique_lock<std::mutex> lock(state->mutex);
+    state->cv.wait_for(lock, std::chrono::microseconds(kQuickJoinUs),
+                       [&] { return state->started.load(std::memory_order_acquire) >= tasks; });
+  }
+  if (caller_works || state->started.load(std::memory_order_acquire) < tasks) state->work();
+  for (int spins = 0; spins < 4000 && state->done.load(std::memory_order_acquire) < count; ++spins) cpu_relax();
+  {
+    std::unique_lock<std::mutex> lock(state->mutex);
+    state->cv.wait(lock, [&] { return state->done.load(std::memory_order_acquire) >= count; });
+  }
+  team_calls.fetch_add(1, std::memory_order_relaxed);
+  if (state->workers.load(std::memory_order_relaxed) < threads) {
+    short_handed_calls.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+// Runs a call's loop: split by batch rows (run_row_chunks) when the weights
+// fit one member's cache, else by hidden units (team_size and run_on_pool: a
+// team that meets at a barrier every step). K is the depth of the step's
+// matmul (the rows of the packed weights), gates the columns per hidden unit.
+void run_split(ffi::ThreadPool& pool, const Dims& d, int K, int gates, int threads, int32_t split, bool caller_works,
+               const PartJob& job) {
+  int n = static_cast<int>(pool.num_threads());
+  if (threads > 0) n = std::min(n, threads);
+  const double weight_bytes = 4.0 * K * gates * d.H;
+  const double flops = 2.0 * d.T * d.B * K * gates * d.H;
+  const int max_chunks = std::max(1, d.B / kMinChunkRows);
+  const bool rows = split == kSplitRows ||
+                    (split == kSplitAuto && n >= 2 && max_chunks >= 2 && weight_bytes <= kMaxWeightBytesPerMember &&
+                     flops >= kMinRowSplitFlops);
+  if (rows) {
+    const int count = std::min(max_chunks, std::max(1, n) * kChunksPerThread);
+    const int members = std::min(n, count);
+    if (members <= 1) {
+      Barrier alone(1);
+      return job(Part{0, d.H, 0, d.B}, alone);
+    }
+    return run_row_chunks(pool, members, count, d.B, d.H, caller_works, job);
+  }
+  const int members = team_size(d.B, d.H, K, gates, threads, pool);
+  run_on_pool(pool, members, join_wait_us(d.T, d.B, d.H, K, gates), caller_works,
+              [&](int k, int m, Barrier& barrier) {
+                int u0, u1;
+                unit_range(d.H, k, m, &u0, &u1);
+                job(Part{u0, u1, 0, d.B}, barrier);
+              });
+}
+
 // ---------------------------------------------------------------------------
 // Forward.
 // ---------------------------------------------------------------------------
-void lstm_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
+void lstm_forward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
                          const float* w_ih, const float* bias, const float* w, const float* h0, const float* c0,
                          const int32_t* lengths, float* act_out, float* hs, float* cs, float* hT, float* cT) {
   const int T = d.T, B = d.B, H = d.H, I = d.I, G = 4 * H;
   const bool save = act_out != nullptr;
-  int u0, u1;
-  unit_range(H, k, n, &u0, &u1);
-  const int nu = u1 - u0;
+  const int u0 = part.u0, nu = part.u1 - part.u0;
   // This member's columns of [w_ih; w_hh] ((I + H) x 4H; gate-major: [i f g o] over its units).
   int npanels;
   const float* packed = pack_columns(scratch(0), w_ih, I, w, H, G, 0, 4, H, u0, nu, &npanels);
   const int ldg = npanels * NR;
   float* gates = scratch(1).get(static_cast<size_t>(B) * ldg + NR);
   float* c = scratch(2).get(static_cast<size_t>(B) * nu + VL);
-  for (int b = 0; b < B; ++b) std::memcpy(c + b * nu, c0 + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+  for (int b = part.b0; b < part.b1; ++b) std::memcpy(c + b * nu, c0 + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
   int sense = 0;
   for (int s = 0; s < T; ++s) {
     const int t = reverse ? T - 1 - s : s;
     const int tp = reverse ? t + 1 : t - 1;  // the step before, in walking order
     const float* h_prev = s == 0 ? h0 : hs + static_cast<size_t>(tp) * B * H;
     const float* x_t = xs + static_cast<size_t>(t) * B * I;
-    if (nu > 0) gemm_rows(x_t, I, I, h_prev, H, H, B, packed, npanels, gates, ldg);
-    for (int b = 0; b < B && nu > 0; ++b) {
+    if (nu > 0) gemm_part(part, x_t, I, I, h_prev, H, H, packed, npanels, gates, ldg);
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       const bool valid = t < lengths[b];
       const size_t row = (static_cast<size_t>(t) * B + b);
       float* act = save ? act_out + row * G : nullptr;
@@ -516,7 +648,7 @@ void lstm_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool rev
     barrier.wait(sense);
   }
   const int tl = reverse ? 0 : T - 1;
-  for (int b = 0; b < B; ++b) {
+  for (int b = part.b0; b < part.b1; ++b) {
     std::memcpy(hT + static_cast<size_t>(b) * H + u0, T > 0 ? hs + (static_cast<size_t>(tl) * B + b) * H + u0 : h0 + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
     std::memcpy(cT + static_cast<size_t>(b) * H + u0, c + b * nu, sizeof(float) * nu);
   }
@@ -525,20 +657,18 @@ void lstm_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool rev
 // ---------------------------------------------------------------------------
 // Backward.
 // ---------------------------------------------------------------------------
-void lstm_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, float* act_dz,
+void lstm_backward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, float* act_dz,
                           const float* cs, const float* c0, const float* dhs, const float* dhT, const float* dcT,
                           const float* w, const int32_t* lengths, float* dh0, float* dc0) {
   const int T = d.T, B = d.B, H = d.H, G = 4 * H;
-  int u0, u1;
-  unit_range(H, k, n, &u0, &u1);
-  const int nu = u1 - u0;
+  const int u0 = part.u0, nu = part.u1 - part.u0;
   int npanels;
   const float* packed = pack_rows_transposed(scratch(0), w, G, 0, G, u0, nu, &npanels);
   const int ldd = npanels * NR;
   float* dprod = scratch(1).get(static_cast<size_t>(B) * ldd + NR);
   float* dh = scratch(2).get(static_cast<size_t>(B) * nu + VL);
   float* dc = scratch(3).get(static_cast<size_t>(B) * nu + VL);
-  for (int b = 0; b < B; ++b) {
+  for (int b = part.b0; b < part.b1; ++b) {
     std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
     std::memcpy(dc + b * nu, dcT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
   }
@@ -547,7 +677,7 @@ void lstm_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool re
     const int t = reverse ? s : T - 1 - s;  // the forward's order, backwards
     const bool first = reverse ? t == T - 1 : t == 0;
     const int tp = reverse ? t + 1 : t - 1;
-    for (int b = 0; b < B && nu > 0; ++b) {
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       const size_t row = static_cast<size_t>(t) * B + b;
       float* a = act_dz + row * G;
       if (t >= lengths[b]) {  // padding: no gate gradient; the carry's passes through
@@ -575,13 +705,13 @@ void lstm_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool re
       }
     }
     barrier.wait(sense);  // all of dz_t is written
-    if (nu > 0) gemm_rows(act_dz + static_cast<size_t>(t) * B * G, G, G, nullptr, 0, 0, B, packed, npanels, dprod, ldd);
-    for (int b = 0; b < B && nu > 0; ++b) {
+    if (nu > 0) gemm_part(part, act_dz + static_cast<size_t>(t) * B * G, G, G, nullptr, 0, 0, packed, npanels, dprod, ldd);
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       if (t >= lengths[b]) continue;  // dh passes through unchanged
       std::memcpy(dh + b * nu, dprod + static_cast<size_t>(b) * ldd, sizeof(float) * nu);
     }
   }
-  for (int b = 0; b < B; ++b) {
+  for (int b = part.b0; b < part.b1; ++b) {
     std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
     std::memcpy(dc0 + static_cast<size_t>(b) * H + u0, dc + b * nu, sizeof(float) * nu);
   }
@@ -612,14 +742,12 @@ struct GruProducts {
 // ---------------------------------------------------------------------------
 // GRU, reset after the matmul.
 // ---------------------------------------------------------------------------
-void gru_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
+void gru_forward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
                         const float* w_ih, const float* bias, const float* w, const float* b_hn, const float* h0,
                         const int32_t* lengths, float* act_out, float* m_out, float* hs, float* hT) {
   const int T = d.T, B = d.B, H = d.H, I = d.I, G = 3 * H;
   const bool save = act_out != nullptr;
-  int u0, u1;
-  unit_range(H, k, n, &u0, &u1);
-  const int nu = u1 - u0;
+  const int u0 = part.u0, nu = part.u1 - part.u0;
   const GruProducts p(w_ih, w, I, H, B, u0, nu);
   int sense = 0;
   for (int s = 0; s < T; ++s) {
@@ -628,11 +756,11 @@ void gru_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reve
     const float* h_prev = s == 0 ? h0 : hs + static_cast<size_t>(tp) * B * H;
     const float* x_t = xs + static_cast<size_t>(t) * B * I;
     if (nu > 0) {
-      gemm_rows(x_t, I, I, h_prev, H, H, B, p.p_ru, p.np_ru, p.g_ru, p.ld_ru);
-      gemm_rows(x_t, I, I, nullptr, 0, 0, B, p.p_x, p.np_x, p.g_x, p.ld_x);
-      gemm_rows(h_prev, H, H, nullptr, 0, 0, B, p.p_h, p.np_h, p.g_h, p.ld_h);
+      gemm_part(part, x_t, I, I, h_prev, H, H, p.p_ru, p.np_ru, p.g_ru, p.ld_ru);
+      gemm_part(part, x_t, I, I, nullptr, 0, 0, p.p_x, p.np_x, p.g_x, p.ld_x);
+      gemm_part(part, h_prev, H, H, nullptr, 0, 0, p.p_h, p.np_h, p.g_h, p.ld_h);
     }
-    for (int b = 0; b < B && nu > 0; ++b) {
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       const size_t row = static_cast<size_t>(t) * B + b;
       const float* hp = h_prev + static_cast<size_t>(b) * H + u0;
       float* hrow = hs + row * H + u0;
@@ -664,7 +792,7 @@ void gru_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reve
     barrier.wait(sense);
   }
   const int tl = reverse ? 0 : T - 1;
-  for (int b = 0; b < B; ++b) {
+  for (int b = part.b0; b < part.b1; ++b) {
     const float* src = T > 0 ? hs + (static_cast<size_t>(tl) * B + b) * H : h0 + static_cast<size_t>(b) * H;
     std::memcpy(hT + static_cast<size_t>(b) * H + u0, src + u0, sizeof(float) * nu);
   }
@@ -673,26 +801,24 @@ void gru_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reve
 // h_t = h + u (n - h), n = tanh(z_n), z_n = x w_in + b_n + r m, m = h w_hn + b_hn:
 //   dn = dh u;  du = dh (n - h);  dz_n = dn (1 - n²);  dz_r = dz_n m r (1 - r);  dz_u = du u (1 - u);
 //   dm = dz_n r;  dh_{t-1} = dh (1 - u) + [dz_r dz_u dm] w_hhᵀ.
-void gru_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, float* act_dzx,
+void gru_backward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, float* act_dzx,
                          const float* ms, const float* hs, const float* h0, const float* dhs, const float* dhT,
                          const float* w, const int32_t* lengths, float* dzh, float* dh0) {
   const int T = d.T, B = d.B, H = d.H, G = 3 * H;
-  int u0, u1;
-  unit_range(H, k, n, &u0, &u1);
-  const int nu = u1 - u0;
+  const int u0 = part.u0, nu = part.u1 - part.u0;
   int npanels;
   const float* packed = pack_rows_transposed(scratch(0), w, G, 0, G, u0, nu, &npanels);
   const int ldd = npanels * NR;
   float* dprod = scratch(1).get(static_cast<size_t>(B) * ldd + NR);
   float* dh = scratch(2).get(static_cast<size_t>(B) * nu + VL);
   float* keep = scratch(3).get(static_cast<size_t>(B) * nu + VL);  // dh (1 - u): the direct path to h_{t-1}
-  for (int b = 0; b < B; ++b) std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+  for (int b = part.b0; b < part.b1; ++b) std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
   int sense = 0;
   for (int s = 0; s < T; ++s) {
     const int t = reverse ? s : T - 1 - s;
     const bool first = reverse ? t == T - 1 : t == 0;
     const int tp = reverse ? t + 1 : t - 1;
-    for (int b = 0; b < B && nu > 0; ++b) {
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       const size_t row = static_cast<size_t>(t) * B + b;
       float* a = act_dzx + row * G;
       float* zh = dzh + row * G;
@@ -726,8 +852,8 @@ void gru_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool rev
       }
     }
     barrier.wait(sense);  // all of dz_h at t is written
-    if (nu > 0) gemm_rows(dzh + static_cast<size_t>(t) * B * G, G, G, nullptr, 0, 0, B, packed, npanels, dprod, ldd);
-    for (int b = 0; b < B && nu > 0; ++b) {
+    if (nu > 0) gemm_part(part, dzh + static_cast<size_t>(t) * B * G, G, G, nullptr, 0, 0, packed, npanels, dprod, ldd);
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       if (t >= lengths[b]) continue;  // dh passes through unchanged
       const float* pr = dprod + static_cast<size_t>(b) * ldd;
       float* dhb = dh + b * nu;
@@ -738,7 +864,7 @@ void gru_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool rev
       }
     }
   }
-  for (int b = 0; b < B; ++b) std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
+  for (int b = part.b0; b < part.b1; ++b) std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
 }
 
 // ---------------------------------------------------------------------------
@@ -747,14 +873,12 @@ void gru_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool rev
 //   r, u = sigmoid(x w_i{r,u} + h w_h{r,u} + b_{r,u});  q = r h;
 //   n = tanh(x w_in + b_n + q w_hn);  h_t = h + u (n - h)
 // ---------------------------------------------------------------------------
-void gru_before_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
+void gru_before_forward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
                                const float* w_ih, const float* bias, const float* w, const float* h0,
                                const int32_t* lengths, float* act_out, float* q_all, bool save, float* hs,
                                float* hT) {
   const int T = d.T, B = d.B, H = d.H, I = d.I, G = 3 * H;
-  int u0, u1;
-  unit_range(H, k, n, &u0, &u1);
-  const int nu = u1 - u0;
+  const int u0 = part.u0, nu = part.u1 - part.u0;
   const GruProducts p(w_ih, w, I, H, B, u0, nu);
   float* uu_keep = scratch(6).get(static_cast<size_t>(B) * nu + VL);
   int sense = 0;
@@ -765,10 +889,10 @@ void gru_before_forward_member(int k, int n, Barrier& barrier, const Dims& d, bo
     const float* x_t = xs + static_cast<size_t>(t) * B * I;
     float* q = save ? q_all + static_cast<size_t>(t) * B * H : q_all;  // (B, H): this step's r ⊙ h_{t-1}
     if (nu > 0) {
-      gemm_rows(x_t, I, I, h_prev, H, H, B, p.p_ru, p.np_ru, p.g_ru, p.ld_ru);
-      gemm_rows(x_t, I, I, nullptr, 0, 0, B, p.p_x, p.np_x, p.g_x, p.ld_x);
+      gemm_part(part, x_t, I, I, h_prev, H, H, p.p_ru, p.np_ru, p.g_ru, p.ld_ru);
+      gemm_part(part, x_t, I, I, nullptr, 0, 0, p.p_x, p.np_x, p.g_x, p.ld_x);
     }
-    for (int b = 0; b < B && nu > 0; ++b) {
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       const size_t row = static_cast<size_t>(t) * B + b;
       float* qrow = q + static_cast<size_t>(b) * H + u0;
       if (t >= lengths[b]) {
@@ -791,8 +915,8 @@ void gru_before_forward_member(int k, int n, Barrier& barrier, const Dims& d, bo
       }
     }
     barrier.wait(sense);  // all of q_t is written
-    if (nu > 0) gemm_rows(q, H, H, nullptr, 0, 0, B, p.p_h, p.np_h, p.g_h, p.ld_h);
-    for (int b = 0; b < B && nu > 0; ++b) {
+    if (nu > 0) gemm_part(part, q, H, H, nullptr, 0, 0, p.p_h, p.np_h, p.g_h, p.ld_h);
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       const size_t row = static_cast<size_t>(t) * B + b;
       const float* hp = h_prev + static_cast<size_t>(b) * H + u0;
       float* hrow = hs + row * H + u0;
@@ -815,7 +939,7 @@ void gru_before_forward_member(int k, int n, Barrier& barrier, const Dims& d, bo
     barrier.wait(sense);  // all of h_t is written (and q may be overwritten)
   }
   const int tl = reverse ? 0 : T - 1;
-  for (int b = 0; b < B; ++b) {
+  for (int b = part.b0; b < part.b1; ++b) {
     const float* src = T > 0 ? hs + (static_cast<size_t>(tl) * B + b) * H : h0 + static_cast<size_t>(b) * H;
     std::memcpy(hT + static_cast<size_t>(b) * H + u0, src + u0, sizeof(float) * nu);
   }
@@ -824,13 +948,11 @@ void gru_before_forward_member(int k, int n, Barrier& barrier, const Dims& d, bo
 //   dn = dh u;  du = dh (n - h);  dz_n = dn (1 - n²);  dz_u = du u (1 - u);
 //   dq = dz_n w_hnᵀ (every unit's dz_n: first barrier);  dz_r = dq h r (1 - r);
 //   dh_{t-1} = dh (1 - u) + dq r + [dz_r dz_u] w_h{r,u}ᵀ (every unit's dz_r: second barrier).
-void gru_before_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, float* act_dz,
+void gru_before_backward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, float* act_dz,
                                 const float* hs, const float* h0, const float* dhs, const float* dhT,
                                 const float* w, const int32_t* lengths, float* dh0) {
   const int T = d.T, B = d.B, H = d.H, G = 3 * H;
-  int u0, u1;
-  unit_range(H, k, n, &u0, &u1);
-  const int nu = u1 - u0;
+  const int u0 = part.u0, nu = part.u1 - part.u0;
   int np_n, np_ru;
   const float* p_n = pack_rows_transposed(scratch(0), w, G, 2 * H, H, u0, nu, &np_n);      // w_hn[units, :]ᵀ
   const float* p_ru = pack_rows_transposed(scratch(1), w, G, 0, 2 * H, u0, nu, &np_ru);    // w_h{r,u}[units, :]ᵀ
@@ -839,7 +961,7 @@ void gru_before_backward_member(int k, int n, Barrier& barrier, const Dims& d, b
   float* dprod = scratch(3).get(static_cast<size_t>(B) * ld_ru + NR);
   float* dh = scratch(4).get(static_cast<size_t>(B) * nu + VL);
   float* keep = scratch(5).get(static_cast<size_t>(B) * nu + VL);
-  for (int b = 0; b < B; ++b) std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+  for (int b = part.b0; b < part.b1; ++b) std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
   int sense = 0;
   for (int s = 0; s < T; ++s) {
     const int t = reverse ? s : T - 1 - s;
@@ -847,7 +969,7 @@ void gru_before_backward_member(int k, int n, Barrier& barrier, const Dims& d, b
     const int tp = reverse ? t + 1 : t - 1;
     float* a_t = act_dz + static_cast<size_t>(t) * B * G;
     // Phase 1: dz_u, dz_n, and dh (1 - u); r stays in place for phase 2.
-    for (int b = 0; b < B && nu > 0; ++b) {
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       const size_t row = static_cast<size_t>(t) * B + b;
       float* a = a_t + static_cast<size_t>(b) * G;
       if (t >= lengths[b]) {
@@ -867,8 +989,8 @@ void gru_before_backward_member(int k, int n, Barrier& barrier, const Dims& d, b
       }
     }
     barrier.wait(sense);  // every unit's dz_n at t is written
-    if (nu > 0) gemm_rows(a_t + 2 * H, G, H, nullptr, 0, 0, B, p_n, np_n, dq, ld_n);
-    for (int b = 0; b < B && nu > 0; ++b) {
+    if (nu > 0) gemm_part(part, a_t + 2 * H, G, H, nullptr, 0, 0, p_n, np_n, dq, ld_n);
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       if (t >= lengths[b]) continue;
       float* a = a_t + static_cast<size_t>(b) * G;
       const float* hp = first ? h0 + static_cast<size_t>(b) * H + u0 : hs + (static_cast<size_t>(tp) * B + b) * H + u0;
@@ -882,8 +1004,8 @@ void gru_before_backward_member(int k, int n, Barrier& barrier, const Dims& d, b
       }
     }
     barrier.wait(sense);  // every unit's dz_r at t is written
-    if (nu > 0) gemm_rows(a_t, G, 2 * H, nullptr, 0, 0, B, p_ru, np_ru, dprod, ld_ru);
-    for (int b = 0; b < B && nu > 0; ++b) {
+    if (nu > 0) gemm_part(part, a_t, G, 2 * H, nullptr, 0, 0, p_ru, np_ru, dprod, ld_ru);
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       if (t >= lengths[b]) continue;  // dh passes through unchanged
       const float* pr = dprod + static_cast<size_t>(b) * ld_ru;
       for (int u = 0; u < nu; u += VL) {
@@ -892,7 +1014,7 @@ void gru_before_backward_member(int k, int n, Barrier& barrier, const Dims& d, b
       }
     }
   }
-  for (int b = 0; b < B; ++b) std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
+  for (int b = part.b0; b < part.b1; ++b) std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
 }
 
 // ---------------------------------------------------------------------------
@@ -911,13 +1033,11 @@ inline vf activation_deriv(int32_t kind, vf h) {
   return splat(1.0f);
 }
 
-void elman_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, int32_t kind,
+void elman_forward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, int32_t kind,
                           const float* xs, const float* w_ih, const float* bias, const float* w, const float* h0,
                           const int32_t* lengths, float* hs, float* hT) {
   const int T = d.T, B = d.B, H = d.H, I = d.I;
-  int u0, u1;
-  unit_range(H, k, n, &u0, &u1);
-  const int nu = u1 - u0;
+  const int u0 = part.u0, nu = part.u1 - part.u0;
   int npanels;
   const float* packed = pack_columns(scratch(0), w_ih, I, w, H, H, 0, 1, H, u0, nu, &npanels);
   const int ldg = npanels * NR;
@@ -928,8 +1048,8 @@ void elman_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool re
     const int tp = reverse ? t + 1 : t - 1;
     const float* h_prev = s == 0 ? h0 : hs + static_cast<size_t>(tp) * B * H;
     const float* x_t = xs + static_cast<size_t>(t) * B * I;
-    if (nu > 0) gemm_rows(x_t, I, I, h_prev, H, H, B, packed, npanels, gates, ldg);
-    for (int b = 0; b < B && nu > 0; ++b) {
+    if (nu > 0) gemm_part(part, x_t, I, I, h_prev, H, H, packed, npanels, gates, ldg);
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       const size_t row = static_cast<size_t>(t) * B + b;
       float* hrow = hs + row * H + u0;
       if (t >= lengths[b]) {
@@ -945,29 +1065,27 @@ void elman_forward_member(int k, int n, Barrier& barrier, const Dims& d, bool re
     barrier.wait(sense);
   }
   const int tl = reverse ? 0 : T - 1;
-  for (int b = 0; b < B; ++b) {
+  for (int b = part.b0; b < part.b1; ++b) {
     const float* src = T > 0 ? hs + (static_cast<size_t>(tl) * B + b) * H : h0 + static_cast<size_t>(b) * H;
     std::memcpy(hT + static_cast<size_t>(b) * H + u0, src + u0, sizeof(float) * nu);
   }
 }
 
-void elman_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool reverse, int32_t kind,
+void elman_backward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, int32_t kind,
                            const float* hs, const float* dhs, const float* dhT, const float* w,
                            const int32_t* lengths, float* dz, float* dh0) {
   const int T = d.T, B = d.B, H = d.H;
-  int u0, u1;
-  unit_range(H, k, n, &u0, &u1);
-  const int nu = u1 - u0;
+  const int u0 = part.u0, nu = part.u1 - part.u0;
   int npanels;
   const float* packed = pack_rows_transposed(scratch(0), w, H, 0, H, u0, nu, &npanels);
   const int ldd = npanels * NR;
   float* dprod = scratch(1).get(static_cast<size_t>(B) * ldd + NR);
   float* dh = scratch(2).get(static_cast<size_t>(B) * nu + VL);
-  for (int b = 0; b < B; ++b) std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
+  for (int b = part.b0; b < part.b1; ++b) std::memcpy(dh + b * nu, dhT + static_cast<size_t>(b) * H + u0, sizeof(float) * nu);
   int sense = 0;
   for (int s = 0; s < T; ++s) {
     const int t = reverse ? s : T - 1 - s;
-    for (int b = 0; b < B && nu > 0; ++b) {
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       const size_t row = static_cast<size_t>(t) * B + b;
       float* z = dz + row * H + u0;
       if (t >= lengths[b]) {
@@ -983,13 +1101,13 @@ void elman_backward_member(int k, int n, Barrier& barrier, const Dims& d, bool r
       }
     }
     barrier.wait(sense);  // all of dz_t is written
-    if (nu > 0) gemm_rows(dz + static_cast<size_t>(t) * B * H, H, H, nullptr, 0, 0, B, packed, npanels, dprod, ldd);
-    for (int b = 0; b < B && nu > 0; ++b) {
+    if (nu > 0) gemm_part(part, dz + static_cast<size_t>(t) * B * H, H, H, nullptr, 0, 0, packed, npanels, dprod, ldd);
+    for (int b = part.b0; b < part.b1 && nu > 0; ++b) {
       if (t >= lengths[b]) continue;
       std::memcpy(dh + b * nu, dprod + static_cast<size_t>(b) * ldd, sizeof(float) * nu);
     }
   }
-  for (int b = 0; b < B; ++b) std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
+  for (int b = part.b0; b < part.b1; ++b) std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
 }
 
 ffi::Error check_dims(const char* what, ffi::Span<const int64_t> dims, std::initializer_list<int64_t> expected) {
@@ -1014,7 +1132,7 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi
                        ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> hs,
                        ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hT,
                        ffi::ResultBuffer<ffi::F32> cT, bool reverse, bool save, int32_t threads,
-                       ffi::ThreadPool pool) {
+                       int32_t split, ffi::ThreadPool pool) {
   const auto xd = xs.dimensions();
   if (xd.size() != 3) return ffi::Error::InvalidArgument("xs: expected rank 3");
   const auto hd = h0.dimensions();
@@ -1041,9 +1159,8 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi
     advise_huge_pages(cs_p, sizeof(float) * T * B * H);
   }
   advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
-  const int n = team_size(d.B, d.H, d.I + d.H, 4, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H, 4), /*caller_works=*/save, [&](int k, int members, Barrier& barrier) {
-    lstm_forward_member(k, members, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
+  run_split(pool, d, d.I + d.H, 4, threads, split, /*caller_works=*/save, [&](const Part& part, Barrier& barrier) {
+    lstm_forward_member(part, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
                         w.typed_data(), h0.typed_data(), c0.typed_data(), lengths.typed_data(), act_p,
                         hs->typed_data(), cs_p, hT->typed_data(), cT->typed_data());
   });
@@ -1054,7 +1171,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi
                         ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT, ffi::Buffer<ffi::F32> dcT,
                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dz,
                         ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0, bool reverse,
-                        int32_t threads, ffi::ThreadPool pool) {
+                        int32_t threads, int32_t split, ffi::ThreadPool pool) {
   const auto cd = cs.dimensions();
   if (cd.size() != 3) return ffi::Error::InvalidArgument("cs: expected rank 3");
   const Dims d{static_cast<int>(cd[0]), static_cast<int>(cd[1]), static_cast<int>(cd[2]), 0};
@@ -1071,9 +1188,8 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi
   if (dz->typed_data() != act.typed_data()) {  // XLA did not alias: start from a copy
     std::memcpy(dz->typed_data(), act.typed_data(), sizeof(float) * T * B * 4 * H);
   }
-  const int n = team_size(d.B, d.H, 4 * d.H, 4, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, 4 * d.H, 4), /*caller_works=*/true, [&](int k, int members, Barrier& barrier) {
-    lstm_backward_member(k, members, barrier, d, reverse, dz->typed_data(), cs.typed_data(), c0.typed_data(),
+  run_split(pool, d, 4 * d.H, 4, threads, split, /*caller_works=*/true, [&](const Part& part, Barrier& barrier) {
+    lstm_backward_member(part, barrier, d, reverse, dz->typed_data(), cs.typed_data(), c0.typed_data(),
                          dhs.typed_data(), dhT.typed_data(), dcT.typed_data(), w.typed_data(),
                          lengths.typed_data(), dh0->typed_data(), dc0->typed_data());
   });
@@ -1084,7 +1200,7 @@ ffi::Error GruForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi:
                       ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b_hn, ffi::Buffer<ffi::F32> h0,
                       ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> ms,
                       ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> hT, bool reverse, bool save,
-                      int32_t threads, ffi::ThreadPool pool) {
+                      int32_t threads, int32_t split, ffi::ThreadPool pool) {
   const auto xd = xs.dimensions();
   if (xd.size() != 3) return ffi::Error::InvalidArgument("xs: expected rank 3");
   const auto hd = h0.dimensions();
@@ -1110,9 +1226,8 @@ ffi::Error GruForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi:
     advise_huge_pages(m_p, sizeof(float) * T * B * H);
   }
   advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
-  const int n = team_size(d.B, d.H, d.I + d.H, 3, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H, 3), /*caller_works=*/save, [&](int k, int members, Barrier& barrier) {
-    gru_forward_member(k, members, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
+  run_split(pool, d, d.I + d.H, 3, threads, split, /*caller_works=*/save, [&](const Part& part, Barrier& barrier) {
+    gru_forward_member(part, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
                        w.typed_data(), b_hn.typed_data(), h0.typed_data(), lengths.typed_data(), act_p, m_p,
                        hs->typed_data(), hT->typed_data());
   });
@@ -1123,7 +1238,7 @@ ffi::Error GruBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> ms, ffi:
                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT,
                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dzx,
                        ffi::ResultBuffer<ffi::F32> dzh, ffi::ResultBuffer<ffi::F32> dh0, bool reverse,
-                       int32_t threads, ffi::ThreadPool pool) {
+                       int32_t threads, int32_t split, ffi::ThreadPool pool) {
   const auto hd = hs.dimensions();
   if (hd.size() != 3) return ffi::Error::InvalidArgument("hs: expected rank 3");
   const Dims d{static_cast<int>(hd[0]), static_cast<int>(hd[1]), static_cast<int>(hd[2]), 0};
@@ -1141,9 +1256,8 @@ ffi::Error GruBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> ms, ffi:
     std::memcpy(dzx->typed_data(), act.typed_data(), sizeof(float) * T * B * 3 * H);
   }
   advise_huge_pages(dzh->typed_data(), sizeof(float) * T * B * 3 * H);
-  const int n = team_size(d.B, d.H, 3 * d.H, 3, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, 3 * d.H, 3), /*caller_works=*/true, [&](int k, int members, Barrier& barrier) {
-    gru_backward_member(k, members, barrier, d, reverse, dzx->typed_data(), ms.typed_data(), hs.typed_data(),
+  run_split(pool, d, 3 * d.H, 3, threads, split, /*caller_works=*/true, [&](const Part& part, Barrier& barrier) {
+    gru_backward_member(part, barrier, d, reverse, dzx->typed_data(), ms.typed_data(), hs.typed_data(),
                         h0.typed_data(), dhs.typed_data(), dhT.typed_data(), w.typed_data(), lengths.typed_data(),
                         dzh->typed_data(), dh0->typed_data());
   });
@@ -1154,7 +1268,7 @@ ffi::Error GruBeforeForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih
                             ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::S32> lengths,
                             ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> qs,
                             ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> hT, bool reverse, bool save,
-                            int32_t threads, ffi::ThreadPool pool) {
+                            int32_t threads, int32_t split, ffi::ThreadPool pool) {
   const auto xd = xs.dimensions();
   if (xd.size() != 3) return ffi::Error::InvalidArgument("xs: expected rank 3");
   const auto hd = h0.dimensions();
@@ -1183,9 +1297,8 @@ ffi::Error GruBeforeForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih
     q_p = q_step.get();
   }
   advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
-  const int n = team_size(d.B, d.H, d.I + d.H, 3, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H, 3), /*caller_works=*/save, [&](int k, int members, Barrier& barrier) {
-    gru_before_forward_member(k, members, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
+  run_split(pool, d, d.I + d.H, 3, threads, split, /*caller_works=*/save, [&](const Part& part, Barrier& barrier) {
+    gru_before_forward_member(part, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
                               w.typed_data(), h0.typed_data(), lengths.typed_data(), act_p, q_p, save,
                               hs->typed_data(), hT->typed_data());
   });
@@ -1195,7 +1308,7 @@ ffi::Error GruBeforeForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih
 ffi::Error GruBeforeBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h0,
                              ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT, ffi::Buffer<ffi::F32> w,
                              ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dz,
-                             ffi::ResultBuffer<ffi::F32> dh0, bool reverse, int32_t threads, ffi::ThreadPool pool) {
+                             ffi::ResultBuffer<ffi::F32> dh0, bool reverse, int32_t threads, int32_t split, ffi::ThreadPool pool) {
   const auto hd = hs.dimensions();
   if (hd.size() != 3) return ffi::Error::InvalidArgument("hs: expected rank 3");
   const Dims d{static_cast<int>(hd[0]), static_cast<int>(hd[1]), static_cast<int>(hd[2]), 0};
@@ -1210,9 +1323,8 @@ ffi::Error GruBeforeBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> hs
   if (dz->typed_data() != act.typed_data()) {  // XLA did not alias: start from a copy
     std::memcpy(dz->typed_data(), act.typed_data(), sizeof(float) * T * B * 3 * H);
   }
-  const int n = team_size(d.B, d.H, 3 * d.H, 3, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, 3 * d.H, 3), /*caller_works=*/true, [&](int k, int members, Barrier& barrier) {
-    gru_before_backward_member(k, members, barrier, d, reverse, dz->typed_data(), hs.typed_data(), h0.typed_data(),
+  run_split(pool, d, 3 * d.H, 3, threads, split, /*caller_works=*/true, [&](const Part& part, Barrier& barrier) {
+    gru_before_backward_member(part, barrier, d, reverse, dz->typed_data(), hs.typed_data(), h0.typed_data(),
                                dhs.typed_data(), dhT.typed_data(), w.typed_data(), lengths.typed_data(),
                                dh0->typed_data());
   });
@@ -1222,7 +1334,7 @@ ffi::Error GruBeforeBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> hs
 ffi::Error ElmanForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::S32> lengths,
                         ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> hT, bool reverse, bool save,
-                        int32_t activation, int32_t threads, ffi::ThreadPool pool) {
+                        int32_t activation, int32_t threads, int32_t split, ffi::ThreadPool pool) {
   const auto xd = xs.dimensions();
   if (xd.size() != 3) return ffi::Error::InvalidArgument("xs: expected rank 3");
   const auto hd = h0.dimensions();
@@ -1238,9 +1350,8 @@ ffi::Error ElmanForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ff
   JAXRNN_CHECK(check_dims("hs", hs->dimensions(), {T, B, H}));
   JAXRNN_CHECK(check_dims("h_T", hT->dimensions(), {B, H}));
   advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
-  const int n = team_size(d.B, d.H, d.I + d.H, 1, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.I + d.H, 1), /*caller_works=*/save, [&](int k, int members, Barrier& barrier) {
-    elman_forward_member(k, members, barrier, d, reverse, activation, xs.typed_data(), w_ih.typed_data(),
+  run_split(pool, d, d.I + d.H, 1, threads, split, /*caller_works=*/save, [&](const Part& part, Barrier& barrier) {
+    elman_forward_member(part, barrier, d, reverse, activation, xs.typed_data(), w_ih.typed_data(),
                          bias.typed_data(), w.typed_data(), h0.typed_data(), lengths.typed_data(), hs->typed_data(),
                          hT->typed_data());
   });
@@ -1250,7 +1361,7 @@ ffi::Error ElmanForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ff
 ffi::Error ElmanBackward(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT,
                          ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dz,
                          ffi::ResultBuffer<ffi::F32> dh0, bool reverse, int32_t activation, int32_t threads,
-                         ffi::ThreadPool pool) {
+                         int32_t split, ffi::ThreadPool pool) {
   const auto hd = hs.dimensions();
   if (hd.size() != 3) return ffi::Error::InvalidArgument("hs: expected rank 3");
   if (activation < kTanh || activation > kLinear) return ffi::Error::InvalidArgument("activation: expected 0, 1 or 2");
@@ -1262,9 +1373,8 @@ ffi::Error ElmanBackward(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs, ff
   JAXRNN_CHECK(check_dims("lengths", lengths.dimensions(), {B}));
   JAXRNN_CHECK(check_dims("dz", dz->dimensions(), {T * B, H}));
   advise_huge_pages(dz->typed_data(), sizeof(float) * T * B * H);
-  const int n = team_size(d.B, d.H, d.H, 1, threads, pool);
-  run_on_pool(pool, n, join_wait_us(d.T, d.B, d.H, d.H, 1), /*caller_works=*/true, [&](int k, int members, Barrier& barrier) {
-    elman_backward_member(k, members, barrier, d, reverse, activation, hs.typed_data(), dhs.typed_data(),
+  run_split(pool, d, d.H, 1, threads, split, /*caller_works=*/true, [&](const Part& part, Barrier& barrier) {
+    elman_backward_member(part, barrier, d, reverse, activation, hs.typed_data(), dhs.typed_data(),
                           dhT.typed_data(), w.typed_data(), lengths.typed_data(), dz->typed_data(), dh0->typed_data());
   });
   return ffi::Error::Success();
@@ -1289,6 +1399,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForward,
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("save")
                                   .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("split")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackward,
@@ -1306,6 +1417,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dc0
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("split")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruForward, GruForward,
@@ -1324,6 +1436,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruForward, GruForward,
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("save")
                                   .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("split")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackward,
@@ -1341,6 +1454,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("split")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBeforeForward, GruBeforeForward,
@@ -1358,6 +1472,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBeforeForward, GruBeforeForward,
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("save")
                                   .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("split")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBeforeBackward, GruBeforeBackward,
@@ -1373,6 +1488,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBeforeBackward, GruBeforeBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("split")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanForward, ElmanForward,
@@ -1389,6 +1505,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanForward, ElmanForward,
                                   .Attr<bool>("save")
                                   .Attr<int32_t>("activation")
                                   .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("split")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanBackward, ElmanBackward,
@@ -1403,6 +1520,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanBackward, ElmanBackward,
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("activation")
                                   .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("split")
                                   .Ctx<ffi::ThreadPool>());
 
 // [calls that formed a team, calls that ran short-handed] since the library was loaded.

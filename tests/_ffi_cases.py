@@ -22,10 +22,19 @@ if REASON is not None and os.environ.get("JAXRNN_REQUIRE_FFI") == "1":
 requires_ffi = pytest.mark.skipif(REASON is not None, reason=f"C++ kernel unavailable: {REASON}")
 
 # (B, T, H, I): one member (H < 16); 3 blocks of 16 units with a partial last block and
-# 17 rows (two 8-row blocks and a 1-row tail); steps large enough for two members in both loops of
-# every cell (at least 0.7 MFLOP, see team_size in rnn_cpu.cc), and that shape again on one thread.
+# 17 rows (two 8-row blocks and a 1-row tail; too little work to split on its own); steps large
+# enough for two members in both loops of every cell (at least 0.7 MFLOP, see team_size in rnn_cpu.cc).
 SHAPES = [(3, 7, 5, 4), (17, 6, 40, 6), (24, 5, 128, 16)]
-CASES = [(SHAPES[0], None), (SHAPES[1], None), (SHAPES[2], None), (SHAPES[2], 1)]
+# (shape, kernels.FFI options). "auto" splits the third shape by rows (its weights fit a core's cache:
+# three 8-row chunks over two threads); the units case runs it as a team at a barrier per step, and the
+# forced rows case splits 17 rows into chunks of 8 and 9.
+CASES = [
+    (SHAPES[0], {}),
+    (SHAPES[1], {}),
+    (SHAPES[1], {"split": "rows"}),
+    (SHAPES[2], {}),
+    (SHAPES[2], {"split": "units"}),
+]
 
 CELLS = {
     "lstm": jaxrnn.LSTM,

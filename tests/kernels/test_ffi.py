@@ -2,7 +2,7 @@
 
 Every cell the backend computes (LSTM, GRU with either reset, Elman with
 each activation); shapes chosen to reach every path of the C++ code: one team member and
-several (``threads``), hidden sizes below, at and off multiples of the 16-unit
+several, splitting the hidden units or the batch's rows (``split``), hidden sizes below, at and off multiples of the 16-unit
 blocks, batches off multiples of the 8-row register block, padded rows
 (lengths 0 and T) in both directions, buffers large enough for the huge-page
 advice. Outputs, final carries and the VJP w.r.t. every parameter, ``xs`` and
@@ -28,18 +28,24 @@ from jaxrnn.kernels import ffi
 pytestmark = requires_ffi
 
 
-@pytest.mark.parametrize("shape, threads", CASES, ids=lambda v: "B{}-T{}-H{}-I{}".format(*v) if isinstance(v, tuple) else f"threads={v}")
+def _case_id(v):
+    if isinstance(v, tuple):
+        return "B{}-T{}-H{}-I{}".format(*v)
+    return ",".join(f"{k}={o}" for k, o in v.items()) or "auto"
+
+
+@pytest.mark.parametrize("shape, options", CASES, ids=_case_id)
 @pytest.mark.parametrize("kind", ["lstm", "gru", "gru-before", "elman"])
-def test_matches_reference(kind, shape, threads):
+def test_matches_reference(kind, shape, options):
     cell, params, xs, carry0, lens = problem(*shape, cell=kind)
-    impl = kernels.FFI(threads=threads)
+    impl = kernels.FFI(**options)
     teams_before = ffi.team_stats()["team_calls"]
     # Padding and direction: every combination on the two-member shape; two complementary ones on the others.
     variants = {SHAPES[0]: [(None, False), (lens, True)], SHAPES[1]: [(lens, False), (None, True)]}.get(
         shape, [(None, False), (lens, False), (None, True), (lens, True)]
     )
     for lengths, reverse in variants:
-        msg = f"{shape} threads={threads} lengths={lengths is not None} reverse={reverse}"
+        msg = f"{shape} {options} lengths={lengths is not None} reverse={reverse}"
         args = (cell, params, xs, carry0, lengths, reverse, jax.random.key(7))
         ys, final, grads, plain = outputs_and_vjp(impl, *args)
         ys_r, final_r, grads_r, _ = outputs_and_vjp("reference", *args)
@@ -58,7 +64,7 @@ def test_matches_reference(kind, shape, threads):
         if lengths is not None:  # padded steps output exact zeros
             mask = np.arange(xs.shape[1])[None, :] < np.asarray(lens)[:, None]
             assert not np.any(np.asarray(ys)[~mask])
-    if shape == SHAPES[2] and threads is None and (os.cpu_count() or 1) >= 2:
+    if shape == SHAPES[2] and (os.cpu_count() or 1) >= 2:
         # Every call formed a team (4 variants x the forward with saves, the backward, the plain forward).
         assert ffi.team_stats()["team_calls"] - teams_before >= 12
 

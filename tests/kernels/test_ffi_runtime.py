@@ -143,6 +143,10 @@ def test_validation():
         ffi.rnn_ffi(resolved, params, time_major, carry0, jnp.zeros((4,), jnp.int32), False)
     with pytest.raises(ValueError, match=r"threads: expected a positive int or None, got -1"):
         ffi.rnn_ffi(resolved, params, time_major, carry0, None, False, threads=-1)
+    with pytest.raises(ValueError, match=r"FFI.split: expected one of \('auto', 'units', 'rows'\), got 'batch'"):
+        kernels.FFI(split="batch")
+    with pytest.raises(ValueError, match=r"split: expected one of \('auto', 'units', 'rows'\), got None"):
+        ffi.rnn_ffi(resolved, params, time_major, carry0, None, False, split=None)
 
 
 def test_library_cache_key():

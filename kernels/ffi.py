@@ -3,10 +3,12 @@ r"""The ``impl="ffi"`` backend: the time loops of the LSTM, GRU and Elman RNN as
 XLA's CPU runtime runs the ops of a loop one at a time, and a step of the
 recurrence is a small matmul plus a few elementwise ops: the ``xla`` backend
 keeps one core busy per step and pays a dispatch per op. This backend runs
-each time loop as one XLA FFI custom call (``kernels/rnn_cpu.cc``) in which a
-team (the calling thread and tasks on XLA's intra-op thread pool) splits the
-hidden units, keeps its slice of the weights in cache for all steps, and meets
-at one barrier per step. The surrounding work
+each time loop as one XLA FFI custom call (``kernels/rnn_cpu.cc``) whose
+threads (the calling thread and tasks on XLA's intra-op thread pool) split it
+one of two ways (``split``, see :func:`rnn_ffi`): small models by batch rows,
+each thread running whole chunks of rows through all steps with no barrier;
+larger ones by hidden units, a team that keeps its slices of the weights in
+cache for all steps and meets at one barrier per step. The surrounding work
 stays in XLA as large matmuls:
 
 * forward: ``jaxrnn_{lstm,gru,elman}_fwd`` project each step's input

@@ -551,8 +551,11 @@ void run_row_chunks(ffi::ThreadPool& pool, int threads, int count, int B, int H,
   state->job = &job;
   const int tasks = caller_works ? threads - 1 : threads;
   for (int i = 0; i < tasks; ++i) {
-    pool.Schedule([state] {
-      state->started.fetch_add(1, std::memory_order_acq_rel);
+    pool.Schedule([state, tasks] {
+      if (state->started.fetch_add(1, std::memory_order_acq_rel) + 1 == tasks) {  // the sleeping caller may go on
+        std::lock_guard<std::mutex> lock(state->mutex);
+        state->cv.notify_all();
+      }
       state->work();
     });
   }

@@ -306,8 +306,9 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
         ``"units"``: a team splits the hidden units and meets at a barrier
         every step (each member keeps its slice of the weights in its cache);
         ``"auto"`` (default): rows when the weights fit one core's cache
-        (512 KiB: hidden 128 with input 64 for the LSTM) and the batch has at
-        least 16 rows, else units (see ``run_split`` in ``rnn_cpu.cc``).
+        (512 KiB: hidden 128 with input 64 for the LSTM), the batch has at
+        least 16 rows and the loop's matmuls at least 2 MFLOP, else units (see
+        ``run_split`` in ``rnn_cpu.cc``).
 
     Returns:
       ``(hs, final_carry)``: ``(T, B, H)`` float32 outputs and the final carry.

@@ -95,12 +95,7 @@ class FFI:
 
     def __post_init__(self):
 
-        if self.threads is not None and (
-            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
-        ):
-            raise ValueError(f"FFI.threads: expected a positive int or None, got {self.threads!r}")
-        if not isinstance(self.split, str) or self.split not in ffi.SPLITS:
-            raise ValueError(f"FFI.split: expected one of {ffi.SPLITS}, got {self.split!r}")
+        ffi.check_loop_options(self.threads, self.split, owner="FFI.")
 
     def __call__(self, cell, params, xs, carry0, lengths, reverse):
 

@@ -74,7 +74,7 @@ from jaxrnn.scan import rnn_reference, vary_like, where_valid
 
 Array = jax.Array
 
-__all__ = ["SPLITS", "BuildError", "available", "build", "library_path", "qualifies", "rnn_ffi", "team_stats", "unavailable_reason"]
+__all__ = ["SPLITS", "BuildError", "available", "build", "check_loop_options", "library_path", "qualifies", "rnn_ffi", "team_stats", "unavailable_reason"]
 
 #: The C++ source of the custom calls (shipped with the package).
 SOURCE = Path(__file__).with_name("rnn_cpu.cc")
@@ -274,10 +274,18 @@ def _check(cell, params, xs, carry0, lengths, threads, split="auto"):
             raise ValueError(f"carry0.{field}: expected shape {(B, H)}, got {_shape(leaf)}")
     if lengths is not None and _shape(lengths) != (B,):
         raise ValueError(f"lengths: expected shape {(B,)}, got {_shape(lengths)}")
+    check_loop_options(threads, split)
+
+
+def check_loop_options(threads, split, owner: str = ""):
+    """Raise ``ValueError`` unless ``threads`` is a positive int or ``None`` and ``split`` one of :data:`SPLITS`.
+
+    ``owner`` prefixes the argument's name in the message (``"FFI."``).
+    """
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+        raise ValueError(f"{owner}threads: expected a positive int or None, got {threads!r}")
     if not isinstance(split, str) or split not in SPLITS:
-        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+        raise ValueError(f"{owner}split: expected one of {SPLITS}, got {split!r}")
 
 
 def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int] = None, split: str = "auto"):

@@ -1,8 +1,20 @@
 """Test configuration: strict rank promotion everywhere, 64-bit off, CPU only."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache per test run, shared by the xdist workers and the subprocesses (CLI, notebook
+# kernels) through the environment: a program compiled by one test is loaded, not compiled again, by
+# the next that builds the same one (compiling is most of the suite's time). Fresh each run, so every
+# run still compiles every program once; removed at exit by the process that made it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxrnn-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

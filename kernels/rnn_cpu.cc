@@ -98,12 +98,12 @@ inline void store_n(float* p, vf v, int n) {
   store(tmp, v);
   std::memcpy(p, tmp, sizeof(float) * n);
 }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+// x limited to [lo, hi]; NaN stays NaN (as XLA's clamps keep it: a NaN input must reach the outputs).
+inline vf vclamp(vf x, vf lo, vf hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
 // exp(x) to about 2 ulp on [-87, 88]: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial.
 inline vf vexp(vf x) {
-  x = vmin(vmax(x, splat(-87.0f)), splat(88.0f));
+  x = vclamp(x, splat(-87.0f), splat(88.0f));
   const vf xr = x * 1.44269504088896341f;  // x / ln 2, rounded to the nearest integer n:
   const vi ni = __builtin_convertvector(xr + (xr >= 0 ? splat(0.5f) : splat(-0.5f)), vi);
   const vf n = __builtin_convertvector(ni, vf);
@@ -133,12 +133,17 @@ inline vf vrecip(vf b) {
 #endif
 }
 inline vf vsigmoid(vf x) { return vrecip(1.0f + vexp(-x)); }
-// tanh(x): near 0 (|x| < 0.625) an odd rational function of x (degree 13
-// over 6 in x², the coefficients of Eigen's float tanh), accurate in relative
-// terms where 1 - 2 / (1 + e^{2|x|}) cancels; elsewhere that formula, which
-// rounds to exactly ±1 where float32 tanh does (|x| > 9.01), as the
-// saturated gates of hand-set weights need (a counter LSTM counts exactly).
+// tanh(x): an odd rational function of x (degree 13 over 6 in x², the
+// coefficients of Eigen's float tanh, which XLA's CPU tanh uses too) for
+// |x| < 7.9053, and exactly ±1 beyond (tanh rounds to ±1 in float32 past
+// 9.01; in between it is within 2.7e-7 of 1): within 3.3e-7 relative of a
+// float64 tanh over [-12, 12], and exactly ±1 where saturated gates of
+// hand-set weights need it (a counter LSTM counts exactly). NaN stays NaN.
+// Alone, twice as fast as the former 1 - 2 / (1 + e^{2|x|}) beyond |x| = 0.625
+// (0.5 against 1.1 ns a value); in the loops, within the noise (single-thread
+// forwards of B=32 T=200: LSTM H=64, GRU H=128, Elman H=64).
 inline vf vtanh(vf x) {
+  const vf c = splat(7.90531110763549805f);
   const vf x2 = x * x;
   vf p = splat(-2.76076847742355e-16f);
   p = p * x2 + 2.00018790482477e-13f;
@@ -151,11 +156,8 @@ inline vf vtanh(vf x) {
   q = q * x2 + 1.18534705686654e-04f;
   q = q * x2 + 2.26843463243900e-03f;
   q = q * x2 + 4.89352518554385e-03f;
-  const vf small = p * x * vrecip(q);
-  const vf ax = x < 0 ? -x : x;
-  const vf t = 1.0f - 2.0f * vrecip(1.0f + vexp(2.0f * ax));
-  const vf large = x < 0 ? -t : t;
-  return x2 < 0.390625f ? small : large;
+  const vf t = vclamp(p * x * vrecip(q), splat(-1.0f), splat(1.0f));
+  return x >= c ? splat(1.0f) : (x <= -c ? splat(-1.0f) : t);  // exactly ±1 (the reciprocal's estimate is not)
 }
 
 // tanh'(z) from y = tanh(z): 1 - y², as jaxrnn.cells.TANH.deriv (and so the xla backend) computes it.
@@ -1043,7 +1045,7 @@ enum Activation : int32_t { kTanh = 0, kRelu = 1, kLinear = 2 };
 
 inline vf activate(int32_t kind, vf z) {
   if (kind == kTanh) return vtanh(z);
-  if (kind == kRelu) return vmax(z, splat(0.0f));
+  if (kind == kRelu) return z < 0.0f ? splat(0.0f) : z;  // NaN stays NaN
   return z;
 }
 inline vf activation_deriv(int32_t kind, vf h) {

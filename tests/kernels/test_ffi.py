@@ -123,3 +123,19 @@ def test_saturated_gates_count_exactly():
     np.testing.assert_array_equal(final.c, final_r.c)  # [#a - #b, #b] = [0, 100]
     np.testing.assert_array_equal(np.asarray(final.c), [[0.0, 100.0]])
     assert_close(ys, ys_r)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru-before", "elman", "elman-relu"])
+def test_nan_propagates_as_in_the_reference(kind):
+    """A NaN input at a real step makes that row's later outputs NaN, as with the reference (the gate
+    math's clamps must not turn NaN into a finite value); one at a padded step changes nothing."""
+    cell, params, xs, carry0, lens = problem(*SHAPES[1], seed=2, cell=kind)
+    lengths = np.asarray(lens)
+    real, padded = int(np.argmax(lengths >= 3)), int(np.argmax((lengths > 0) & (lengths < xs.shape[1])))
+    assert lengths[real] >= 3 and 0 < lengths[padded] < xs.shape[1]
+    xs = xs.at[real, 1, 0].set(jnp.nan).at[padded, -1, :].set(jnp.nan)
+    for reverse in (False, True):
+        got = jaxrnn.rnn(cell, params, xs, initial_carry=carry0, seq_lengths=lens, reverse=reverse, impl="ffi")
+        want = jaxrnn.rnn(cell, params, xs, initial_carry=carry0, seq_lengths=lens, reverse=reverse, impl="reference")
+        assert np.isnan(np.asarray(want[0])[real]).any()  # the problem does reach NaN
+        assert_close(got, want, err_msg=f"{kind} reverse={reverse}")  # NaN where the reference has NaN, only there

@@ -31,7 +31,8 @@ print(json.dumps({"retained": retained, "faults_per_call": faults}))
 
 
 def _faults(mode):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    # Without the test run's compilation cache (tests/conftest.py): each child compiles its own program.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "JAX_COMPILATION_CACHE"))}
     env["JAX_PLATFORMS"] = "cpu"
     # One arena for every thread, in both modes. XLA may run the call on a pool thread, and glibc gives such a
     # thread its own heaps of at most 64 MiB, deleted as soon as they are empty: there the 32 MiB block is

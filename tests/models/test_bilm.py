@@ -127,18 +127,18 @@ def test_tagger_on_scalar_mix_features_end_to_end():
         ids, lengths = tokens(), jnp.asarray(LENGTHS)
         labels = jax.random.randint(jax.random.key(4), (B, T), 0, C)
 
-        def loss(weights, gamma=jnp.float64(1.3)):
+        @jax.jit  # one compilation for the eight evaluations (eagerly, each would compile its scans anew)
+        def loss(weights, gamma):
             feats = bilm.embed_contextual(bp, MixParams(weights, gamma), ids, lengths)
             return tagger.loss(tp, Batch(feats, labels, lengths))
 
-        weights = jnp.array([0.2, -0.5, 0.7], jnp.float64)
-        grad = jax.grad(loss)(weights)
+        weights, gamma = jnp.array([0.2, -0.5, 0.7], jnp.float64), jnp.float64(1.3)
+        grad, g_gamma = jax.jit(jax.grad(loss, argnums=(0, 1)))(weights, gamma)
         eps = 1e-5
-        fd = np.array([(loss(weights.at[j].add(eps)) - loss(weights.at[j].add(-eps))) / (2 * eps) for j in range(3)])
+        fd = np.array([(loss(weights.at[j].add(eps), gamma) - loss(weights.at[j].add(-eps), gamma)) / (2 * eps) for j in range(3)])
         np.testing.assert_allclose(np.asarray(grad), fd, rtol=1e-6, atol=1e-9)
         assert np.abs(grad).max() > 1e-4  # the gradient does flow into the mix weights
-        g_gamma = jax.grad(loss, argnums=1)(weights, jnp.float64(1.3))
-        fd_gamma = (loss(weights, 1.3 + eps) - loss(weights, 1.3 - eps)) / (2 * eps)
+        fd_gamma = (loss(weights, gamma + eps) - loss(weights, gamma - eps)) / (2 * eps)
         np.testing.assert_allclose(float(g_gamma), float(fd_gamma), rtol=1e-6, atol=1e-9)
 
 

@@ -1,4 +1,4 @@
-"""Test configuration: strict rank promotion everywhere, 64-bit off, CPU only."""
+"""Test configuration: strict rank promotion everywhere, 64-bit off, CPU only, one compilation cache per run."""
 
 import atexit
 import os

@@ -1045,7 +1045,7 @@ enum Activation : int32_t { kTanh = 0, kRelu = 1, kLinear = 2 };
 
 inline vf activate(int32_t kind, vf z) {
   if (kind == kTanh) return vtanh(z);
-  if (kind == kRelu) return z < 0.0f ? splat(0.0f) : z;  // NaN stays NaN
+  if (kind == kRelu) return vclamp(z, splat(0.0f), splat(INFINITY));
   return z;
 }
 inline vf activation_deriv(int32_t kind, vf h) {

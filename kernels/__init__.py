@@ -10,7 +10,8 @@ Every backend has the signature documented in :mod:`jaxrnn.runner`::
   :func:`jaxrnn.kernels.ffi.rnn_ffi`, the time
   loops as C++ XLA FFI custom calls run by a team of threads
   (``kernels/rnn_cpu.cc``, built on first use), in the same custom-VJP
-  structure: large matmuls in XLA, the recurrence in the custom calls.
+  structure: the recurrences, and the weight gradients over all T B rows
+  after a backward loop, in custom calls; the input gradient an XLA matmul.
 * ``pallas``: the input projection (one large matmul), then
   :func:`jaxrnn.kernels.pallas.rnn_pallas`, a fused-gate Pallas kernel that
   loops over time on chip (interpret mode on CPU); with ``BlockSizes(hidden=...)``

@@ -80,7 +80,8 @@ def test_weight_gradients_cross_row_blocks_and_partial_panels(kind, threads):
     one-row tile). One thread, and the pool's (the two-thread split starts at 1 MFLOP; this is 1.0).
     """
     cell, params, xs, carry0, lens = problem(13, 23, 20, 1, seed=2, cell=kind)
-    for lengths, reverse in [(None, False), (lens, True), (lens, False), (None, True)]:
+    # Forward, and padded in reverse (where the h0 rows sit in the last block; the grid covers the other pairs).
+    for lengths, reverse in [(None, False), (lens, True)]:
         args = (cell, params, xs, carry0, lengths, reverse, jax.random.key(11))
         _, _, grads, _ = outputs_and_vjp(kernels.FFI(threads=threads), *args)
         _, _, grads_r, _ = outputs_and_vjp("reference", *args)

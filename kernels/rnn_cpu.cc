@@ -448,14 +448,22 @@ const float* pack_columns(Scratch& s, const float* top, int K1, const float* bot
   const int K = K1 + K2, cols = ngroups * nu;
   *npanels = (cols + NR - 1) / NR;
   float* packed = s.get(static_cast<size_t>(*npanels) * K * NR + NR);
-  for (int j = 0; j < *npanels; ++j) {
-    for (int kk = 0; kk < K; ++kk) {
-      const float* src = kk < K1 ? top + static_cast<size_t>(kk) * ld : bottom + static_cast<size_t>(kk - K1) * ld;
-      float* dst = packed + (static_cast<size_t>(j) * K + kk) * NR;
-      for (int q = 0; q < NR; ++q) {
-        const int col = j * NR + q;
-        dst[q] = col < cols ? src[col0 + (col / nu) * H + u0 + col % nu] : 0.0f;
+  // Row kk of the source is read once, front to back: each group's nu units are
+  // contiguous there, and land in runs of at most NR lanes of consecutive panels.
+  for (int kk = 0; kk < K; ++kk) {
+    const float* src = kk < K1 ? top + static_cast<size_t>(kk) * ld : bottom + static_cast<size_t>(kk - K1) * ld;
+    for (int g = 0; g < ngroups; ++g) {
+      const float* run = src + col0 + static_cast<size_t>(g) * H + u0;
+      for (int u = 0, col = g * nu; u < nu;) {
+        const int j = col / NR, q = col % NR, n = std::min(nu - u, NR - q);
+        std::memcpy(packed + (static_cast<size_t>(j) * K + kk) * NR + q, run + u, sizeof(float) * n);
+        u += n;
+        col += n;
       }
+    }
+    if (cols % NR != 0) {
+      const int j = cols / NR, q = cols % NR;
+      std::memset(packed + (static_cast<size_t>(j) * K + kk) * NR + q, 0, sizeof(float) * (NR - q));
     }
   }
   return packed;

@@ -83,8 +83,8 @@ class FFI:
       threads: the most threads a time loop uses (``None``: every core).
       split: how those threads share a loop: ``"rows"`` (chunks of the
         batch, no barrier), ``"units"`` (a team over the hidden units, one
-        barrier per step) or ``"auto"`` (rows when the weights fit one core's
-        cache; see :func:`~jaxrnn.kernels.ffi.rnn_ffi`).
+        barrier per step) or ``"auto"`` (rows when the weights take at most a
+        few MiB; see :func:`~jaxrnn.kernels.ffi.rnn_ffi`).
 
     Example:
       >>> ys, carry = jaxrnn.rnn(jaxrnn.LSTM(16), params, xs, impl=FFI(threads=1))

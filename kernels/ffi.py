@@ -320,9 +320,10 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
         (rows never meet; every thread reads all of the weights each step);
         ``"units"``: a team splits the hidden units and meets at a barrier
         every step (each member keeps its slice of the weights in its cache);
-        ``"auto"`` (default): rows when the weights fit one core's cache
-        (512 KiB: hidden 128 with input 64 for the LSTM), the batch has at
-        least 16 rows and the loop's matmuls at least 2 MFLOP, else units (see
+        ``"auto"`` (default): rows when the packed weights take at most 4 MiB
+        (an LSTM up to hidden 256; a barrier every step costs
+        more than streaming them from beyond L2), the batch has at least 16
+        rows and the loop's matmuls at least 2 MFLOP, else units (see
         ``run_split`` in ``rnn_cpu.cc``).
 
     Returns:

@@ -30,8 +30,8 @@
 // Why a custom call: XLA's CPU runtime runs a loop's ops one at a time on one
 // core, and each step of the recurrence is one small matmul and a few
 // elementwise ops. Here the threads of a call split it one of two ways
-// (run_split). When the weights fit one core's cache (the experiments' small
-// models), by batch rows: rows never meet, so a thread takes a chunk of rows
+// (run_split). When the weights are a few MiB at most (the experiments' small
+// models, and up to hidden 256), by batch rows: rows never meet, so a thread takes a chunk of rows
 // and runs its whole loop alone, with no barrier, and a thread that starts
 // late takes the chunks left. Otherwise a team splits the hidden units:
 // member k owns units [u0, u1), keeps its columns of [w_ih; w_hh] packed in
@@ -508,8 +508,8 @@ inline void gemm_part(const Part& part, const float* a1, int lda1, int K1, const
 enum Split : int32_t { kSplitAuto = 0, kSplitUnits = 1, kSplitRows = 2 };
 
 // Rows of the batch never meet: a chunk of rows can run its whole loop, all
-// T steps, alone. When the weights fit one core's cache (a member reads all of
-// them every step), chunks of rows need no barrier at all, and a pool thread
+// T steps, alone. When the weights take a few MiB at most (a member reads all
+// of them every step), chunks of rows need no barrier at all, and a pool thread
 // that starts late takes what is left instead of stalling a team. Chunks have
 // at least kMinChunkRows rows (one register block of the matmul), and there
 // are up to kChunksPerThread per thread, so that a late thread leaves the
@@ -518,6 +518,16 @@ constexpr int kMinChunkRows = 8;
 constexpr int kChunksPerThread = 2;
 // Below this much matmul work per call, one thread (scheduling a task costs microseconds).
 constexpr double kMinRowSplitFlops = 2.0e6;
+// The most packed weights a chunk of rows streams every step (as K x gates x H
+// floats). Beyond one core's L2 (1 MiB) rows still beat a team: a team meets at
+// a barrier every step, and one member held up (a page fault, an interrupt)
+// holds up the other. Measured on 2 cores against 512 KiB, median of the
+// medians of 4 alternating processes, fwd+bwd: GRU B=32 T=256 I=128 H=256 122
+// against 137 ms, the bidirectional 2-layer LSTM B=16 T=64 H=128 28 against
+// 32, the character LM's training step (LSTM 2x256, B=32 T=128) 168 against
+// 175, the LSTM at the GRU's shape a tie (138); forward only: 7-16% faster.
+// One LSTM at H=512 (5.2 MiB) was a tie, at H=1024 (19 MiB) rows were 1.4x slower.
+constexpr double kMaxRowSplitWeightBytes = 4.0 * 1024 * 1024;
 
 using PartJob = std::function<void(const Part&, Barrier&)>;
 
@@ -603,7 +613,7 @@ void run_split(ffi::ThreadPool& pool, const Dims& d, int K, int gates, int threa
   const double flops = 2.0 * d.T * d.B * K * gates * d.H;
   const int max_chunks = std::max(1, d.B / kMinChunkRows);
   const bool rows = split == kSplitRows ||
-                    (split == kSplitAuto && n >= 2 && max_chunks >= 2 && weight_bytes <= kMaxWeightBytesPerMember &&
+                    (split == kSplitAuto && n >= 2 && max_chunks >= 2 && weight_bytes <= kMaxRowSplitWeightBytes &&
                      flops >= kMinRowSplitFlops);
   if (rows) {
     const int count = std::min(max_chunks, std::max(1, n) * kChunksPerThread);

@@ -103,7 +103,7 @@ def test_other_elman_activations_match_reference(kind):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "gru-before", "elman"])
 def test_large_buffers_match_xla(kind):
-    """Buffers of several MiB (the huge-page advice applies) and the full two-member split.
+    """Buffers of several MiB (the huge-page advice applies), with the full two-member team and with chunks of rows.
 
     With initialised (not randomised) weights: 72 steps of a recurrence with
     large random weights are chaotic, and amplify any rounding difference.
@@ -118,16 +118,18 @@ def test_large_buffers_match_xla(kind):
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
 
-    before = ffi.team_stats()
-    got, want = loss("ffi")(params, xs, carry0), loss("xla")(params, xs, carry0)
-    after = ffi.team_stats()
-    # Calls that formed a team (none where XLA's pool has one thread: at most the forward loop, the backward
-    # loop and the weight gradients), and those that ran short-handed.
-    assert set(after) == {"team_calls", "short_handed_calls"}
-    assert 0 <= after["short_handed_calls"] - before["short_handed_calls"] <= after["team_calls"] - before["team_calls"] <= 3
-    # Weight gradients: sums of 1,152 rows, in another order; the Elman's reach 40 (its worst entry is 3.5e-5
-    # off, measured; against a float64 run ffi and xla are equally far).
-    assert_close(got, want, scale=4.0 if kind == "elman" else 2.0)
+    want = loss("xla")(params, xs, carry0)
+    for split in ("units", "rows"):
+        before = ffi.team_stats()
+        got = loss(kernels.FFI(split=split))(params, xs, carry0)
+        after = ffi.team_stats()
+        # Calls that formed a team (none where XLA's pool has one thread: at most the forward loop, the backward
+        # loop and the weight gradients), and those that ran short-handed.
+        assert set(after) == {"team_calls", "short_handed_calls"}
+        assert 0 <= after["short_handed_calls"] - before["short_handed_calls"] <= after["team_calls"] - before["team_calls"] <= 3
+        # Weight gradients: sums of 1,152 rows, in another order; the Elman's reach 40 (its worst entry is 3.5e-5
+        # off, measured; against a float64 run ffi and xla are equally far).
+        assert_close(got, want, scale=4.0 if kind == "elman" else 2.0, err_msg=f"split={split}")
 
 
 def test_saturated_gates_count_exactly():

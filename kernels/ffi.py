@@ -321,10 +321,10 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
         ``"units"``: a team splits the hidden units and meets at a barrier
         every step (each member keeps its slice of the weights in its cache);
         ``"auto"`` (default): rows when the packed weights take at most 4 MiB
-        (an LSTM up to hidden 256; a barrier every step costs
-        more than streaming them from beyond L2), the batch has at least 16
-        rows and the loop's matmuls at least 2 MFLOP, else units (see
-        ``run_split`` in ``rnn_cpu.cc``).
+        (an LSTM up to hidden 256; a barrier every step costs more than
+        streaming them from beyond L2), the batch has at least 16 rows and the
+        loop's matmuls at least 2 MFLOP, else units (see ``run_split`` in
+        ``rnn_cpu.cc``).
 
     Returns:
       ``(hs, final_carry)``: ``(T, B, H)`` float32 outputs and the final carry.

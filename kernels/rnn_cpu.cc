@@ -31,9 +31,9 @@
 // core, and each step of the recurrence is one small matmul and a few
 // elementwise ops. Here the threads of a call split it one of two ways
 // (run_split). When the weights are a few MiB at most (the experiments' small
-// models, and up to hidden 256), by batch rows: rows never meet, so a thread takes a chunk of rows
-// and runs its whole loop alone, with no barrier, and a thread that starts
-// late takes the chunks left. Otherwise a team splits the hidden units:
+// models, and up to hidden 256), by batch rows: rows never meet, so a thread
+// takes a chunk of rows and runs its whole loop alone, with no barrier, and a
+// thread that starts late takes the chunks left. Otherwise a team splits the hidden units:
 // member k owns units [u0, u1), keeps its columns of [w_ih; w_hh] packed in
 // its own cache for all T steps, computes its units' gates and state update,
 // and meets the other members at one barrier per step (the next step's matmul

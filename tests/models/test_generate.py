@@ -10,6 +10,7 @@ import pytest
 
 import jaxrnn
 from jaxrnn import lm, models
+from jaxrnn.models import lm as lm_src
 
 VOCAB = 6
 
@@ -150,6 +151,29 @@ def test_first_token_frequencies_follow_truncated_softmax(temperature, top_k, to
     assert np.all(freq[~kept] == 0), (freq, expected)
     bound = 5 * np.sqrt(expected * (1 - expected) / n)
     assert np.all(np.abs(freq - expected) <= bound), (freq, expected, bound)
+
+
+@pytest.mark.parametrize("predraw", [True, False], ids=["noise-drawn-before-the-loop", "noise-drawn-per-step"])
+def test_sampling_matches_python_loop_over_categorical(monkeypatch, predraw):
+    """Both ways of drawing the Gumbel noise give the tokens of a Python loop that calls
+    ``jax.random.categorical`` on the filtered, tempered logits with ``jax.random.split(key, length)[i]``."""
+    monkeypatch.setattr(lm_src, "NOISE_PREDRAW_BYTES", 2**30 if predraw else 0)
+    model = tiny_model()
+    params = random_params(model, seed=6, scale=1.0)
+    prompt = jax.random.randint(jax.random.key(4), (5, 3), 0, VOCAB, dtype=jnp.int32)
+    # The threshold is read when the decode is traced: a length of each variant's own, so neither reuses the other's program.
+    length, key, temperature, top_k = (9 if predraw else 11), jax.random.key(8), 1.3, 4
+    tokens = models.generate(model, params, key, prompt, length, temperature, top_k=top_k)
+    carry = model.zero_carry((prompt.shape[0],))
+    for t in range(prompt.shape[1]):
+        carry, logits = model.step(params, carry, prompt[:, t])
+    want = []
+    for k in jax.random.split(key, length):
+        token = jax.random.categorical(k, lm_src.filter_logits(logits / temperature, top_k=top_k), axis=-1)
+        want.append(np.asarray(token))
+        carry, logits = model.step(params, carry, token.astype(jnp.int32))
+    np.testing.assert_array_equal(np.asarray(tokens), np.stack(want, axis=1))
+    assert len(set(np.asarray(tokens).ravel().tolist())) > 2  # sampled, not a constant sequence
 
 
 # --------------------------------------------------------------------------

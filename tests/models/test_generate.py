@@ -153,12 +153,16 @@ def test_first_token_frequencies_follow_truncated_softmax(temperature, top_k, to
     assert np.all(np.abs(freq - expected) <= bound), (freq, expected, bound)
 
 
-@pytest.mark.parametrize("predraw", [True, False], ids=["noise-drawn-before-the-loop", "noise-drawn-per-step"])
+@pytest.mark.parametrize(
+    "predraw", [True, False], ids=["noise-before-the-loop-projection-table", "noise-per-step-projection-per-step"]
+)
 def test_sampling_matches_python_loop_over_categorical(monkeypatch, predraw):
-    """Both ways of drawing the Gumbel noise give the tokens of a Python loop that calls
-    ``jax.random.categorical`` on the filtered, tempered logits with ``jax.random.split(key, length)[i]``."""
+    """Both ways of drawing the Gumbel noise (and of projecting the first layer's input) give the tokens
+    of a Python loop over ``model.step`` that calls ``jax.random.categorical`` on the filtered, tempered
+    logits with ``jax.random.split(key, length)[i]``."""
     monkeypatch.setattr(lm_src, "NOISE_PREDRAW_BYTES", 2**30 if predraw else 0)
-    model = tiny_model()
+    monkeypatch.setattr(lm_src, "FIRST_PROJECTIONS_MAX_BYTES", 2**30 if predraw else 0)
+    model = tiny_model(cell=jaxrnn.LSTM(5), num_layers=2)
     params = random_params(model, seed=6, scale=1.0)
     prompt = jax.random.randint(jax.random.key(4), (5, 3), 0, VOCAB, dtype=jnp.int32)
     # The threshold is read when the decode is traced: a length of each variant's own, so neither reuses the other's program.
@@ -176,6 +180,15 @@ def test_sampling_matches_python_loop_over_categorical(monkeypatch, predraw):
     assert len(set(np.asarray(tokens).ravel().tolist())) > 2  # sampled, not a constant sequence
 
 
+def test_first_projections_are_each_tokens_projection():
+    model = tiny_model(cell=jaxrnn.LSTM(5), num_layers=2)
+    params = random_params(model, seed=7)
+    table = model.first_projections(params)
+    layer = params.rnn[0].fwd
+    want = np.asarray(params.embed) @ np.asarray(layer.w_ih) + np.asarray(layer.b)
+    np.testing.assert_allclose(np.asarray(table), want, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------
 # One compiled loop
 # --------------------------------------------------------------------------
@@ -183,13 +196,13 @@ def test_second_call_does_not_retrace(monkeypatch):
     model = tiny_model(vocab=9)
     params = random_params(model, seed=5)
     traces = []
-    original = type(model).step
+    original = type(model)._step  # what the decode loop traces (step = the checks + _step)
 
     def counting_step(self, *args):
         traces.append(1)
         return original(self, *args)
 
-    monkeypatch.setattr(type(model), "step", counting_step)
+    monkeypatch.setattr(type(model), "_step", counting_step)
     prompt = jnp.zeros((3, 2), jnp.int32)
     first = models.generate(model, params, jax.random.key(0), prompt, 13, temperature=0.9, top_k=4, top_p=0.8)
     assert len(traces) >= 1  # the step is traced, not run per token: a 13-token decode traced once

@@ -257,7 +257,18 @@ class LanguageModel:
         Row ``v`` is ``cell.input_projection(params.rnn[0].fwd, params.embed[v])``, the
         first matmul of :meth:`step` for token ``v``; a decode that reads this table
         (:func:`generate`, when it is cheaper than projecting every step) skips that matmul.
+
+        Args:
+          params: from :meth:`init`.
+
+        Returns:
+          ``(V, G)`` float32, ``G`` the cell's gate width (``4H`` for an LSTM).
+
+        Example:
+          >>> table = model.first_projections(params)  # table[v]: token v's projected input to layer 0
         """
+        self._check_params(params)
+        self.stack.check_params(params.rnn, name="params.rnn")
         cell = self.stack.cell.resolve(params.embed.dtype)
         return cell.input_projection(params.rnn[0].fwd, params.embed)
 

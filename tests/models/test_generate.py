@@ -187,6 +187,11 @@ def test_first_projections_are_each_tokens_projection():
     layer = params.rnn[0].fwd
     want = np.asarray(params.embed) @ np.asarray(layer.w_ih) + np.asarray(layer.b)
     np.testing.assert_allclose(np.asarray(table), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match=r"params: expected LMParams"):
+        model.first_projections(params.rnn)
+    bad = params._replace(rnn=(params.rnn[0],))
+    with pytest.raises(TypeError, match=r"params.rnn: expected a tuple of 2 LayerParams, got 1 layers"):
+        model.first_projections(bad)
 
 
 # --------------------------------------------------------------------------

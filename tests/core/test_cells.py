@@ -156,6 +156,17 @@ def test_recurrent_kernel_is_orthogonal_per_gate(cell):
         np.testing.assert_allclose(Q.T @ Q, scale**2 * np.eye(8), atol=1e-5)
 
 
+@pytest.mark.parametrize("cell", [jaxrnn.LSTM(8), jaxrnn.GRU(8), jaxrnn.Elman(8, recurrent_scale=0.9)])
+def test_recurrent_blocks_equal_one_orthogonal_call_per_gate_key(cell):
+    """The batched draw gives each gate the block ``orthogonal(scale)(keys[k], (H, H))`` of a call per key."""
+    key = jax.random.key(3)
+    p = cell.init(key, 3)
+    k_rec = jax.random.split(key)[1]
+    init = jax.nn.initializers.orthogonal(getattr(cell, "recurrent_scale", 1.0))
+    for k, gate_key in enumerate(jax.random.split(k_rec, cell.num_gates)):
+        np.testing.assert_array_equal(np.asarray(p.w_hh[:, k * 8 : (k + 1) * 8]), np.asarray(init(gate_key, (8, 8))))
+
+
 def test_irnn_identity_recurrence():
     cell = jaxrnn.Elman(6, activation="relu", recurrent_init="identity", kernel_init="irnn")
     p = cell.init(jax.random.key(0), 4)

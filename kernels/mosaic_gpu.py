@@ -102,6 +102,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import math
 
@@ -150,8 +151,20 @@ def _jax_version():
 
 #: Whether this JAX has the Mosaic GPU Pallas API the kernels use.
 AVAILABLE = plgpu is not None and hasattr(plgpu, "ClusterBarrier") and hasattr(plgpu, "wgmma")
-#: Whether this JAX can run the kernels on CPU (Mosaic GPU's interpreter, JAX >= 0.12).
-INTERPRETABLE = AVAILABLE and hasattr(plgpu, "InterpretGPUParams")
+def _interpreter_raises_on_races():
+    """Whether Mosaic GPU's interpreter takes ``on_race`` (JAX >= 0.12; 0.11's records races without raising)."""
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:
+        return False
+    try:
+        return "on_race" in inspect.signature(params).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+#: Whether this JAX can run the kernels on CPU: Mosaic GPU's interpreter with race
+#: detection that raises (``InterpretGPUParams(on_race="raise")``, JAX >= 0.12).
+INTERPRETABLE = AVAILABLE and _interpreter_raises_on_races()
 #: Whether every configuration the compiled kernels accept lowers for CUDA.
 #: ``False``: with JAX 0.12.0.1 Elman, LSTM and GRU (``reset="after"``) lower
 #: in bf16 and float32 (within the shared memory of :func:`smem_bytes`; see the
@@ -252,7 +265,8 @@ def _params(cfg, sync):
         if not INTERPRETABLE:
             raise NotImplementedError(
                 f"the Mosaic GPU kernels run on CPU in Mosaic GPU's interpreter "
-                f"(jax.experimental.pallas.mosaic_gpu.InterpretGPUParams, JAX >= 0.12); jax {jax.__version__} lacks it"
+                f"with race detection that raises (jax.experimental.pallas.mosaic_gpu.InterpretGPUParams(on_race=...), "
+                f"JAX >= 0.12); jax {jax.__version__} lacks it"
             )
         if sync != "cluster":
             raise NotImplementedError(

@@ -35,7 +35,7 @@ CELLS = ("elman", "lstm", "gru_after")
 
 needs_interpreter = pytest.mark.skipif(
     not mosaic_gpu.INTERPRETABLE,
-    reason=f"jax {jax.__version__} has no Mosaic GPU interpreter (plgpu.InterpretGPUParams, JAX >= 0.12)",
+    reason=f"jax {jax.__version__} has no Mosaic GPU interpreter that raises on races (plgpu.InterpretGPUParams(on_race=...), JAX >= 0.12)",
 )
 pytestmark = pytest.mark.filterwarnings("ignore:impl='pallas' on CPU:UserWarning")
 

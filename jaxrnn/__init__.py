@@ -31,6 +31,7 @@ from jaxrnn.cells import (
     LSTMParams,
     count_params,
 )
+from jaxrnn.embedded import Embedded
 from jaxrnn.interop import (
     carry_from_flax,
     carry_from_torch,
@@ -68,6 +69,7 @@ __all__ = [
     "Encoder",
     "EncoderParams",
     "Elman",
+    "Embedded",
     "ElmanParams",
     "GRUParams",
     "HighwayParams",

@@ -9,7 +9,8 @@ signature::
     backend(cell, params, xs, carry0, lengths, reverse) -> (hs, final_carry)
 
     cell:     the cell resolved for the dtype of xs (cell.resolve)
-    xs:       (T, B, I) time-major inputs
+    xs:       (T, B, I) time-major inputs; an Embedded (table, ids (T, B)) only
+              for a backend whose takes_embedded(cell) is true (else the rows)
     carry0:   carry with float32 leaves (B, H)
     lengths:  (B,) int32 in [0, T], or None for full-length sequences
     reverse:  Python bool
@@ -29,6 +30,7 @@ from jaxrnn import kernels
 from jaxrnn.cells import acc_dtype, check_carry, check_cell, check_params
 from jaxrnn.checks import check_inputs, check_lengths, check_static, in_forward_mode, shape_of
 from jaxrnn.checks import warn_once  # noqa: F401  (re-exported: older code imports it from here)
+from jaxrnn.embedded import Embedded, check_embedded
 from jaxrnn.scan import mask_step  # noqa: F401  (re-exported, likewise)
 from jaxrnn.scan import rnn_reference, scan_reference, sequence_mask, vary_like, where_valid
 
@@ -83,7 +85,10 @@ def rnn(
       cell: an :class:`~jaxrnn.Elman`, :class:`~jaxrnn.LSTM` or :class:`~jaxrnn.GRU`.
       params: the cell's parameters.
       xs: ``(B, T, I)`` inputs (``(T, B, I)`` with ``time_major=True``; ``(T, I)``
-        for a single unbatched sequence).
+        for a single unbatched sequence); or a :class:`jaxrnn.Embedded`
+        ``(table, ids)`` standing for ``xs = table[ids]``, ``table`` ``(V, I)``
+        and ``ids`` ``(B, T)`` (``(T, B)``, ``(T,)``), which ``impl="ffi"``'s
+        LSTM runs without forming ``xs`` (see :mod:`jaxrnn.embedded`).
       initial_carry: carry with leaves ``(B, H)`` (``(H,)`` unbatched); zeros
         by default. It is cast to the accumulation dtype (float32; float64 for
         float64 inputs).
@@ -125,17 +130,24 @@ def rnn(
     check_impl(impl)
     reverse = check_static("reverse", reverse)
     time_major = check_static("time_major", time_major)
-    check_inputs(xs, time_major=time_major)
+    embedded = isinstance(xs, Embedded)
+    if embedded:
+        check_embedded(xs)
+        xs = Embedded(*xs)  # a plain (table, ids) pair of a subclass or namedtuple copy becomes jaxrnn's own
+        lead, features, what = shape_of(xs.ids), shape_of(xs.table)[-1], ("xs.table", shape_of(xs.table))
+    else:
+        check_inputs(xs, time_major=time_major)
+        lead, features, what = xs.shape[:-1], xs.shape[-1], ("xs", shape_of(xs))
     input_size = check_params(cell, params)
-    if xs.shape[-1] != input_size:
+    if features != input_size:
         raise ValueError(
-            f"xs: expected last dimension {input_size} (input_size of params.w_ih "
-            f"{shape_of(params.w_ih)}), got shape {shape_of(xs)}"
+            f"{what[0]}: expected last dimension {input_size} (input_size of params.w_ih "
+            f"{shape_of(params.w_ih)}), got shape {what[1]}"
         )
 
-    unbatched = xs.ndim == 2
-    T = xs.shape[0] if (unbatched or time_major) else xs.shape[1]
-    batch_shape = () if unbatched else (xs.shape[1] if time_major else xs.shape[0],)
+    unbatched = len(lead) == 1
+    T = lead[0] if (unbatched or time_major) else lead[1]
+    batch_shape = () if unbatched else (lead[1] if time_major else lead[0],)
     if initial_carry is not None:
         check_carry(cell, initial_carry, batch_shape)
     if seq_lengths is not None:
@@ -153,6 +165,8 @@ def rnn(
                 "jax.hessian) cannot differentiate; use impl='auto' or 'reference'"
             )
         impl = "reference"
+    if embedded and impl == "reference":  # the reference recurrence reads the rows themselves
+        xs = xs.lookup()
     return _rnn(run_key(cell), params, xs, initial_carry, seq_lengths, reverse, time_major, impl, carry_perturbation)
 
 
@@ -170,10 +184,18 @@ def run_key(cell):
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
 def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl, perturbation=None):
-    out_dtype = xs.dtype
-    unbatched = xs.ndim == 2
+    if isinstance(xs, Embedded):  # kept as (table, ids) while the layout changes; see _inputs
+        out_dtype, unbatched = xs.table.dtype, xs.ids.ndim == 1
+        ids = xs.ids[:, None] if unbatched else (xs.ids if time_major else xs.ids.T)
+        xs = Embedded(xs.table, ids)
+        T, B = ids.shape
+        ref = ids[:, :, None]
+    else:
+        out_dtype, unbatched = xs.dtype, xs.ndim == 2
+        xs = xs[:, None] if unbatched else (xs if time_major else jnp.swapaxes(xs, 0, 1))
+        T, B = xs.shape[:2]
+        ref = xs[:, :, :1]
     if unbatched:
-        xs = xs[:, None]
         if initial_carry is not None:
             initial_carry = jax.tree_util.tree_map(lambda c: c[None], initial_carry)
         if seq_lengths is not None:
@@ -181,34 +203,28 @@ def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl
         if perturbation is not None:
             perturbation = jax.tree_util.tree_map(lambda p: p[:, None], perturbation)
     elif not time_major:
-        xs = jnp.swapaxes(xs, 0, 1)
         if perturbation is not None:
             perturbation = jax.tree_util.tree_map(lambda p: jnp.swapaxes(p, 0, 1), perturbation)
-    T, B = xs.shape[:2]
     if initial_carry is None:
-        # Zeros built from xs, so that under shard_map they vary over the same mesh axes as xs.
-        zero = jnp.zeros_like(jnp.sum(xs[:, :, :1], axis=0), acc_dtype(out_dtype))
+        # Zeros built from the inputs, so that under shard_map they vary over the same mesh axes.
+        zero = jnp.zeros_like(jnp.sum(ref, axis=0), acc_dtype(out_dtype))
         initial_carry = jax.tree_util.tree_map(
             lambda c: jnp.broadcast_to(zero, c.shape), cell.zero_carry((B,), acc_dtype(out_dtype))
         )
     carry0 = jax.tree_util.tree_map(lambda c: c.astype(acc_dtype(out_dtype)), initial_carry)
     lengths = None if seq_lengths is None else jnp.clip(seq_lengths.astype(jnp.int32), 0, T)
-    if lengths is not None:
-        # The one masking rule of every backend: padded inputs are zeros before
-        # any computation, so nothing in padding (NaN, inf) reaches a gradient.
-        xs = where_valid(sequence_mask(lengths, T, time_major=True), xs)
-
     cell = cell.resolve(out_dtype)
+    if perturbation is not None or T == 0 or B == 0:  # nothing to compute: every backend's result is the reference's
+        backend = rnn_reference
+    else:
+        _, backend = resolve_backend(impl, cell)
+    xs = _inputs(xs, lengths, backend, cell)
     if perturbation is not None:
         xp = cell.input_projection(params, xs)
         perturbation = jax.tree_util.tree_map(lambda p: p.astype(acc_dtype(out_dtype)), perturbation)
         hs, final = scan_reference(cell, params, xp, carry0, lengths, reverse, perturbation=perturbation)
     else:
-        if T == 0 or B == 0:  # nothing to compute: every backend's result is the reference's
-            backend = rnn_reference
-        else:
-            _, backend = resolve_backend(impl, cell)
-        params, carry0 = vary_like((params, carry0), xs)
+        params, carry0 = vary_like((params, carry0), ref)
         hs, final = backend(cell, params, xs, carry0, lengths, reverse)
     ys = hs.astype(out_dtype)
 
@@ -217,3 +233,25 @@ def _rnn(cell, params, xs, initial_carry, seq_lengths, reverse, time_major, impl
     if not time_major:
         ys = jnp.swapaxes(ys, 0, 1)
     return ys, final
+
+
+def _inputs(xs, lengths, backend, cell):
+    """A backend's time-major inputs, padding masked: the one masking rule of every backend.
+
+    Padded inputs are zeros before any computation, so nothing in padding
+    (NaN, inf) reaches a gradient. An :class:`Embedded` stays one for a
+    backend whose ``takes_embedded(cell)`` says so, its padded ids replaced
+    by 0 (such a backend holds the carry at a padded step and gives it no
+    gradient, whatever row it reads); for any other backend its rows are
+    looked up first.
+    """
+    if isinstance(xs, Embedded):
+        takes = getattr(backend, "takes_embedded", None)
+        if takes is not None and takes(cell):
+            if lengths is None:
+                return xs
+            return Embedded(xs.table, jnp.where(sequence_mask(lengths, xs.ids.shape[0], time_major=True), xs.ids, 0))
+        xs = xs.lookup()
+    if lengths is None:
+        return xs
+    return where_valid(sequence_mask(lengths, xs.shape[0], time_major=True), xs)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from jaxrnn.cells import check_carry, check_cell, check_params, expand_bias
 from jaxrnn.checks import check_index, check_inputs, check_key, check_lengths, check_one_of, check_rate, check_static, shape_of
+from jaxrnn.embedded import Embedded, check_embedded
 from jaxrnn.runner import check_impl, rnn
 from jaxrnn.scan import sequence_mask
 
@@ -187,7 +188,9 @@ class Stack:
         Args:
           params: from :meth:`init`.
           xs: ``(B, T, I)`` inputs (``(T, B, I)`` with ``time_major``; ``(T, I)``
-            unbatched).
+            unbatched), or a :class:`jaxrnn.Embedded` ``(table, ids)`` for
+            ``table[ids]``, which the first layer's recurrence may run without
+            forming it (see :func:`jaxrnn.rnn`).
           seq_lengths: ``(B,)`` valid lengths; see :func:`jaxrnn.rnn`. Outputs at
             padded steps are zero in every layer, connections included.
           initial_carry: a tuple with one carry per layer (a ``(forward,
@@ -210,19 +213,24 @@ class Stack:
         """
         check_impl(impl)
         time_major = check_static("time_major", time_major)
-        check_inputs(xs, time_major=time_major)
+        if isinstance(xs, Embedded):
+            check_embedded(xs)
+            lead, features, what = shape_of(xs.ids), shape_of(xs.table)[-1], ("xs.table", shape_of(xs.table))
+        else:
+            check_inputs(xs, time_major=time_major)
+            lead, features, what = xs.shape[:-1], xs.shape[-1], ("xs", shape_of(xs))
         expected_in = self.check_params(params)
         check_key("dropout_key", dropout_key)
-        if xs.shape[-1] != expected_in:
+        if features != expected_in:
             raise ValueError(
-                f"xs: expected last dimension {expected_in} (input_size of params[0].fwd.w_ih), "
-                f"got shape {shape_of(xs)}"
+                f"{what[0]}: expected last dimension {expected_in} (input_size of params[0].fwd.w_ih), "
+                f"got shape {what[1]}"
             )
-        unbatched = xs.ndim == 2
-        batch_shape = () if unbatched else (xs.shape[1] if time_major else xs.shape[0],)
+        unbatched = len(lead) == 1
+        batch_shape = () if unbatched else (lead[1] if time_major else lead[0],)
         if initial_carry is not None:
             self._check_initial_carry(initial_carry, batch_shape)
-        T = xs.shape[0] if (unbatched or time_major) else xs.shape[1]
+        T = lead[0] if (unbatched or time_major) else lead[1]
         mask = None
         if seq_lengths is not None:
             seq_lengths = check_lengths(seq_lengths, batch_shape, T)
@@ -236,6 +244,7 @@ class Stack:
         variational = self.dropout_mode == "variational"
         time_axis = 0 if (unbatched or time_major) else 1
         if keys[-1] is not None and self.input_dropout > 0:
+            xs = xs.lookup() if isinstance(xs, Embedded) else xs
             xs = apply_dropout(keys[-1], xs, self.input_dropout, variational=variational, time_axis=time_axis)
 
         if carry_perturbation is not None and (
@@ -259,6 +268,8 @@ class Stack:
             else:
                 y, final = rnn(self.cell, p.fwd, inputs, initial_carry=carry, carry_perturbation=delta, **run)
             finals.append(final)
+            if isinstance(inputs, Embedded):  # the first layer's rows, for a connection that reads them
+                inputs = inputs.lookup()
             out = self.connect(p, inputs, y)
             if mask is not None:
                 out = jnp.where(mask, out, jnp.zeros((), out.dtype))

@@ -102,6 +102,10 @@ class FFI:
 
         return ffi.rnn_ffi(cell, params, xs, carry0, lengths, reverse, threads=self.threads, split=self.split)
 
+    def takes_embedded(self, cell) -> bool:
+        """Whether this backend runs :class:`~jaxrnn.Embedded` inputs of ``cell`` without looking them up."""
+        return ffi.takes_embedded(cell)
+
 
 def _ffi_is_default(cell, platform):
     """``impl="auto"`` on CPU: a cell :func:`ffi.qualifies` accepts, one visible device, and the library builds here."""

@@ -76,11 +76,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn.cells import GRU, LSTM, Carry, Elman, LSTMCarry, check_cell
+from jaxrnn.embedded import Embedded, in_range
 from jaxrnn.scan import rnn_reference, vary_like, where_valid
 
 Array = jax.Array
 
-__all__ = ["SPLITS", "BuildError", "available", "build", "check_loop_options", "library_path", "qualifies", "rnn_ffi", "team_stats", "unavailable_reason"]
+__all__ = [
+    "SPLITS", "BuildError", "available", "build", "check_loop_options", "library_path", "qualifies", "rnn_ffi",
+    "takes_embedded", "team_stats", "unavailable_reason",
+]
 
 #: The C++ source of the custom calls (shipped with the package).
 SOURCE = Path(__file__).with_name("rnn_cpu.cc")
@@ -306,7 +310,11 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
         or :class:`~jaxrnn.Elman` (see :func:`qualifies`).
       params: ``w_ih`` ``(I, G)``, ``w_hh`` ``(H, G)``, ``b`` ``(G,)`` with
         ``G = num_gates * H``; with ``reset="after"``, the GRU's ``b_hn`` ``(H,)``.
-      xs: ``(T, B, I)`` float32 time-major inputs.
+      xs: ``(T, B, I)`` float32 time-major inputs, or an
+        :class:`~jaxrnn.Embedded` ``(table, ids)`` with a float32 ``table``
+        ``(V, I)`` and ``ids`` ``(T, B)`` standing for ``table[ids]``: the
+        LSTM then projects the table once (``V`` rows) and each step adds its
+        id's row (see :func:`takes_embedded`); other cells look the rows up.
       carry0: the initial carry, float32 leaves ``(B, H)``
         (:class:`~jaxrnn.LSTMCarry` or :class:`~jaxrnn.cells.Carry`).
       lengths: ``(B,)`` int32 valid lengths in ``[0, T]``, or ``None``. Steps
@@ -337,16 +345,26 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
       >>> params = cell.init(jax.random.key(0), 8)
       >>> hs, carry = rnn_ffi(cell, params, jnp.ones((10, 4, 8)), cell.zero_carry(4), None, False)
     """
-    _check(cell, params, xs, carry0, lengths, threads, split)
-    T, B = xs.shape[:2]
+    embedded = isinstance(xs, Embedded) and takes_embedded(cell)
+    if isinstance(xs, Embedded) and not embedded:
+        xs = xs.lookup()
+    shape = (*xs.ids.shape, xs.table.shape[-1]) if embedded else _shape(xs)
+    _check(cell, params, jax.ShapeDtypeStruct(shape, xs.table.dtype if embedded else xs.dtype), carry0, lengths, threads, split)
+    T, B = shape[:2]
     if T == 0 or B == 0:
-        return rnn_reference(cell, params, xs, carry0, lengths, reverse)
+        return rnn_reference(cell, params, xs.lookup() if embedded else xs, carry0, lengths, reverse)
     _load()
     f32 = jnp.float32
     full = lengths is None
     lens = jnp.full((B,), T, jnp.int32) if full else lengths.astype(jnp.int32)
     options = (bool(reverse), _Loop(int(threads or 0), SPLITS.index(split)))
-    if isinstance(cell, LSTM):
+    if embedded:
+        # The projected table (V rows, not T B), a NaN row after it for the ids outside [0, V) (see lookup).
+        V, G = xs.table.shape[0], 4 * cell.hidden_size
+        rows = jnp.concatenate([cell.input_projection(params, xs.table).astype(f32), jnp.full((1, G), jnp.nan, f32)])
+        ids = jnp.where(in_range(xs.ids, V), xs.ids, V).astype(jnp.int32).reshape(T * B)
+        carries, final = _lstm_embedded(*options, params.w_hh.astype(f32), rows, ids, LSTMCarry(*carry0), lens)
+    elif isinstance(cell, LSTM):
         weights = _Weights(*(params[i].astype(f32) for i in range(3)))
         carries, final = _lstm(*options, weights, xs, LSTMCarry(*carry0), lens)
     elif isinstance(cell, GRU):  # the weights' type picks the reset (b_hn: after the matmul)
@@ -360,6 +378,56 @@ def rnn_ffi(cell, params, xs, carry0, lengths, reverse, *, threads: Optional[int
         final = Carry(h_T)
     hs = carries if full else where_valid(jnp.arange(T, dtype=jnp.int32)[:, None] < lens[None, :], carries)
     return hs, final
+
+
+def takes_embedded(cell) -> bool:
+    """Whether :func:`rnn_ffi` runs an :class:`~jaxrnn.Embedded` input of ``cell`` as ids into a projected table.
+
+    The LSTM's forward call takes a table of biases with one id per step and
+    row (its input ``xs`` is then ``(T, B, 0)``): the projection is ``V`` rows
+    instead of ``T B``, and after the backward loop the table's gradient is the
+    sum of the gate gradients per id, not two ``(T B, I)`` products (measured
+    on the character LM's training step: see ``benchmarks/README.md``).
+    """
+    return isinstance(cell, LSTM)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _lstm_embedded(reverse, loop, w_hh, rows, ids, carry0, lengths):
+    _, hs, _, h_T, c_T = _embedded_forward_call(reverse, loop, w_hh, rows, ids, carry0, lengths, save=False)
+    return hs, LSTMCarry(h_T, c_T)
+
+
+def _embedded_forward_call(reverse, loop, w_hh, rows, ids, carry0, lengths, save):
+    """The LSTM's forward call with ``xs`` ``(T, B, 0)`` and the bias ``rows[ids]``: ``z_t = h_{t-1} W_hh + rows[id]``."""
+    B = lengths.shape[0]
+    T = ids.shape[0] // B
+    nothing = jnp.zeros((T, B, 0), jnp.float32)
+    w = _Weights(jnp.zeros((0, w_hh.shape[1]), jnp.float32), w_hh, rows)
+    return _forward_call(reverse, loop, w, nothing, carry0, lengths, save, ids=ids)
+
+
+def _lstm_embedded_fwd(reverse, loop, w_hh, rows, ids, carry0, lengths):
+    a, hs, cs, h_T, c_T = _embedded_forward_call(reverse, loop, w_hh, rows, ids, carry0, lengths, save=True)
+    return (hs, LSTMCarry(h_T, c_T)), (w_hh, rows, ids, carry0, lengths, a, hs, cs)
+
+
+def _lstm_embedded_bwd(reverse, loop, saved, cotangents):
+    w_hh, rows, ids, carry0, lengths, a, hs, cs = saved
+    dz, dh0, dc0 = _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents)
+    T, B, H = hs.shape
+    sd = jax.ShapeDtypeStruct
+    f32 = jnp.float32
+    _, _, dw_hh = _call(
+        "jaxrnn_weight_grads", (sd((0, dz.shape[1]), f32), sd((dz.shape[1],), f32), sd((H, dz.shape[1]), f32)),
+        jnp.zeros((T, B, 0), f32), hs, carry0.h, dz, dz, reverse=reverse, threads=loop.threads,
+    )
+    # The table's gradient: the gate gradients summed per id (padded rows' are zero).
+    drows = jax.ops.segment_sum(dz, ids, num_segments=rows.shape[0], indices_are_sorted=False)
+    return dw_hh, drows, None, LSTMCarry(dh0, dc0), None
+
+
+_lstm_embedded.defvjp(_lstm_embedded_fwd, _lstm_embedded_bwd)
 
 
 class _Loop(NamedTuple):
@@ -426,7 +494,8 @@ def _call(name, outs, *args, aliases=None, **attrs):
     return vary_like(call(*args, **{k: (np.int32(v) if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in attrs.items()}), args[0])
 
 
-def _forward_call(reverse, loop, w, xs, carry0, lengths, save):
+def _forward_call(reverse, loop, w, xs, carry0, lengths, save, ids=None):
+    """The LSTM's forward call; with ``ids`` ``(T B,)``, ``w.b`` is a table of biases, row ``ids[t B + b]`` per step."""
     T, B, _ = xs.shape
     H = w.w_hh.shape[0]
     f32 = jnp.float32
@@ -440,7 +509,7 @@ def _forward_call(reverse, loop, w, xs, carry0, lengths, save):
     )
     return _call(
         "jaxrnn_lstm_fwd", outs, xs, w.w_ih, w.b, w.w_hh, carry0.h, carry0.c, lengths,
-        reverse=reverse, save=save, **loop._asdict(),
+        jnp.zeros((0,), jnp.int32) if ids is None else ids, reverse=reverse, save=save, **loop._asdict(),
     )
 
 
@@ -455,17 +524,22 @@ def _lstm_fwd(reverse, loop, w, xs, carry0, lengths):
     return (hs, LSTMCarry(h_T, c_T)), (w, xs, carry0, lengths, a, hs, cs)
 
 
-def _lstm_bwd(reverse, loop, saved, cotangents):
-    w, xs, carry0, lengths, a, hs, cs = saved
+def _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents):
+    """The LSTM's backward loop: ``(dz, dh0, dc0)``, ``dz`` ``(T B, 4H)`` written over ``a``."""
     dhs, dfinal = cotangents
     B, H = carry0.h.shape
     f32 = jnp.float32
     sd = jax.ShapeDtypeStruct
-    dz, dh0, dc0 = _call(
+    return _call(
         "jaxrnn_lstm_bwd", (sd(a.shape, f32), sd((B, H), f32), sd((B, H), f32)),
-        a, cs, carry0.c, dhs.astype(f32), dfinal.h.astype(f32), dfinal.c.astype(f32), w.w_hh, lengths,
+        a, cs, carry0.c, dhs.astype(f32), dfinal.h.astype(f32), dfinal.c.astype(f32), w_hh, lengths,
         aliases={0: 0}, reverse=reverse, **loop._asdict(),
     )
+
+
+def _lstm_bwd(reverse, loop, saved, cotangents):
+    w, xs, carry0, lengths, a, hs, cs = saved
+    dz, dh0, dc0 = _lstm_backward_call(reverse, loop, w.w_hh, a, cs, carry0, lengths, cotangents)
     dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, carry0.h, w.w_ih, dz, dz)
     return _Weights(dw_ih, dw_hh, db), dxs, LSTMCarry(dh0, dc0), None
 

@@ -5,8 +5,10 @@
 // kernels/ffi.py builds this file on first use (with the jaxlib's FFI headers)
 // and wraps each cell's pair of calls in a custom VJP:
 //
-//   jaxrnn_lstm_fwd(xs, w_ih, b, w_hh, h0, c0, lengths)
+//   jaxrnn_lstm_fwd(xs, w_ih, b, w_hh, h0, c0, lengths, ids)
 //       -> a = [i f g o] (T*B, 4H), h carries (T, B, H), c carries (T, B, H), h_T, c_T
+//       (ids (0,): b is the bias (4H,); ids (T*B,): b is a table (rows, 4H) and step t of
+//       row b adds b[ids[t*B + b]]: an embedding's projected rows, with xs (T, B, 0))
 //   jaxrnn_lstm_bwd(a, c carries, c0, dhs, dh_T, dc_T, w_hh, lengths)
 //       -> dz (T*B, 4H, written over a), dh0, dc0
 //   jaxrnn_gru_fwd(xs, w_ih, b, w_hh, b_hn, h0, lengths)
@@ -638,7 +640,8 @@ void run_split(ffi::ThreadPool& pool, const Dims& d, int K, int gates, int threa
 // ---------------------------------------------------------------------------
 void lstm_forward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
                          const float* w_ih, const float* bias, const float* w, const float* h0, const float* c0,
-                         const int32_t* lengths, float* act_out, float* hs, float* cs, float* hT, float* cT) {
+                         const int32_t* lengths, const int32_t* ids, float* act_out, float* hs, float* cs, float* hT,
+                         float* cT) {
   const int T = d.T, B = d.B, H = d.H, I = d.I, G = 4 * H;
   const bool save = act_out != nullptr;
   const int u0 = part.u0, nu = part.u1 - part.u0;
@@ -668,13 +671,15 @@ void lstm_forward_member(const Part& part, Barrier& barrier, const Dims& d, bool
         if (save) std::memcpy(cs + row * H + u0, crow, sizeof(float) * nu);
         continue;
       }
+      // With ids, the bias is a table: row ids[t, b] holds this input's projection (plus bias).
+      const float* brow = ids != nullptr ? bias + static_cast<size_t>(ids[row]) * G : bias;
       for (int u = 0; u < nu; u += VL) {
         const int m = std::min(VL, nu - u);
         const int gu = u0 + u;
-        const vf zi = load_n(g + u, m) + load_n(bias + gu, m);
-        const vf zf = load_n(g + nu + u, m) + load_n(bias + H + gu, m);
-        const vf zg = load_n(g + 2 * nu + u, m) + load_n(bias + 2 * H + gu, m);
-        const vf zo = load_n(g + 3 * nu + u, m) + load_n(bias + 3 * H + gu, m);
+        const vf zi = load_n(g + u, m) + load_n(brow + gu, m);
+        const vf zf = load_n(g + nu + u, m) + load_n(brow + H + gu, m);
+        const vf zg = load_n(g + 2 * nu + u, m) + load_n(brow + 2 * H + gu, m);
+        const vf zo = load_n(g + 3 * nu + u, m) + load_n(brow + 3 * H + gu, m);
         const vf i = vsigmoid(zi), f = vsigmoid(zf), gg = vtanh(zg), o = vsigmoid(zo);
         const vf cn = f * load_n(crow + u, m) + i * gg;
         const vf hn = o * vtanh(cn);
@@ -1295,8 +1300,8 @@ ffi::Error check_dims(const char* what, ffi::Span<const int64_t> dims, std::init
 
 ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                       ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> hs,
-                       ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hT,
+                       ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> act,
+                       ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hT,
                        ffi::ResultBuffer<ffi::F32> cT, bool reverse, bool save, int32_t threads,
                        int32_t split, ffi::ThreadPool pool) {
   const auto xd = xs.dimensions();
@@ -1306,7 +1311,18 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi
   const Dims d{static_cast<int>(xd[0]), static_cast<int>(xd[1]), static_cast<int>(hd[1]), static_cast<int>(xd[2])};
   const int64_t T = d.T, B = d.B, H = d.H, I = d.I;
   JAXRNN_CHECK(check_dims("w_ih", w_ih.dimensions(), {I, 4 * H}));
-  JAXRNN_CHECK(check_dims("bias", bias.dimensions(), {4 * H}));
+  const int32_t* ids_p = nullptr;
+  if (ids.element_count() == 0) {
+    JAXRNN_CHECK(check_dims("bias", bias.dimensions(), {4 * H}));
+  } else {  // a table of per-input biases: z_t = x_t w_ih + h_{t-1} w_hh + bias[ids[t, b]]
+    const auto bd = bias.dimensions();
+    if (bd.size() != 2 || bd[1] != 4 * H) return ffi::Error::InvalidArgument("bias: expected (rows, 4H) with ids");
+    JAXRNN_CHECK(check_dims("ids", ids.dimensions(), {T * B}));
+    ids_p = ids.typed_data();
+    for (int64_t r = 0; r < T * B; ++r) {
+      if (ids_p[r] < 0 || ids_p[r] >= bd[0]) return ffi::Error::InvalidArgument("ids: expected values in [0, rows of bias)");
+    }
+  }
   JAXRNN_CHECK(check_dims("w_hh", w.dimensions(), {H, 4 * H}));
   JAXRNN_CHECK(check_dims("h0", hd, {B, H}));
   JAXRNN_CHECK(check_dims("c0", c0.dimensions(), {B, H}));
@@ -1327,7 +1343,7 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi
   advise_huge_pages(hs->typed_data(), sizeof(float) * T * B * H);
   run_split(pool, d, d.I + d.H, 4, threads, split, /*caller_works=*/save, [&](const Part& part, Barrier& barrier) {
     lstm_forward_member(part, barrier, d, reverse, xs.typed_data(), w_ih.typed_data(), bias.typed_data(),
-                        w.typed_data(), h0.typed_data(), c0.typed_data(), lengths.typed_data(), act_p,
+                        w.typed_data(), h0.typed_data(), c0.typed_data(), lengths.typed_data(), ids_p, act_p,
                         hs->typed_data(), cs_p, hT->typed_data(), cT->typed_data());
   });
   return ffi::Error::Success();
@@ -1599,6 +1615,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c0
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ids: (T B,) rows of a bias table, or (0,)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // a
                                   .Ret<ffi::Buffer<ffi::F32>>()  // h carries
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c carries

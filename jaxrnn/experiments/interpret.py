@@ -54,6 +54,7 @@ import optax
 
 from jaxrnn.cells import LSTM
 from jaxrnn.data import Vocab, sample_windows, train_val_split
+from jaxrnn.embedded import lookup
 from jaxrnn.experiments import plots
 from jaxrnn.experiments.common import Outcome, format_table, load_text, text_record, state_trajectory, train_loop
 from jaxrnn.models import lm
@@ -214,7 +215,7 @@ def best_unit(units: np.ndarray, feature: np.ndarray):
 # --------------------------------------------------------------------------
 def cell_states(model: lm.LanguageModel, params: lm.LMParams, token_ids) -> np.ndarray:
     """``(T, H)``: the (single-layer LSTM) model's cell state ``c_t`` after each of ``token_ids`` ``(T,)``, from zero."""
-    embedded = lm.embed_tokens(params.embed, jnp.asarray(token_ids)[None])
+    embedded = lookup(params.embed, jnp.asarray(token_ids)[None])
     (_, c), _ = state_trajectory(model.cell, params.rnn[0].fwd, embedded)
     return np.asarray(c[:, 0], np.float64)
 

@@ -62,6 +62,7 @@ import optax
 
 from jaxrnn.cells import check_cell
 from jaxrnn.checks import check_index, check_key, check_lengths, check_rate, shape_of
+from jaxrnn.embedded import Embedded, in_range, lookup
 from jaxrnn.runner import check_impl
 from jaxrnn.stack import Stack
 from jaxrnn import train
@@ -226,11 +227,14 @@ class LanguageModel:
         self._check_params(params)
         check_tokens(tokens, self.vocab_size, "tokens", min_length=1)
         check_key("dropout_key", dropout_key)
-        xs = embed_tokens(params.embed, tokens)
+        # Token ids into the embedding (a backend may project the table instead of every position: see
+        # jaxrnn.embedded); looked up here when the embedded rows are dropped out.
+        xs = Embedded(params.embed, tokens)
         stack_key = None
         if dropout_key is not None:
             embed_key, stack_key = jax.random.split(dropout_key)
-            xs = dropout(embed_key, xs, self.embedding_dropout)
+            if self.embedding_dropout > 0:
+                xs = dropout(embed_key, xs.lookup(), self.embedding_dropout)
         ys, carry = self.stack.apply(
             params.rnn, xs, seq_lengths=seq_lengths, initial_carry=initial_carry, dropout_key=stack_key, impl=self.impl
         )
@@ -275,7 +279,7 @@ class LanguageModel:
     def _step(self, params, carry, tokens, first_xp=None):
         """:meth:`step` without checks; ``first_xp`` ``(B, G)``: the first layer's projected input, if known."""
         stack = self.stack
-        x = embed_tokens(params.embed, tokens)
+        x = lookup(params.embed, tokens)
         new_carry = []
         for i, (layer, c) in enumerate(zip(params.rnn, carry)):
             if i == 0 and first_xp is not None:  # what cell.step does after its input projection
@@ -318,19 +322,6 @@ def dropout(key: Array, x: Array, rate: float) -> Array:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return x * (keep / (1.0 - rate)).astype(x.dtype)
-
-
-def in_range(tokens, vocab_size):
-    """Boolean array: ``0 <= tokens < vocab_size``."""
-    return (tokens >= 0) & (tokens < vocab_size)
-
-
-def embed_tokens(embed: Array, tokens: Array) -> Array:
-    """Rows ``embed[tokens]``, ``(*tokens.shape, E)``; an id outside ``[0, V)`` gets a NaN row
-    (a plain gather would clamp it)."""
-    valid = in_range(tokens, embed.shape[0])
-    rows = jnp.take(embed, jnp.where(valid, tokens, 0), axis=0)
-    return jnp.where(valid[..., None], rows, jnp.asarray(jnp.nan, embed.dtype))
 
 
 def check_tokens(tokens, vocab_size, name, min_length=None):

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn.checks import check_index, check_lengths, shape_of
-from jaxrnn.models.lm import Evaluation, check_split, check_tokens, embed_tokens, in_range, target_mask, token_nll
+from jaxrnn.embedded import in_range, lookup
+from jaxrnn.models.lm import Evaluation, check_split, check_tokens, target_mask, token_nll
 
 Array = jax.Array
 
@@ -137,7 +138,7 @@ class WindowLM:
             if shape_of(context) != (tokens.shape[0], self.window - 1):
                 raise ValueError(f"context: expected shape {(tokens.shape[0], self.window - 1)}, got {shape_of(context)}")
             check_tokens(context, self.vocab_size + 1, "context", min_length=0)
-        x = embed_tokens(params.embed, self.contexts(tokens, context))  # (B, T, n, E)
+        x = lookup(params.embed, self.contexts(tokens, context))  # (B, T, n, E)
         x = x.reshape(*x.shape[:2], self.window * self.embed_size)
         h = jnp.tanh(jnp.matmul(x, params.w_hidden, preferred_element_type=jnp.float32) + params.b_hidden[None, None])
         return jnp.matmul(h, params.w_out.astype(h.dtype), preferred_element_type=jnp.float32) + params.b_out[None, None]

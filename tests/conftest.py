@@ -26,3 +26,24 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def _strict_rank_promotion():
     with jax.numpy_rank_promotion("raise"):
         yield
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, but each notebook execution is a unit of its own.
+
+    A file's tests share a worker (and the programs their module-level setup
+    compiled); the executions of ``tests/notebooks/test_notebooks.py`` are
+    independent Jupyter kernels of one to several minutes each, which one
+    worker would otherwise run one after another while the other sits idle.
+    """
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling  # noqa: PLC0415
+
+    class _NotebooksApart(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            if "::test_notebook_runs[" in nodeid:
+                return nodeid
+            return super()._split_scope(nodeid)
+
+    return _NotebooksApart(config, log)

@@ -402,7 +402,7 @@ def _embedded_forward_call(reverse, loop, w_hh, rows, ids, carry0, lengths, save
     """The LSTM's forward call with ``xs`` ``(T, B, 0)`` and the bias ``rows[ids]``: ``z_t = h_{t-1} W_hh + rows[id]``."""
     B = lengths.shape[0]
     T = ids.shape[0] // B
-    nothing = jnp.zeros((T, B, 0), jnp.float32)
+    nothing = jnp.zeros_like(ids, jnp.float32).reshape(T, B, 1)[:, :, :0]  # varies as ids do (under shard_map)
     w = _Weights(jnp.zeros((0, w_hh.shape[1]), jnp.float32), w_hh, rows)
     return _forward_call(reverse, loop, w, nothing, carry0, lengths, save, ids=ids)
 
@@ -415,12 +415,12 @@ def _lstm_embedded_fwd(reverse, loop, w_hh, rows, ids, carry0, lengths):
 def _lstm_embedded_bwd(reverse, loop, saved, cotangents):
     w_hh, rows, ids, carry0, lengths, a, hs, cs = saved
     dz, dh0, dc0 = _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents)
-    T, B, H = hs.shape
+    H = hs.shape[-1]
     sd = jax.ShapeDtypeStruct
     f32 = jnp.float32
     _, _, dw_hh = _call(
         "jaxrnn_weight_grads", (sd((0, dz.shape[1]), f32), sd((dz.shape[1],), f32), sd((H, dz.shape[1]), f32)),
-        jnp.zeros((T, B, 0), f32), hs, carry0.h, dz, dz, reverse=reverse, threads=loop.threads,
+        hs[:, :, :0], hs, carry0.h, dz, dz, reverse=reverse, threads=loop.threads,
     )
     # The table's gradient: the gate gradients summed per id (padded rows' are zero).
     drows = jax.ops.segment_sum(dz, ids, num_segments=rows.shape[0], indices_are_sorted=False)

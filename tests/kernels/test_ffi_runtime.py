@@ -214,13 +214,22 @@ SHARD_MAP = textwrap.dedent(
         got = sharded(p, xs, lengths)
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    # The LSTM's embedded inputs (ids into a replicated table): gradients of the parameters and the table.
+    table, ids = jax.random.normal(jax.random.key(2), (7, 3)), jax.random.randint(jax.random.key(3), (4, 6), 0, 7)
+    loss = lambda impl: lambda p, t, i, l: jnp.sum(jnp.sin(jaxrnn.rnn(cell, p, jaxrnn.Embedded(t, i), seq_lengths=l, impl=impl)[0]))
+    want = jax.grad(loss("reference"), (0, 1))(p, table, ids, lengths)
+    sharded = shard_map(lambda p, t, i, l: jax.grad(loss("ffi"), (0, 1))(p, t, i, l),
+                        mesh=mesh, in_specs=(P(), P(), P("b"), P("b")), out_specs=P())
+    for g, w in zip(jax.tree.leaves(sharded(p, table, ids, lengths)), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     print("auto with 2 devices:", jaxrnn.kernels.resolve("auto", cell.resolve(jnp.float32), "cpu")[0])
     """
 )
 
 
 def test_under_shard_map():
-    """Per-shard custom calls under ``shard_map`` give the full batch's gradient; ``"auto"`` with two devices is ``xla``."""
+    """Per-shard custom calls under ``shard_map`` give the full batch's gradient (embedded LSTM inputs included);
+    ``"auto"`` with two devices is ``xla``."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", SHARD_MAP], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -106,6 +106,11 @@ class FFI:
         """Whether this backend runs :class:`~jaxrnn.Embedded` inputs of ``cell`` without looking them up."""
         return ffi.takes_embedded(cell)
 
+    def lstm_decode(self, weights, carry, logits0, noise, temperature, *, return_logits=False):
+        """:func:`jaxrnn.kernels.ffi.lstm_decode` with this configuration's ``threads``."""
+        return ffi.lstm_decode(weights, carry, logits0, noise, temperature, return_logits=return_logits,
+                               threads=self.threads)
+
 
 def _ffi_is_default(cell, platform):
     """``impl="auto"`` on CPU: a cell :func:`ffi.qualifies` accepts, one visible device, and the library builds here."""

@@ -82,8 +82,8 @@ from jaxrnn.scan import rnn_reference, vary_like, where_valid
 Array = jax.Array
 
 __all__ = [
-    "SPLITS", "BuildError", "available", "build", "check_loop_options", "library_path", "qualifies", "rnn_ffi",
-    "takes_embedded", "team_stats", "unavailable_reason",
+    "SPLITS", "BuildError", "DecodeWeights", "available", "build", "check_loop_options", "library_path",
+    "lstm_decode", "qualifies", "rnn_ffi", "takes_embedded", "team_stats", "unavailable_reason",
 ]
 
 #: The C++ source of the custom calls (shipped with the package).
@@ -103,6 +103,7 @@ _TARGETS = {
     "jaxrnn_elman_fwd": "JaxrnnElmanForward",
     "jaxrnn_elman_bwd": "JaxrnnElmanBackward",
     "jaxrnn_weight_grads": "JaxrnnWeightGrads",
+    "jaxrnn_lstm_decode": "JaxrnnLstmDecode",
 }
 
 #: The Elman activations the C++ code knows, by the code it knows them by.
@@ -428,6 +429,81 @@ def _lstm_embedded_bwd(reverse, loop, saved, cotangents):
 
 
 _lstm_embedded.defvjp(_lstm_embedded_fwd, _lstm_embedded_bwd)
+
+
+class DecodeWeights(NamedTuple):
+    """A stacked LSTM language model's weights, as :func:`lstm_decode` reads them (float32).
+
+    Attributes:
+      table: ``(V, 4H)`` the first layer's projected input of every token, its bias included
+        (``LanguageModel.first_projections``).
+      w_hh0: ``(H, 4H)`` the first layer's recurrent kernel.
+      upper: per layer above the first, its cell parameters ``(w_ih (H, 4H), w_hh (H, 4H), b (4H,))``
+        (the layer's input is the output of the layer below).
+      w_out: ``(H, V)`` the output kernel.
+      b_out: ``(V,)`` the output bias.
+    """
+
+    table: Array
+    w_hh0: Array
+    upper: tuple
+    w_out: Array
+    b_out: Array
+
+
+def lstm_decode(weights: DecodeWeights, carry, logits0, noise, temperature, *, return_logits: bool = False,
+                threads: Optional[int] = None):
+    r"""Sample ``N`` tokens from a stacked LSTM language model in one custom call (CPU, float32).
+
+    Token :math:`i` of row :math:`b` is :math:`\arg\max_v(\ell_{i,b,v} / \tau + g_{i,b,v})`
+    (a draw from :math:`\mathrm{softmax}(\ell_{i,b} / \tau)` by the Gumbel-max trick; for
+    :math:`\tau \le 0` the argmax of :math:`\ell_{i,b}`; the lowest id among ties, the first NaN
+    if any), where :math:`\ell_0` is given and :math:`\ell_{i+1}` is the model's prediction after
+    feeding token :math:`i` through its layers (``h W_out + b_out`` on the top layer's output).
+    Rows never meet: each of the call's threads runs chunks of rows through all steps with the
+    weights packed once per call, sampling included, with no barrier (``jaxrnn.lm.generate`` calls
+    this for a plain LSTM stack on the ``"ffi"`` backend; see ``benchmarks/README.md`` for the
+    measured gain).
+
+    Args:
+      weights: :class:`DecodeWeights`, all float32.
+      carry: per layer, its :class:`~jaxrnn.LSTMCarry` with leaves ``(B, H)`` (after the prompt).
+      logits0: ``(B, V)`` float32, the prediction token 0 is drawn from.
+      noise: ``(N, B, V)`` float32 standard Gumbel noise, one draw per step.
+      temperature: scalar :math:`\tau` (may be traced).
+      return_logits: also return every step's logits.
+      threads: the most threads the call uses (``None``: XLA's intra-op pool).
+
+    Returns:
+      ``(N, B)`` int32 tokens; with ``return_logits`` also ``(N, B, V)`` float32 logits
+      (``logits[0] == logits0``).
+
+    Example:
+      >>> w = DecodeWeights(model.first_projections(params), params.rnn[0].fwd.w_hh, (), params.w_out, params.b_out)
+      >>> tokens = lstm_decode(w, carry, logits[:, -1], jax.random.gumbel(key, (100, B, V)), 0.8)  # (100, B)
+    """
+    _load()
+    f32 = jnp.float32
+    N, B, V = noise.shape
+    H = weights.w_hh0.shape[0]
+    L = 1 + len(weights.upper)
+    if len(carry) != L:
+        raise ValueError(f"carry: expected {L} per-layer carries (one per layer of weights), got {len(carry)}")
+    if weights.upper:
+        w_up = jnp.stack([jnp.concatenate([w_ih, w_hh]).astype(f32) for w_ih, w_hh, _ in weights.upper])
+        b_up = jnp.stack([b.astype(f32) for _, _, b in weights.upper])
+    else:
+        w_up, b_up = jnp.zeros((0, 2 * H, 4 * H), f32), jnp.zeros((0, 4 * H), f32)
+    h0 = jnp.stack([c.h for c in carry]).astype(f32)
+    c0 = jnp.stack([c.c for c in carry]).astype(f32)
+    sd = jax.ShapeDtypeStruct
+    outs = (sd((N, B), jnp.int32), sd((N, B, V) if return_logits else (0,), f32))
+    tokens, logits = _call(
+        "jaxrnn_lstm_decode", outs, weights.table.astype(f32), weights.w_hh0.astype(f32), w_up, b_up,
+        weights.w_out.astype(f32), weights.b_out.astype(f32), h0, c0, logits0.astype(f32), noise.astype(f32),
+        jnp.reshape(jnp.asarray(temperature, f32), (1,)), save_logits=bool(return_logits), threads=int(threads or 0),
+    )
+    return (tokens, logits) if return_logits else tokens
 
 
 class _Loop(NamedTuple):

@@ -29,6 +29,14 @@
 // dz_h); in XLA: dxs = dz(_x) w_ihᵀ, the GRU's db_hn = Σ dm, and, with the
 // reset before the matmul, its products (dW_hh = [h_prevᵀ dz_{r,u}, qᵀ dz_n]).
 //
+//   jaxrnn_lstm_decode(table, w_hh0, w_up, b_up, w_out, b_out, h0, c0, logits0, noise, temperature)
+//       -> tokens (N, B), logits (N, B, V) or (0,)
+//
+// samples N tokens from a stacked LSTM language model in one call: token i of
+// row b is argmax(logits_i / temperature + noise[i, b]) (the argmax of logits_i
+// when temperature <= 0), and is fed back as the next input (layer 0 reads its
+// projected row of table, bias included); logits_0 is given.
+//
 // Why a custom call: XLA's CPU runtime runs a loop's ops one at a time on one
 // core, and each step of the recurrence is one small matmul and a few
 // elementwise ops. Here the threads of a call split it one of two ways
@@ -321,6 +329,11 @@ struct Scratch {
     }
     return data;
   }
+  Scratch() = default;
+  Scratch(Scratch&& other) noexcept : data(other.data), size(other.size) { other.data = nullptr, other.size = 0; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() { std::free(data); }
   float* data = nullptr;
   size_t size = 0;
 };
@@ -638,6 +651,32 @@ void run_split(ffi::ThreadPool& pool, const Dims& d, int K, int gates, int threa
 // ---------------------------------------------------------------------------
 // Forward.
 // ---------------------------------------------------------------------------
+// One row's LSTM update over nu units: z_k = g[k gs + u] + bias[k H + u] for the
+// gates k = i f g o (g and bias point at the first unit); c (nu units) is updated
+// in place and h written; with act (the row of a at the first unit, gate stride
+// H) and cs, the activations and the new cell state are saved too.
+inline void lstm_units(const float* g, int gs, const float* bias, int H, int nu, float* c, float* h, float* act,
+                       float* cs) {
+  for (int u = 0; u < nu; u += VL) {
+    const int m = std::min(VL, nu - u);
+    const vf zi = load_n(g + u, m) + load_n(bias + u, m);
+    const vf zf = load_n(g + gs + u, m) + load_n(bias + H + u, m);
+    const vf zg = load_n(g + 2 * gs + u, m) + load_n(bias + 2 * H + u, m);
+    const vf zo = load_n(g + 3 * gs + u, m) + load_n(bias + 3 * H + u, m);
+    const vf i = vsigmoid(zi), f = vsigmoid(zf), gg = vtanh(zg), o = vsigmoid(zo);
+    const vf cn = f * load_n(c + u, m) + i * gg;
+    store_n(c + u, cn, m);
+    store_n(h + u, o * vtanh(cn), m);
+    if (act != nullptr) {
+      store_n(cs + u, cn, m);
+      store_n(act + u, i, m);
+      store_n(act + H + u, f, m);
+      store_n(act + 2 * H + u, gg, m);
+      store_n(act + 3 * H + u, o, m);
+    }
+  }
+}
+
 void lstm_forward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, const float* xs,
                          const float* w_ih, const float* bias, const float* w, const float* h0, const float* c0,
                          const int32_t* lengths, const int32_t* ids, float* act_out, float* hs, float* cs, float* hT,
@@ -673,26 +712,7 @@ void lstm_forward_member(const Part& part, Barrier& barrier, const Dims& d, bool
       }
       // With ids, the bias is a table: row ids[t, b] holds this input's projection (plus bias).
       const float* brow = ids != nullptr ? bias + static_cast<size_t>(ids[row]) * G : bias;
-      for (int u = 0; u < nu; u += VL) {
-        const int m = std::min(VL, nu - u);
-        const int gu = u0 + u;
-        const vf zi = load_n(g + u, m) + load_n(brow + gu, m);
-        const vf zf = load_n(g + nu + u, m) + load_n(brow + H + gu, m);
-        const vf zg = load_n(g + 2 * nu + u, m) + load_n(brow + 2 * H + gu, m);
-        const vf zo = load_n(g + 3 * nu + u, m) + load_n(brow + 3 * H + gu, m);
-        const vf i = vsigmoid(zi), f = vsigmoid(zf), gg = vtanh(zg), o = vsigmoid(zo);
-        const vf cn = f * load_n(crow + u, m) + i * gg;
-        const vf hn = o * vtanh(cn);
-        store_n(crow + u, cn, m);
-        store_n(hrow + u, hn, m);
-        if (save) {
-          store_n(cs + row * H + gu, cn, m);
-          store_n(act + gu, i, m);
-          store_n(act + H + gu, f, m);
-          store_n(act + 2 * H + gu, gg, m);
-          store_n(act + 3 * H + gu, o, m);
-        }
-      }
+      lstm_units(g, nu, brow + u0, H, nu, crow, hrow, save ? act + u0 : nullptr, save ? cs + row * H + u0 : nullptr);
     }
     barrier.wait(sense);
   }
@@ -1604,6 +1624,167 @@ ffi::Error WeightGrads(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> hs, ffi::
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// Decoding: a stacked LSTM language model sampling N tokens.
+// ---------------------------------------------------------------------------
+
+// The token argmax_v(logits[v] / tau + noise[v]) (Gumbel-max: a draw from
+// softmax(logits / tau)), or argmax_v logits[v] when greedy; the lowest id
+// among ties, and the first NaN if there is one (as jnp.argmax).
+inline int32_t sample_row(const float* logits, const float* noise, int V, float tau, bool greedy) {
+  int32_t best_id = 0;
+  float best = -INFINITY;
+  for (int v = 0; v < V; ++v) {
+    const float score = greedy ? logits[v] : logits[v] / tau + noise[v];
+    if (std::isnan(score)) return v;
+    if (score > best) {
+      best = score;
+      best_id = v;
+    }
+  }
+  return best_id;
+}
+
+// The decode's weights, packed once per call and read by every thread.
+struct DecodeWeights {
+  int L, B, H, V, N;
+  const float* table;                 // (V, 4H): layer 0's projected input per token, bias included
+  const float* packed0;               // layer 0's w_hh, panels of H x NR
+  int np0;
+  std::vector<const float*> packed;   // layers 1..L-1: [w_ih; w_hh], panels of 2H x NR
+  int np;
+  const float* b;                     // (L - 1, 4H)
+  const float* packed_out;            // w_out, panels of H x NR
+  int np_out;
+  const float* b_out;                 // (V,)
+  const float* h0;                    // (L, B, H)
+  const float* c0;
+  const float* logits0;               // (B, V)
+  const float* noise;                 // (N, B, V)
+  float tau;
+  int32_t* tokens;                    // (N, B)
+  float* logits;                      // (N, B, V) or null
+};
+
+// Rows [b0, b1) through all N steps: sample from the current logits, feed the
+// token through the L layers, project to the next logits. Rows never meet.
+void lstm_decode_rows(const DecodeWeights& w, int b0, int b1) {
+  const int L = w.L, B = w.B, H = w.H, V = w.V, G = 4 * H, nb = b1 - b0;
+  const int ldg = w.np0 * NR, ldv = w.np_out * NR;
+  std::vector<float> h(static_cast<size_t>(L) * nb * H), c(h.size());
+  std::vector<float> gates(static_cast<size_t>(nb) * std::max(ldg, w.np * NR) + NR);
+  std::vector<float> scores(static_cast<size_t>(nb) * ldv + NR);
+  std::vector<int32_t> tok(nb);
+  for (int l = 0; l < L; ++l) {
+    for (int r = 0; r < nb; ++r) {
+      const size_t src = (static_cast<size_t>(l) * B + b0 + r) * H, dst = (static_cast<size_t>(l) * nb + r) * H;
+      std::memcpy(&h[dst], w.h0 + src, sizeof(float) * H);
+      std::memcpy(&c[dst], w.c0 + src, sizeof(float) * H);
+    }
+  }
+  const bool greedy = !(w.tau > 0.0f);
+  for (int i = 0; i < w.N; ++i) {
+    for (int r = 0; r < nb; ++r) {
+      const size_t row = static_cast<size_t>(i) * B + b0 + r;
+      float* lrow = &scores[static_cast<size_t>(r) * ldv];
+      if (i == 0) {
+        std::memcpy(lrow, w.logits0 + static_cast<size_t>(b0 + r) * V, sizeof(float) * V);
+      } else {
+        for (int v = 0; v < V; ++v) lrow[v] += w.b_out[v];
+      }
+      if (w.logits != nullptr) std::memcpy(w.logits + row * V, lrow, sizeof(float) * V);
+      tok[r] = sample_row(lrow, w.noise + row * V, V, w.tau, greedy);
+      w.tokens[row] = tok[r];
+    }
+    if (i + 1 == w.N) break;
+    // Layer 0: z = h w_hh + table[token].
+    float* h_l = &h[0];
+    float* c_l = &c[0];
+    gemm_rows(h_l, H, H, nullptr, 0, 0, nb, w.packed0, w.np0, gates.data(), ldg);
+    for (int r = 0; r < nb; ++r) {
+      lstm_units(&gates[static_cast<size_t>(r) * ldg], H, w.table + static_cast<size_t>(tok[r]) * G, H, H,
+                 c_l + static_cast<size_t>(r) * H, h_l + static_cast<size_t>(r) * H, nullptr, nullptr);
+    }
+    // Layers 1..L-1: z = [h_below h] [w_ih; w_hh] + b.
+    const int ldu = w.np * NR;
+    for (int l = 1; l < L; ++l) {
+      const float* below = &h[static_cast<size_t>(l - 1) * nb * H];
+      h_l = &h[static_cast<size_t>(l) * nb * H];
+      c_l = &c[static_cast<size_t>(l) * nb * H];
+      gemm_rows(below, H, H, h_l, H, H, nb, w.packed[l - 1], w.np, gates.data(), ldu);
+      for (int r = 0; r < nb; ++r) {
+        lstm_units(&gates[static_cast<size_t>(r) * ldu], H, w.b + static_cast<size_t>(l - 1) * G, H, H,
+                   c_l + static_cast<size_t>(r) * H, h_l + static_cast<size_t>(r) * H, nullptr, nullptr);
+      }
+    }
+    // The next logits (their bias is added above, before they are read).
+    gemm_rows(h_l, H, H, nullptr, 0, 0, nb, w.packed_out, w.np_out, scores.data(), ldv);
+  }
+}
+
+// Rows per chunk of a decode: few chunks, so that each streams the weights for
+// as many rows as it can (a thread's chunk of 16 rows reads each panel for two
+// register blocks of rows).
+constexpr int kDecodeChunksPerThread = 1;
+
+ffi::Error LstmDecode(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_hh0, ffi::Buffer<ffi::F32> w_up,
+                      ffi::Buffer<ffi::F32> b_up, ffi::Buffer<ffi::F32> w_out, ffi::Buffer<ffi::F32> b_out,
+                      ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> logits0,
+                      ffi::Buffer<ffi::F32> noise, ffi::Buffer<ffi::F32> temperature,
+                      ffi::ResultBuffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::F32> logits, bool save_logits,
+                      int32_t threads, ffi::ThreadPool pool) {
+  const auto hd = h0.dimensions(), nd = noise.dimensions();
+  if (hd.size() != 3) return ffi::Error::InvalidArgument("h0: expected rank 3 (L, B, H)");
+  if (nd.size() != 3) return ffi::Error::InvalidArgument("noise: expected rank 3 (N, B, V)");
+  const int64_t L = hd[0], B = hd[1], H = hd[2], N = nd[0], V = nd[2];
+  JAXRNN_CHECK(check_dims("table", table.dimensions(), {V, 4 * H}));
+  JAXRNN_CHECK(check_dims("w_hh0", w_hh0.dimensions(), {H, 4 * H}));
+  JAXRNN_CHECK(check_dims("w_up", w_up.dimensions(), {L - 1, 2 * H, 4 * H}));
+  JAXRNN_CHECK(check_dims("b_up", b_up.dimensions(), {L - 1, 4 * H}));
+  JAXRNN_CHECK(check_dims("w_out", w_out.dimensions(), {H, V}));
+  JAXRNN_CHECK(check_dims("b_out", b_out.dimensions(), {V}));
+  JAXRNN_CHECK(check_dims("c0", c0.dimensions(), {L, B, H}));
+  JAXRNN_CHECK(check_dims("logits0", logits0.dimensions(), {B, V}));
+  JAXRNN_CHECK(check_dims("noise", nd, {N, B, V}));
+  JAXRNN_CHECK(check_dims("temperature", temperature.dimensions(), {1}));
+  JAXRNN_CHECK(check_dims("tokens", tokens->dimensions(), {N, B}));
+  if (save_logits) JAXRNN_CHECK(check_dims("logits", logits->dimensions(), {N, B, V}));
+  if (L < 1 || N < 1 || B < 1 || V < 1) return ffi::Error::Success();
+  DecodeWeights w;
+  w.L = L, w.B = B, w.H = H, w.V = V, w.N = N;
+  w.table = table.typed_data();
+  Scratch s0, s_out;
+  std::vector<Scratch> s_up(L - 1);
+  w.packed0 = pack_columns(s0, nullptr, 0, w_hh0.typed_data(), H, 4 * H, 0, 1, 4 * H, 0, 4 * H, &w.np0);
+  w.np = 0;
+  for (int l = 1; l < L; ++l) {
+    const float* wl = w_up.typed_data() + static_cast<size_t>(l - 1) * 2 * H * 4 * H;
+    w.packed.push_back(pack_columns(s_up[l - 1], wl, 2 * H, nullptr, 0, 4 * H, 0, 1, 4 * H, 0, 4 * H, &w.np));
+  }
+  w.b = b_up.typed_data();
+  w.packed_out = pack_columns(s_out, w_out.typed_data(), H, nullptr, 0, V, 0, 1, V, 0, V, &w.np_out);
+  w.b_out = b_out.typed_data();
+  w.h0 = h0.typed_data();
+  w.c0 = c0.typed_data();
+  w.logits0 = logits0.typed_data();
+  w.noise = noise.typed_data();
+  w.tau = temperature.typed_data()[0];
+  w.tokens = tokens->typed_data();
+  w.logits = save_logits ? logits->typed_data() : nullptr;
+  int n = static_cast<int>(pool.num_threads());
+  if (threads > 0) n = std::min(n, static_cast<int>(threads));
+  const int count = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, B / kMinChunkRows),
+                                                        std::max(1, n) * kDecodeChunksPerThread));
+  const int members = std::min(n, count);
+  if (members <= 1) {
+    lstm_decode_rows(w, 0, B);
+    return ffi::Error::Success();
+  }
+  run_row_chunks(pool, members, count, B, H, /*caller_works=*/false,
+                 [&](const Part& part, Barrier&) { lstm_decode_rows(w, part.b0, part.b1); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForward,
@@ -1767,3 +1948,22 @@ extern "C" void jaxrnn_rnn_cpu_team_stats(int64_t* out) {
   out[0] = team_calls.load(std::memory_order_relaxed);
   out[1] = short_handed_calls.load(std::memory_order_relaxed);
 }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmDecode, LstmDecode,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // table (V, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh0 (H, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_up (L - 1, 2H, 4H): [w_ih; w_hh] per upper layer
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_up (L - 1, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_out (H, V)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_out (V,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0 (L, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0 (L, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // logits0 (B, V)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // noise (N, B, V)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // temperature (1,)
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // tokens (N, B)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // logits (N, B, V) or (0,)
+                                  .Attr<bool>("save_logits")
+                                  .Attr<int32_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());

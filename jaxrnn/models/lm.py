@@ -60,10 +60,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrnn.cells import check_cell
+from jaxrnn.cells import LSTM, check_cell
 from jaxrnn.checks import check_index, check_key, check_lengths, check_rate, shape_of
 from jaxrnn.embedded import Embedded, in_range, lookup
-from jaxrnn.runner import check_impl
+from jaxrnn.kernels.ffi import DecodeWeights
+from jaxrnn.runner import check_impl, resolve_backend
 from jaxrnn.stack import Stack
 from jaxrnn import train
 from jaxrnn.train.clipping import ClippedOptimizer, split_clipping
@@ -788,6 +789,23 @@ NOISE_PREDRAW_BYTES = 32 * 2**20
 FIRST_PROJECTIONS_MAX_BYTES = 64 * 2**20
 
 
+def _decode_kernel(model, params, table, plain_sampling):
+    """The backend's whole-decode kernel (``lstm_decode``) where it computes this model's decode, else ``None``.
+
+    It does for a float32 LSTM stack without connections between layers on a backend that has one (the
+    ``"ffi"`` backend on CPU), when the first layer reads the projected table and the sampling is plain
+    (predrawn noise, no top-k or top-p).
+    """
+    stack = model.stack
+    if table is None or not plain_sampling or stack.connection is not None or not isinstance(stack.cell, LSTM):
+        return None
+    leaves = (params.embed, params.b_out, *jax.tree_util.tree_leaves(params.rnn))
+    if any(leaf.dtype != jnp.float32 for leaf in leaves) or (params.w_out is not None and params.w_out.dtype != jnp.float32):
+        return None
+    _, backend = resolve_backend(model.impl, stack.cell.resolve(jnp.float32))
+    return getattr(backend, "lstm_decode", None)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4, 8))
 def _generate(model, params, key, prompt, length, temperature, top_k, top_p, return_logits):
     logits, carry = model.apply(params, prompt)
@@ -807,6 +825,16 @@ def _generate(model, params, key, prompt, length, temperature, top_k, top_p, ret
     table = None
     if V <= length * B and V * model.stack.cell.gate_size * 4 <= FIRST_PROJECTIONS_MAX_BYTES:
         table = model.first_projections(params)
+
+    decode = _decode_kernel(model, params, table, xs is not keys and top_k is None and top_p is None)
+    if decode is not None:
+        weights = DecodeWeights(table, params.rnn[0].fwd.w_hh, tuple(tuple(layer.fwd[:3]) for layer in params.rnn[1:]),
+                                params.embed.T if params.w_out is None else params.w_out, params.b_out)
+        out = decode(weights, carry, logits[:, -1], xs, temperature, return_logits=return_logits)
+        if not return_logits:
+            return out.T.astype(prompt.dtype), None
+        tokens, step_logits = out
+        return tokens.T.astype(prompt.dtype), jnp.swapaxes(step_logits, 0, 1)
 
     def body(state, x_t):
         carry, logits = state

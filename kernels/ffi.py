@@ -31,6 +31,12 @@ cache for all steps and meets at one barrier per step. The products over all
   1.08–1.5× faster (median) with the call (Elman B=64 T=50 H=64: 1.5×; LSTM
   B=32 T=200 H=64: 1.08×; the base point B=32 T=256 I=128 H=256: 1.08×).
 
+Decoding: ``jaxrnn_lstm_decode`` (:func:`lstm_decode`) samples a stacked
+LSTM language model's tokens in one call, feeding each back (the first
+layer's input read from a projected table); each thread runs chunks of rows
+through every step, sampling included, with no barrier. ``jaxrnn.lm.generate``
+takes it for a plain float32 LSTM stack.
+
 Scope: in float32 (``xs`` float32, ``compute_dtype`` ``None`` or float32;
 parameters of another float dtype are cast, and their gradients cast back),
 :class:`~jaxrnn.LSTM`, :class:`~jaxrnn.GRU` with either reset (``"before"``

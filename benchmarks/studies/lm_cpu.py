@@ -707,7 +707,7 @@ METHOD = (
     "jax.block_until_ready for jaxrnn. Training: jaxrnn's jitted lm.make_train_step(model, lm.make_optimizer(lr, clip)) "
     "(what jaxrnn.train.fit runs per step, without fit's host bookkeeping and params-finite check) on a NumPy batch vs "
     "PyTorch's zero_grad / cross_entropy / backward / clip_grad_norm_ / Adam.step; tokens/s = batch*window / median step "
-    "time. Generation: lm.generate (lax.scan in one jit, argument checks included; compilation reported apart and "
+    "time. Generation: lm.generate (one jit: the prompt, then the decode, with the ffi backend one custom call, kernels.ffi.lstm_decode; argument checks included; compilation reported apart and "
     "excluded) vs a torch.no_grad() loop of one model call per token with the carried (h, c), softmax + "
     "torch.multinomial; tokens/s = batch*length / median call time, ms/token = median / length. Ratio = jaxrnn tokens/s "
     "over PyTorch's."

@@ -879,6 +879,15 @@ def generate(
     ``top_k`` / ``top_p``) does not recompile, whatever the key, temperature,
     ``top_k`` or ``top_p`` values.
 
+    On the ``"ffi"`` backend (``impl="auto"`` on CPU), a float32 LSTM stack
+    without connections between its layers, sampled with neither ``top_k`` nor
+    ``top_p``, decodes in one C++ call (:func:`jaxrnn.kernels.ffi.lstm_decode`:
+    each thread runs its rows through every step and samples them itself;
+    1.5x the scan's tokens/s at batch 32 for the character LSTM, see
+    ``benchmarks/README.md``). It draws from the same noise and logits to
+    float32 rounding, so the tokens are the scan's but where two candidates'
+    scores tie to within that rounding.
+
     Args:
       model: the :class:`LanguageModel`.
       params: its parameters.

@@ -32,9 +32,10 @@ def _params(model, seed):
 def _python_loop(model, params, key, prompt, length, temperature):
     """Reference: the prompt through ``model.step``, then ``length`` draws of ``jax.random.categorical`` on
     ``logits / temperature`` with ``jax.random.split(key, length)[i]`` (the argmax for temperature 0)."""
+    step = jax.jit(model.step)  # one compilation, not an op-by-op dispatch per step
     carry = model.zero_carry((prompt.shape[0],))
     for t in range(prompt.shape[1]):
-        carry, logits = model.step(params, carry, prompt[:, t])
+        carry, logits = step(params, carry, prompt[:, t])
     tokens, seen = [], []
     for k in jax.random.split(key, length):
         seen.append(np.asarray(logits))
@@ -43,7 +44,7 @@ def _python_loop(model, params, key, prompt, length, temperature):
         else:
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         tokens.append(np.asarray(token))
-        carry, logits = model.step(params, carry, token)
+        carry, logits = step(params, carry, token)
     return np.stack(tokens, axis=1), np.stack(seen, axis=1)
 
 

@@ -167,6 +167,22 @@ def rnn_xla(cell, params, xs, carry0, lengths, reverse, *, projection="auto", pl
     return _recurrence(cell, bool(reverse), projection == "in_loop", params, xs, carry0, mask)
 
 
+def _walk(T, reverse):
+    """``(first, step)``: the step a loop over ``T`` steps starts at and its stride (``T - 1, -1`` in reverse).
+
+    As int32 scalars behind an optimization barrier, not constants, so that
+    the loop bodies of both directions are one program: XLA's CPU compiler
+    compiles each distinct fusion kernel once per executable, and with
+    constants the kernels that index the stacked arrays by step differed
+    between the directions. Measured (the optimized HLO of a bidirectional 2-layer GRU stack's
+    fwd+bwd, B=16 T=64 H=128, padded): 51 distinct fusion kernels against 59;
+    its compile time, 1.0-1.6 s on 2 cores, falls by about 0.05 s (within the
+    noise of single compiles). The run time is unchanged.
+    """
+    first, step = (T - 1, -1) if reverse else (0, 1)
+    return lax.optimization_barrier((jnp.int32(first), jnp.int32(step)))
+
+
 def _index(tree, t):
     return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, t, keepdims=False), tree)
 
@@ -221,7 +237,7 @@ def _forward(cell, reverse, w_hh, b_hn, xp, bias, carry0, mask, save):
         outs = (tuple(map(zeros, res_shapes[int(reuse) :])), jax.tree.map(zeros, carry0))
     else:
         outs = zeros(h_shape)
-    first, step = (T - 1, -1) if reverse else (0, 1)
+    first, step = _walk(T, reverse)
 
     def body(i, state):
         carry, xp_t, xp_buf, outs = state
@@ -261,7 +277,7 @@ def _forward_in_loop(cell, reverse, params, xs, carry0, mask):
     _, h_shape, _ = jax.eval_shape(
         lambda c, x: gates.forward(cell, weights, c, cell.input_projection(params, x)), carry0, xs[0]
     )
-    first, step = (T - 1, -1) if reverse else (0, 1)
+    first, step = _walk(T, reverse)
 
     def body(i, state):
         carry, hs = state
@@ -332,8 +348,8 @@ def _recurrence_bwd(cell, reverse, in_loop, saved, cotangents):
     T = dhs.shape[0]
     weights = gates.prepare(cell, _Params(w_hh, b_hn), dhs.dtype)
     reuse = _reuses_input_buffer(cell)
-    first_f, step_f = (T - 1, -1) if reverse else (0, 1)
-    first, step = (0, 1) if reverse else (T - 1, -1)  # the backward walks the other way
+    first_f, step_f = _walk(T, reverse)
+    first, step = _walk(T, not reverse)  # the backward walks the other way
 
     def load(bufs, t):
         """Step ``t``'s inputs, copied out of the stacks one iteration ahead.

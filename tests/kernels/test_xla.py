@@ -160,6 +160,44 @@ def test_no_retrace(monkeypatch):
     assert len(traces) == second, "an equal cell with equal shapes retraced the forward"
 
 
+def _loop_bodies(jaxpr):
+    """The bodies of every loop (``scan``, ``while``) in ``jaxpr``, nested jaxprs included, printed, in order."""
+    bodies = []
+    for eqn in jaxpr.eqns:
+        for key, value in eqn.params.items():
+            sub = getattr(value, "jaxpr", value)  # a ClosedJaxpr's jaxpr
+            if not isinstance(sub, jax.extend.core.Jaxpr):
+                continue
+            if (eqn.primitive.name, key) in (("scan", "jaxpr"), ("while", "body_jaxpr")):
+                bodies.append(str(sub))
+            bodies.extend(_loop_bodies(sub))
+    return bodies
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru_after"])
+def test_directions_share_loop_bodies(name):
+    """The forward and backward time loops are the same program in both directions.
+
+    The direction enters the loops as operands, not constants, so XLA compiles
+    a bidirectional layer's loop kernels once (kernels/xla.py, ``_walk``): with
+    constants, the bodies printed here differ by the literals ``T - 1`` and ``-1``.
+    """
+    cell, params, xs, carry0 = _problem(name, jnp.float32)
+    cell = cell.resolve(jnp.float32)
+    xs_tm = jnp.swapaxes(xs, 0, 1)
+
+    def bodies(reverse):
+        def loss(p, x):
+            hs, _ = xla.rnn_xla(cell, p, x, carry0, jnp.asarray(LENGTHS), reverse, projection="hoisted")
+            return jnp.sum(hs)
+
+        return _loop_bodies(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, xs_tm).jaxpr)
+
+    forward, backward = bodies(False), bodies(True)
+    assert len(forward) == 2  # the forward loop and the backward loop
+    assert forward == backward
+
+
 def test_empty_sequence():
     """``T = 0``: zero outputs, the initial carry back, and its gradient passed through."""
     cell, params, xs, carry0 = _problem("lstm", jnp.float32)

@@ -85,6 +85,10 @@ class FFI:
         batch, no barrier), ``"units"`` (a team over the hidden units, one
         barrier per step) or ``"auto"`` (rows when the weights take at most a
         few MiB; see :func:`~jaxrnn.kernels.ffi.rnn_ffi`).
+      projection: where the LSTM's saving forward computes ``x_t W_ih``:
+        ``"hoisted"`` (every step before the loop), ``"in_loop"`` or
+        ``"auto"`` (hoisted for weights beyond a core's L2; see
+        :func:`~jaxrnn.kernels.ffi.rnn_ffi`). Bit-identical results.
 
     Example:
       >>> ys, carry = jaxrnn.rnn(jaxrnn.LSTM(16), params, xs, impl=FFI(threads=1))
@@ -92,15 +96,17 @@ class FFI:
 
     threads: Optional[int] = None
     split: str = "auto"
+    projection: str = "auto"
     name: ClassVar[str] = "ffi"
 
     def __post_init__(self):
 
-        ffi.check_loop_options(self.threads, self.split, owner="FFI.")
+        ffi.check_loop_options(self.threads, self.split, owner="FFI.", projection=self.projection)
 
     def __call__(self, cell, params, xs, carry0, lengths, reverse):
 
-        return ffi.rnn_ffi(cell, params, xs, carry0, lengths, reverse, threads=self.threads, split=self.split)
+        return ffi.rnn_ffi(cell, params, xs, carry0, lengths, reverse, threads=self.threads, split=self.split,
+                           projection=self.projection)
 
     def takes_embedded(self, cell) -> bool:
         """Whether this backend runs :class:`~jaxrnn.Embedded` inputs of ``cell`` without looking them up."""

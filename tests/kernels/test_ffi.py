@@ -132,6 +132,38 @@ def test_large_buffers_match_xla(kind):
         assert_close(got, want, scale=4.0 if kind == "elman" else 2.0, err_msg=f"split={split}")
 
 
+@pytest.mark.parametrize("options", [{"split": "rows"}, {"threads": 1}], ids=["rows", "one-thread"])
+def test_hoisted_projection_is_bit_identical(options):
+    """The LSTM's saving forward with every step's input projected before its loop (``projection="hoisted"``)
+    gives the in-loop results bit for bit, and the reference's within tolerance.
+
+    Hidden 40 (160 gate columns: five whole 32-column panels, as hoisting needs; 3 blocks of 16 units
+    with a partial last one), 17 rows (a chunk of 8 and one of 9: a 1-row tail), padded rows in both
+    directions. The in-loop results are the grid's (``test_matches_reference``); the GRU, the Elman RNN
+    and the embedded LSTM ignore the option.
+    """
+    cell, params, xs, carry0, lens = problem(17, 6, 40, 6, seed=3)
+    for lengths, reverse in [(None, False), (lens, True), (lens, False)]:
+        msg = f"{options} lengths={lengths is not None} reverse={reverse}"
+        args = (cell, params, xs, carry0, lengths, reverse, jax.random.key(8))
+        hoisted = outputs_and_vjp(kernels.FFI(projection="hoisted", **options), *args)
+        in_loop = outputs_and_vjp(kernels.FFI(projection="in_loop", **options), *args)
+        for got, want in zip(jax.tree.leaves(hoisted), jax.tree.leaves(in_loop)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=msg)
+        ys, final, grads, _ = hoisted
+        ys_r, final_r, grads_r, _ = outputs_and_vjp("reference", *args)
+        assert_close((ys, final), (ys_r, final_r), err_msg=msg)
+        assert_close(grads, grads_r, scale=2.0, err_msg=msg)
+
+
+def test_projection_option_is_checked():
+    with pytest.raises(ValueError, match=r"FFI.projection: expected one of \('auto', 'in_loop', 'hoisted'\), got 'early'"):
+        kernels.FFI(projection="early")
+    cell, params, xs, carry0, _ = problem(*SHAPES[0])
+    with pytest.raises(ValueError, match="projection: expected one of"):
+        ffi.rnn_ffi(cell.resolve(jnp.float32), params, jnp.swapaxes(xs, 0, 1), carry0, None, False, projection=None)
+
+
 def test_saturated_gates_count_exactly():
     """The counting experiment's hand-set LSTM (gate pre-activations of ±50): its sigmoids and tanhs
     saturate to exactly 0 and ±1, so the cell state counts exactly, as with the reference."""

@@ -1247,43 +1247,34 @@ void elman_backward_member(const Part& part, Barrier& barrier, const Dims& d, bo
 // (measured alone, 2 cores, fastest of 300 calls: T B = 6400, I + H = 80,
 // G = 256: 1.6 against 2.1 ms with XLA's shift, dots and sum; the base point's
 // 8192 rows, 384 x 1024: 36 against 40 ms). Threads take groups of 32-column
-// output panels (no reduction between them).
+// output panels (no reduction between them). Each block of the A operand is
+// packed tile-major first (pack_grad_rows): the character LM's second layer
+// (4096 rows, 512 x 1024), medians of 40 calls in alternating processes, 25.9
+// and 27.8 against 31.3 and 33.5 ms unpacked (XLA's dots of the same product:
+// 26.8-31.9 ms); blocks of 256 rows were no faster.
 constexpr int kGradRowBlock = 128;  // rows of dz per block: a packed 128 x 32 block is 16 KiB (L1)
 constexpr double kMinGradSplitFlops = 1.0e6;
 
-// acc (R rows of 32 columns, row stride 32) += aᵀ b: a K rows of stride lda, R columns; b K x 32, packed.
-template <int R>
-inline void grad_tile(const float* a, int lda, int K, const float* b, float* acc) {
-  vf c0[R], c1[R];
-  for (int r = 0; r < R; ++r) {
+// acc (MR rows of 32 columns, row stride 32) += aᵀ b over K rows: a packed K x MR (MR consecutive floats a
+// row: the block's A operand, tile-major, see pack_grad_rows), b packed K x 32.
+inline void grad_tile(const float* a, int K, const float* b, float* acc) {
+  vf c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) {
     c0[r] = load(acc + r * NR);
     c1[r] = load(acc + r * NR + VL);
   }
   for (int k = 0; k < K; ++k) {
     const vf b0 = load(b + k * NR), b1 = load(b + k * NR + VL);
-    const float* ak = a + static_cast<size_t>(k) * lda;
-    for (int r = 0; r < R; ++r) {
+    const float* ak = a + static_cast<size_t>(k) * MR;
+    for (int r = 0; r < MR; ++r) {
       c0[r] += ak[r] * b0;
       c1[r] += ak[r] * b1;
     }
   }
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < MR; ++r) {
     store(acc + r * NR, c0[r]);
     store(acc + r * NR + VL, c1[r]);
   }
-}
-
-// acc (M x 32) += aᵀ b over K rows: a's M columns in register tiles of MR.
-void grad_rows(const float* a, int lda, int M, int K, const float* b, float* acc) {
-  int r = 0;
-  for (; r + MR <= M; r += MR) grad_tile<MR>(a + r, lda, K, b, acc + r * NR);
-#define JAXRNN_TAIL(R) \
-  case R: grad_tile<R>(a + r, lda, K, b, acc + r * NR); break;
-  switch (M - r) {
-    JAXRNN_TAIL(7) JAXRNN_TAIL(6) JAXRNN_TAIL(5) JAXRNN_TAIL(4) JAXRNN_TAIL(3) JAXRNN_TAIL(2) JAXRNN_TAIL(1)
-    default: break;
-  }
-#undef JAXRNN_TAIL
 }
 
 // Rows [k0, k1) of dz's columns [col, col + m) into a zero-padded block of 32 columns; sum += each row.
@@ -1308,36 +1299,54 @@ struct GradOperands {
   float *dw_ih, *db, *dw_hh;
 };
 
+// Row k of the A operand of [dW_ih; db] (input: x_k) or of dW_hh (p_k = hs[k - B] forward, hs[k + B]
+// reversed, and h0 for the rows of the walk's first step).
+inline const float* grad_operand_row(const GradOperands& o, bool input, int k) {
+  if (input) return o.xs + static_cast<size_t>(k) * o.I;
+  const int first0 = o.reverse ? (o.T - 1) * o.B : 0;
+  if (k >= first0 && k < first0 + o.B) return o.h0 + static_cast<size_t>(k - first0) * o.H;
+  return o.hs + (static_cast<size_t>(k) + (o.reverse ? o.B : -o.B)) * o.H;
+}
+
+// Rows [k0, k1) of the A operand (M columns) into tiles of MR columns, each (k1 - k0) x MR with its MR
+// values of a row consecutive (the last tile zero-padded): grad_tile then reads one short run per row
+// instead of MR floats of a row M apart from the next row's (strides of a page every few rows, which
+// the prefetchers do not follow).
+void pack_grad_rows(const GradOperands& o, bool input, int M, int k0, int k1, float* apack) {
+  const int kb = k1 - k0, tiles = (M + MR - 1) / MR;
+  for (int k = k0; k < k1; ++k) {
+    const float* src = grad_operand_row(o, input, k);
+    for (int t = 0; t < tiles; ++t) {
+      float* dst = apack + (static_cast<size_t>(t) * kb + (k - k0)) * MR;
+      const int m = std::min(MR, M - t * MR);
+      std::memcpy(dst, src + t * MR, sizeof(float) * m);
+      if (m < MR) std::memset(dst + m, 0, sizeof(float) * (MR - m));
+    }
+  }
+}
+
 // Panels [p0, p1) of 32 output columns of [dW_ih; db] (input) or of dW_hh: blocks of rows outermost, so
-// that a block of the A operand (x or h_{t-1}: kGradRowBlock x M) is read from memory once for all the panels.
+// that a block of the A operand (x or h_{t-1}: kGradRowBlock x M) is read from memory, and packed, once
+// for all the panels.
 void grad_panels(const GradOperands& o, bool input, int p0, int p1) {
   const int G = input ? o.Gx : o.Gh, M = input ? o.I : o.H, K = o.T * o.B, np = p1 - p0;
   if (np <= 0) return;
+  const int tiles = (M + MR - 1) / MR, Mpad = tiles * MR;
   const float* dz = input ? o.dzx : o.dzh;
   float* block = scratch(0).get(static_cast<size_t>(kGradRowBlock) * NR);
-  float* acc = scratch(1).get(static_cast<size_t>(np) * std::max(M, 1) * NR);
-  std::fill(acc, acc + static_cast<size_t>(np) * M * NR, 0.0f);
+  float* acc = scratch(1).get(static_cast<size_t>(np) * std::max(Mpad, 1) * NR);
+  float* apack = scratch(2).get(static_cast<size_t>(kGradRowBlock) * std::max(Mpad, 1));
+  std::fill(acc, acc + static_cast<size_t>(np) * Mpad * NR, 0.0f);
   std::vector<vf> sums(2 * np, splat(0.0f));
-  // The rows whose previous carry is h0, not a row of hs.
-  const int first0 = o.reverse ? (o.T - 1) * o.B : 0, first1 = first0 + o.B;
   for (int k0 = 0; k0 < K; k0 += kGradRowBlock) {
-    const int k1 = std::min(K, k0 + kGradRowBlock);
+    const int k1 = std::min(K, k0 + kGradRowBlock), kb = k1 - k0;
+    pack_grad_rows(o, input, M, k0, k1, apack);
     for (int j = 0; j < np; ++j) {
       const int col = (p0 + j) * NR, m = std::min(NR, G - col);
-      float* accj = acc + static_cast<size_t>(j) * M * NR;
+      float* accj = acc + static_cast<size_t>(j) * Mpad * NR;
       pack_grad_block(dz, G, k0, k1, col, m, block, input ? &sums[2 * j] : nullptr);
-      if (input) {
-        grad_rows(o.xs + static_cast<size_t>(k0) * M, M, M, k1 - k0, block, accj);
-        continue;
-      }
-      // Rows of hs: p_k = hs[k - B] (forward) or hs[k + B] (reversed); rows of h0: h0[k - first0].
-      for (int k = k0; k < k1;) {
-        const bool from_h0 = k >= first0 && k < first1;
-        const int end = from_h0 ? std::min(k1, first1) : (k < first0 ? std::min(k1, first0) : k1);
-        const float* a = from_h0 ? o.h0 + static_cast<size_t>(k - first0) * M
-                                 : o.hs + (static_cast<size_t>(k) + (o.reverse ? o.B : -o.B)) * M;
-        grad_rows(a, M, M, end - k, block + static_cast<size_t>(k - k0) * NR, accj);
-        k = end;
+      for (int t = 0; t < tiles; ++t) {
+        grad_tile(apack + static_cast<size_t>(t) * kb * MR, kb, block, accj + static_cast<size_t>(t) * MR * NR);
       }
     }
   }
@@ -1345,7 +1354,7 @@ void grad_panels(const GradOperands& o, bool input, int p0, int p1) {
   for (int j = 0; j < np; ++j) {
     const int col = (p0 + j) * NR, m = std::min(NR, G - col);
     for (int r = 0; r < M; ++r) {
-      std::memcpy(out + static_cast<size_t>(r) * G + col, acc + (static_cast<size_t>(j) * M + r) * NR, sizeof(float) * m);
+      std::memcpy(out + static_cast<size_t>(r) * G + col, acc + (static_cast<size_t>(j) * Mpad + r) * NR, sizeof(float) * m);
     }
     if (input) {
       float tmp[NR];

@@ -15,7 +15,9 @@ cache for all steps and meets at one barrier per step. The products over all
   themselves (no ``(T, B, G)`` projection is stored) and save what the
   backward needs: the LSTM's gate activations ``a = [i, f, g, o]`` and cell
   states, the GRU's ``a = [r, u, n]`` and ``m = h_{t-1} W_hn + b_hn``, the
-  Elman RNN's outputs only;
+  Elman RNN's outputs only. The LSTM's saving forward with weights beyond a
+  core's L2 projects every step's input before its loop instead, into the
+  rows of ``a`` (``projection``, see :func:`rnn_ffi`);
 * backward: ``jaxrnn_{lstm,gru,elman}_bwd`` walk back through time writing
   the gate pre-activation cotangents ``dz`` (over ``a`` where there is one);
   then ``jaxrnn_weight_grads`` computes :math:`\bar W_{ih} = \sum_t x_t^\top dz_t`,

@@ -84,7 +84,9 @@ class FFI:
       split: how those threads share a loop: ``"rows"`` (chunks of the
         batch, no barrier), ``"units"`` (a team over the hidden units, one
         barrier per step) or ``"auto"`` (rows when the weights take at most a
-        few MiB; see :func:`~jaxrnn.kernels.ffi.rnn_ffi`).
+        few MiB; see :func:`~jaxrnn.kernels.ffi.rnn_ffi`). The language
+        model's decode (:func:`~jaxrnn.kernels.ffi.lstm_decode`) reads it too
+        (``"auto"`` there: units for 512 KiB of weights or more, at most 64 rows).
       projection: where the LSTM's saving forward computes ``x_t W_ih``:
         ``"hoisted"`` (every step before the loop), ``"in_loop"`` or
         ``"auto"`` (hoisted for weights beyond a core's L2; see
@@ -113,9 +115,9 @@ class FFI:
         return ffi.takes_embedded(cell)
 
     def lstm_decode(self, weights, carry, logits0, noise, temperature, *, return_logits=False):
-        """:func:`jaxrnn.kernels.ffi.lstm_decode` with this configuration's ``threads``."""
+        """:func:`jaxrnn.kernels.ffi.lstm_decode` with this configuration's ``threads`` and ``split``."""
         return ffi.lstm_decode(weights, carry, logits0, noise, temperature, return_logits=return_logits,
-                               threads=self.threads)
+                               threads=self.threads, split=self.split)
 
 
 def _ffi_is_default(cell, platform):

@@ -121,3 +121,48 @@ def test_one_compilation_for_any_key_and_temperature():
     assert lm._generate._cache_size() == size
     assert first.shape == second.shape == greedy.shape == (8, 17)
     assert not np.array_equal(np.asarray(first), np.asarray(second))
+
+
+# (V, H, L, B, N, temperature): units not a multiple of 16 (two members: 16 and 24 units), three layers with an
+# odd batch, one row.
+SPLIT_CASES = [(37, 40, 2, 19, 12, 1.3), (33, 48, 3, 9, 10, 0.0), (29, 32, 2, 1, 15, 0.8)]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=["units-40", "3-layers-greedy", "batch-1"])
+def test_units_split_is_bit_identical_to_rows(case):
+    """``split="units"`` (a team over the hidden units, meeting at a barrier per layer) sums in the order of the
+    rows split: the same tokens and logits, bit for bit; and both match ``lm.generate``'s reference loop."""
+    V, H, L, B, N, temperature = case
+    model = _model(V, H, L, 8)
+    params = _params(model, seed=H)
+    weights = DecodeWeights(model.first_projections(params), params.rnn[0].fwd.w_hh,
+                            tuple((p.fwd.w_ih, p.fwd.w_hh, p.fwd.b) for p in params.rnn[1:]), params.w_out, params.b_out)
+    keys = jax.random.split(jax.random.key(H), 1 + 2 * L)
+    carry = tuple(jaxrnn.LSTMCarry(0.5 * jax.random.normal(keys[1 + 2 * l], (B, H)),
+                                   jax.random.normal(keys[2 + 2 * l], (B, H))) for l in range(L))
+    logits0 = jax.random.normal(keys[0], (B, V))
+    noise = jax.random.gumbel(jax.random.key(7), (N, B, V))
+    got = {split: lstm_decode(weights, carry, logits0, noise, temperature, return_logits=True, threads=2, split=split)
+           for split in ("rows", "units")}
+    np.testing.assert_array_equal(np.asarray(got["units"][0]), np.asarray(got["rows"][0]))
+    np.testing.assert_array_equal(np.asarray(got["units"][1]), np.asarray(got["rows"][1]))
+    assert len(set(np.asarray(got["units"][0]).ravel().tolist())) > 2
+    # Through lm.generate with FFI(split="units"), against the Python loop over model.step.
+    units = _model(V, H, L, 8, impl=kernels.FFI(threads=2, split="units"))
+    prompt = jax.random.randint(jax.random.key(3), (B, 2), 0, V, dtype=jnp.int32)
+    key = jax.random.key(11)
+    tokens, logits = lm.generate(units, params, key, prompt, N, temperature, return_logits=True)
+    want_tokens, want_logits = _python_loop(model, params, key, prompt, N, temperature)
+    np.testing.assert_array_equal(np.asarray(tokens), want_tokens)
+    assert_close(logits, want_logits, scale=10)
+
+
+def test_decode_options_are_checked():
+    model = _model(5, 16, 1, 4)
+    params = _params(model, seed=3)
+    weights = DecodeWeights(model.first_projections(params), params.rnn[0].fwd.w_hh, (), params.w_out, params.b_out)
+    args = (weights, model.zero_carry((2,)), jnp.zeros((2, 5)), jnp.zeros((3, 2, 5)), 1.0)
+    with pytest.raises(ValueError, match=r"split: expected one of \('auto', 'units', 'rows'\), got 'cols'"):
+        lstm_decode(*args, split="cols")
+    with pytest.raises(ValueError, match=r"threads: expected a positive int or None, got 0"):
+        lstm_decode(*args, threads=0)

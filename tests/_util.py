@@ -1,6 +1,8 @@
 """Shared test helpers: the one per-dtype tolerance table for every equivalence test, the cells, and the
 variant-by-variant VJP that the kernel tests compare against ``impl="reference"``."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +106,9 @@ def vjp_variants(run, variants):
 
     return f
 
+
+def devices_env(count):
+    """The environment of a subprocess that sees ``count`` CPU devices: this one's, with XLA's device-count
+    flag added to its ``XLA_FLAGS`` (whose other flags, the suite's optimisation level, are kept)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")

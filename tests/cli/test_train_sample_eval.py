@@ -22,6 +22,7 @@ import pytest
 from jaxrnn import cli, data, train
 from jaxrnn.cli import lm_common
 from jaxrnn.models import KneserNey, generate, lm
+from _util import devices_env
 
 TINY = ["--hidden", "16", "--embed", "8", "--batch", "4", "--window", "16", "--impl", "reference", "--checkpoint-every", "3"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -301,7 +302,7 @@ assert cli.main(["train", "--devices", "3"]) == 2
 
 def test_devices_data_parallel_equals_one_device(tmp_path):
     """--devices 2 (2 forced host devices) gives the one-device run's losses and validation, to float tolerance."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = devices_env(2)
     proc = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                           timeout=300, cwd=ROOT, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,7 +5,6 @@ input (padding set to zero), so a NaN or inf written into padded positions
 must change nothing: outputs, final carries and every gradient.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxrnn
-from _util import MAIN_CELLS, assert_close, make_cell
+from _util import MAIN_CELLS, assert_close, devices_env, make_cell
 from jaxrnn.kernels import Pallas
 
 B, T, I, H = 3, 6, 4, 5
@@ -169,6 +168,6 @@ SHARD_MAP = textwrap.dedent(
 
 
 def test_shard_map_over_the_batch():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = devices_env(4)
     out = subprocess.run([sys.executable, "-c", SHARD_MAP], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -131,7 +131,8 @@ SPLIT_CASES = [(37, 40, 2, 19, 12, 1.3), (33, 48, 3, 9, 10, 0.0), (29, 32, 2, 1,
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=["units-40", "3-layers-greedy", "batch-1"])
 def test_units_split_is_bit_identical_to_rows(case):
     """``split="units"`` (a team over the hidden units, meeting at a barrier per layer) sums in the order of the
-    rows split: the same tokens and logits, bit for bit; and both match ``lm.generate``'s reference loop."""
+    rows split: the same tokens and logits, bit for bit; and (the first case) ``lm.generate`` with it matches the
+    reference loop."""
     V, H, L, B, N, temperature = case
     model = _model(V, H, L, 8)
     params = _params(model, seed=H)
@@ -147,7 +148,9 @@ def test_units_split_is_bit_identical_to_rows(case):
     np.testing.assert_array_equal(np.asarray(got["units"][0]), np.asarray(got["rows"][0]))
     np.testing.assert_array_equal(np.asarray(got["units"][1]), np.asarray(got["rows"][1]))
     assert len(set(np.asarray(got["units"][0]).ravel().tolist())) > 2
-    # Through lm.generate with FFI(split="units"), against the Python loop over model.step.
+    if case != SPLIT_CASES[0]:
+        return
+    # Through lm.generate with FFI(split="units"), against the Python loop over model.step (the first case).
     units = _model(V, H, L, 8, impl=kernels.FFI(threads=2, split="units"))
     prompt = jax.random.randint(jax.random.key(3), (B, 2), 0, V, dtype=jnp.int32)
     key = jax.random.key(11)

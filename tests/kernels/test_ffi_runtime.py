@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxrnn
-from _util import assert_close, randomize
+from _util import assert_close, devices_env, randomize
 from _ffi_cases import final_loss, problem, requires_ffi
 from jaxrnn import kernels
 from jaxrnn.kernels import ffi
@@ -230,7 +230,7 @@ SHARD_MAP = textwrap.dedent(
 def test_under_shard_map():
     """Per-shard custom calls under ``shard_map`` give the full batch's gradient (embedded LSTM inputs included);
     ``"auto"`` with two devices is ``xla``."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = devices_env(2)
     out = subprocess.run([sys.executable, "-c", SHARD_MAP], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "auto with 2 devices: xla", out.stdout

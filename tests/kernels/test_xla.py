@@ -6,7 +6,6 @@ and the initial carry. Plus finite differences, tracing and validation.
 """
 
 import functools
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxrnn
-from _util import assert_close, make_cell, randomize, to64
+from _util import assert_close, devices_env, make_cell, randomize, to64
 from jaxrnn.kernels import xla
 from jaxrnn.runner import rnn_reference
 
@@ -323,6 +322,6 @@ SHARD_MAP_FORWARD = textwrap.dedent(
 
 def test_forward_under_shard_map():
     """The loop's zero-filled output stacks vary over the batch's mesh axis, as the values written into them."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = devices_env(2)
     out = subprocess.run([sys.executable, "-c", SHARD_MAP_FORWARD], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

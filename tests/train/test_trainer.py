@@ -3,7 +3,6 @@ with a carried state, fault recovery (restore, lower the learning rate, continue
 progress/metrics/validation/figure, argument errors, and data parallelism on 8 CPU devices."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import pytest
 import jaxrnn
 from jaxrnn import train
 from train.test_step import all_finite, assert_tree_equal, poison_gradient
+from _util import devices_env
 
 STEPS = 12
 
@@ -386,7 +386,7 @@ MULTI_DEVICE = textwrap.dedent(
 def test_data_parallel_equals_single_device():
     """A truncated-BPTT LSTM language model (carry sharded with the batch), both backends: "reference" (scan and
     autodiff) and "auto" (the custom-VJP XLA loop)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = devices_env(8)
     proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE, "reference", "auto"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -109,6 +109,6 @@ def vjp_variants(run, variants):
 
 def devices_env(count):
     """The environment of a subprocess that sees ``count`` CPU devices: this one's, with XLA's device-count
-    flag added to its ``XLA_FLAGS`` (whose other flags, the suite's optimisation level, are kept)."""
+    flag added to its ``XLA_FLAGS`` (whose other flags are kept)."""
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
     return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")

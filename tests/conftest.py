@@ -1,5 +1,4 @@
-"""Test configuration: strict rank promotion everywhere, 64-bit off, CPU only, one compilation cache per run,
-XLA's backend optimisation level 0."""
+"""Test configuration: strict rank promotion everywhere, 64-bit off, CPU only, one compilation cache per run."""
 
 import atexit
 import os
@@ -16,14 +15,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-
-# XLA's CPU backend without LLVM's optimisation passes (XLA's own HLO passes still run): compiling is most of
-# the suite's time, and level 0 cut it by a quarter (the whole suite on 2 cores, 24:28 -> 18:44) with the same
-# results within every test's tolerance. The notebooks still execute at XLA's default level (what users run;
-# tests/notebooks), as do the benchmarks. A level given in XLA_FLAGS is kept.
-OPT_LEVEL_FLAG = "--xla_backend_optimization_level=0"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {OPT_LEVEL_FLAG}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

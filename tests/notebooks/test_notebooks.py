@@ -91,14 +91,8 @@ def test_stale_cell_is_detected():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
-def test_notebook_runs(path, monkeypatch):
-    """Execute the notebook (a temporary copy in memory; nothing is written) and compare with the committed one.
-
-    Its kernel compiles at XLA's default optimisation level, as a user's does (the suite's own processes run
-    at level 0, ``tests/conftest.py``).
-    """
-    flags = re.sub(r"--xla_backend_optimization_level=\S*", "", os.environ.get("XLA_FLAGS", "")).strip()
-    monkeypatch.setenv("XLA_FLAGS", flags)
+def test_notebook_runs(path):
+    """Execute the notebook (a temporary copy in memory; nothing is written) and compare with the committed one."""
     runs = os.environ.get("JAXRNN_NOTEBOOK_RUNS", "1")
     if runs == "0":
         pytest.skip("JAXRNN_NOTEBOOK_RUNS=0: the notebooks are executed in another run (CI: on the newest JAX)")

@@ -85,8 +85,7 @@ class FFI:
         batch, no barrier), ``"units"`` (a team over the hidden units, one
         barrier per step) or ``"auto"`` (rows when the weights take at most a
         few MiB; see :func:`~jaxrnn.kernels.ffi.rnn_ffi`). The language
-        model's decode (:func:`~jaxrnn.kernels.ffi.lstm_decode`) reads it too
-        (``"auto"`` there: units for 512 KiB of weights or more, at most 64 rows).
+        model's decode (:func:`~jaxrnn.kernels.ffi.lstm_decode`) reads it too.
       projection: where the LSTM's saving forward computes ``x_t W_ih``:
         ``"hoisted"`` (every step before the loop), ``"in_loop"`` or
         ``"auto"`` (hoisted for weights beyond a core's L2; see

@@ -37,9 +37,8 @@ Decoding: ``jaxrnn_lstm_decode`` (:func:`lstm_decode`) samples a stacked
 LSTM language model's tokens in one call, feeding each back (the first
 layer's input read from a projected table): split by rows, each thread runs
 chunks of rows through every step, sampling included, with no barrier; split
-by units (``"auto"`` for few rows and weights of 512 KiB or more), a team
-shares every layer's hidden units and meets after the sampling and each layer
-(2x the tokens/s at batch 1-8 for a 2 x 256 LSTM). ``jaxrnn.lm.generate``
+by units, a team shares every layer's hidden units and meets after the
+sampling and each layer (see :func:`lstm_decode`). ``jaxrnn.lm.generate``
 takes it for a plain float32 LSTM stack.
 
 Scope: in float32 (``xs`` float32, ``compute_dtype`` ``None`` or float32;

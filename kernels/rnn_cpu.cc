@@ -1732,10 +1732,30 @@ struct DecodeWeights {
   float* logits;                      // (N, B, V) or null
 };
 
+// Step i's tokens of rows [b0, b1) from their logits (scores, row stride ldv,
+// the first row b0): logits0 at step 0, else the output layer's product plus its
+// bias; saved when asked for, then sampled into tok[0 .. b1 - b0) and w.tokens.
+void sample_rows(const DecodeWeights& w, int i, int b0, int b1, float* scores, int ldv, int32_t* tok) {
+  const int V = w.V;
+  const bool greedy = !(w.tau > 0.0f);
+  for (int r = b0; r < b1; ++r) {
+    const size_t row = static_cast<size_t>(i) * w.B + r;
+    float* lrow = scores + static_cast<size_t>(r - b0) * ldv;
+    if (i == 0) {
+      std::memcpy(lrow, w.logits0 + static_cast<size_t>(r) * V, sizeof(float) * V);
+    } else {
+      for (int v = 0; v < V; ++v) lrow[v] += w.b_out[v];
+    }
+    if (w.logits != nullptr) std::memcpy(w.logits + row * V, lrow, sizeof(float) * V);
+    tok[r - b0] = sample_row(lrow, w.noise + row * V, V, w.tau, greedy);
+    w.tokens[row] = tok[r - b0];
+  }
+}
+
 // Rows [b0, b1) through all N steps: sample from the current logits, feed the
 // token through the L layers, project to the next logits. Rows never meet.
 void lstm_decode_rows(const DecodeWeights& w, int b0, int b1) {
-  const int L = w.L, B = w.B, H = w.H, V = w.V, G = 4 * H, nb = b1 - b0;
+  const int L = w.L, B = w.B, H = w.H, G = 4 * H, nb = b1 - b0;
   const int ldg = w.np0 * NR, ldv = w.np_out * NR;
   std::vector<float> h(static_cast<size_t>(L) * nb * H), c(h.size());
   std::vector<float> gates(static_cast<size_t>(nb) * std::max(ldg, w.np * NR) + NR);
@@ -1748,20 +1768,8 @@ void lstm_decode_rows(const DecodeWeights& w, int b0, int b1) {
       std::memcpy(&c[dst], w.c0 + src, sizeof(float) * H);
     }
   }
-  const bool greedy = !(w.tau > 0.0f);
   for (int i = 0; i < w.N; ++i) {
-    for (int r = 0; r < nb; ++r) {
-      const size_t row = static_cast<size_t>(i) * B + b0 + r;
-      float* lrow = &scores[static_cast<size_t>(r) * ldv];
-      if (i == 0) {
-        std::memcpy(lrow, w.logits0 + static_cast<size_t>(b0 + r) * V, sizeof(float) * V);
-      } else {
-        for (int v = 0; v < V; ++v) lrow[v] += w.b_out[v];
-      }
-      if (w.logits != nullptr) std::memcpy(w.logits + row * V, lrow, sizeof(float) * V);
-      tok[r] = sample_row(lrow, w.noise + row * V, V, w.tau, greedy);
-      w.tokens[row] = tok[r];
-    }
+    sample_rows(w, i, b0, b1, scores.data(), ldv, tok.data());
     if (i + 1 == w.N) break;
     // Layer 0: z = h w_hh + table[token].
     float* h_l = &h[0];
@@ -1805,7 +1813,7 @@ struct DecodeState {
 };
 
 void lstm_decode_units(const DecodeWeights& w, const DecodeState& st, int k, int m, Barrier& barrier) {
-  const int L = w.L, B = w.B, H = w.H, V = w.V, G = 4 * H;
+  const int L = w.L, B = w.B, H = w.H, G = 4 * H;
   int u0, u1;
   unit_range(H, k, m, &u0, &u1);
   const int nu = u1 - u0;
@@ -1823,23 +1831,11 @@ void lstm_decode_units(const DecodeWeights& w, const DecodeState& st, int k, int
   std::vector<float> gates(static_cast<size_t>(B) * ldg + NR);
   std::vector<float> scores(static_cast<size_t>(std::max(1, rb1 - rb0)) * ldv + NR);
   const size_t layer = static_cast<size_t>(B) * H;
-  const bool greedy = !(w.tau > 0.0f);
   int sense = 0;
   for (int i = 0; i < w.N; ++i) {
     float* h_cur = st.h + static_cast<size_t>(i % 2) * L * layer;
     float* h_nxt = st.h + static_cast<size_t>((i + 1) % 2) * L * layer;
-    for (int r = rb0; r < rb1; ++r) {
-      const size_t row = static_cast<size_t>(i) * B + r;
-      float* lrow = &scores[static_cast<size_t>(r - rb0) * ldv];
-      if (i == 0) {
-        std::memcpy(lrow, w.logits0 + static_cast<size_t>(r) * V, sizeof(float) * V);
-      } else {
-        for (int v = 0; v < V; ++v) lrow[v] += w.b_out[v];
-      }
-      if (w.logits != nullptr) std::memcpy(w.logits + row * V, lrow, sizeof(float) * V);
-      st.tok[r] = sample_row(lrow, w.noise + row * V, V, w.tau, greedy);
-      w.tokens[row] = st.tok[r];
-    }
+    sample_rows(w, i, rb0, rb1, scores.data(), ldv, st.tok + rb0);
     if (i + 1 == w.N) break;
     barrier.wait(sense);
     for (int l = 0; l < L; ++l) {

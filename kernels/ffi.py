@@ -92,8 +92,8 @@ from jaxrnn.scan import rnn_reference, vary_like, where_valid
 Array = jax.Array
 
 __all__ = [
-    "SPLITS", "BuildError", "DecodeWeights", "available", "build", "check_loop_options", "library_path",
-    "lstm_decode", "qualifies", "rnn_ffi", "takes_embedded", "team_stats", "unavailable_reason",
+    "SANITIZERS", "SPLITS", "BuildError", "DecodeWeights", "available", "build", "check_loop_options", "compiler_flags",
+    "library_path", "lstm_decode", "qualifies", "rnn_ffi", "takes_embedded", "team_stats", "unavailable_reason",
 ]
 
 #: The C++ source of the custom calls (shipped with the package).
@@ -101,6 +101,37 @@ SOURCE = Path(__file__).with_name("rnn_cpu.cc")
 
 #: Compiler flags (the library is built on, and for, the machine that runs it).
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-w")
+
+#: ``JAXRNN_FFI_SANITIZE``'s values: a development build instrumented by GCC's or Clang's sanitizers.
+SANITIZERS = ("address", "undefined")
+
+
+def compiler_flags() -> tuple:
+    """:data:`CXXFLAGS`, plus the sanitizers named in ``$JAXRNN_FFI_SANITIZE`` (comma-separated).
+
+    A sanitized build is cached under its own name. Python must load the
+    sanitizer's runtime first; for AddressSanitizer (checked this way on
+    2026-12-04, with ``tests/core/test_embedded.py`` too: 87 tests, no report)::
+
+        JAXRNN_FFI_SANITIZE=address \\
+        LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \\
+        ASAN_OPTIONS=detect_leaks=0 python -m pytest tests/kernels/test_ffi*.py
+
+    (libstdc++ preloaded too: jaxlib throws C++ exceptions, which ASan must
+    find the real ``__cxa_throw`` for.)
+
+    Raises:
+      ValueError: an unknown sanitizer name.
+    """
+    value = os.environ.get("JAXRNN_FFI_SANITIZE", "").strip()
+    if not value:
+        return CXXFLAGS
+    names = [name.strip() for name in value.split(",")]
+    unknown = [name for name in names if name not in SANITIZERS]
+    if unknown:
+        raise ValueError(f"JAXRNN_FFI_SANITIZE: expected a comma-separated subset of {SANITIZERS}, got {value!r}")
+    optimise = tuple(flag for flag in CXXFLAGS if not flag.startswith("-O"))
+    return ("-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={','.join(names)}", *optimise)
 
 #: Custom-call targets: (registered name, the library's handler symbol).
 _TARGETS = {
@@ -162,7 +193,7 @@ def library_path(compiler: Optional[str] = None) -> Path:
     key = hashlib.sha256(
         b"\0".join(
             s.encode()
-            for s in (SOURCE.read_text(), jaxlib.__version__, compiler, " ".join(CXXFLAGS), _platform.machine(), _cpu_flags())
+            for s in (SOURCE.read_text(), jaxlib.__version__, compiler, " ".join(compiler_flags()), _platform.machine(), _cpu_flags())
         )
     ).hexdigest()[:16]
     return _cache_dir() / f"rnn_cpu-{key}.so"
@@ -193,7 +224,7 @@ def build(force: bool = False) -> Path:
     # Compile to a private name, then rename: concurrent builds (test workers) never see half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [compiler, *CXXFLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    cmd = [compiler, *compiler_flags(), "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:

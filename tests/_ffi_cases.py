@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxrnn
-from _util import randomize
+from _util import normal, randomize
 from jaxrnn.kernels import ffi
 
 REASON = ffi.unavailable_reason()
@@ -56,7 +56,7 @@ def problem(B, T, H, I, seed=0, cell="lstm"):
         # Half the random weights: at full scale the Elman map amplifies rounding so much that two float32
         # computations (either of which is within 1e-5 of a float64 run) differ by twice the tolerance.
         params = jax.tree.map(lambda a: 0.5 * a, params)
-    xs = jax.random.normal(k[2], (B, T, I))
+    xs = normal(k[2], (B, T, I))
     carry0 = randomize(cell.zero_carry(B), k[3], scale=1.0)
     lengths = jnp.asarray(np.random.RandomState(seed).randint(1, T, B), jnp.int32).at[0].set(0).at[-1].set(T)
     return cell, params, xs, carry0, lengths
@@ -68,7 +68,7 @@ def outputs_and_vjp(impl, cell, params, xs, carry0, lengths, reverse, cot_key):
 
     (ys, final), vjp = jax.vjp(f, params, xs, carry0)
     k1, k2 = jax.random.split(cot_key)
-    dys = jax.random.normal(k1, ys.shape)
+    dys = normal(k1, ys.shape)
     dfinal = randomize(jax.tree.map(jnp.zeros_like, final), k2, scale=1.0)
     return ys, final, vjp((dys, dfinal)), f(params, xs, carry0)[0]
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import assert_close
+from _util import assert_close, normal
 
 import jaxrnn
 from jaxrnn import analysis as A
@@ -25,9 +25,9 @@ def setup(cell, key=0, batch=B, seq_len=T, scale=1.0):
     k_p, k_x, k_b = jax.random.split(jax.random.key(key), 3)
     params = cell.init(k_p, I)
     # non-zero biases so that every term of every cell matters
-    params = params._replace(b=0.3 * jax.random.normal(k_b, params.b.shape))
+    params = params._replace(b=0.3 * normal(k_b, params.b.shape))
     shape = (batch, seq_len, I) if batch else (seq_len, I)
-    return params, scale * jax.random.normal(k_x, shape)
+    return params, scale * normal(k_x, shape)
 
 
 def wavy(y):
@@ -220,7 +220,7 @@ def stack_forward_py(stack, params, xs, deltas):
 )
 def test_stack_grads_match_bruteforce(stack, B):
     params = stack.init(jax.random.key(1), I)
-    xs = jax.random.normal(jax.random.key(2), (B, T, I))
+    xs = normal(jax.random.key(2), (B, T, I))
     dirs = 2 if stack.bidirectional else 1
     zero = jax.tree_util.tree_map(lambda c: jnp.zeros((T, 4)), stack.cell.zero_carry(()))
     zeros = [[zero] * dirs for _ in params]
@@ -247,7 +247,7 @@ def test_stack_seq_lengths():
     gradient, and a padded example's gradients are those of its truncated sequence."""
     stack = jaxrnn.Stack(jaxrnn.GRU(4), num_layers=2, bidirectional=True, connection="residual")
     params = stack.init(jax.random.key(3), I)
-    xs = jax.random.normal(jax.random.key(4), (2, T, I))
+    xs = normal(jax.random.key(4), (2, T, I))
     lengths = jnp.array([T, 3])
     loss, grads = A.grads_through_time(stack, params, xs, wavy, loss_at="sum", seq_lengths=lengths)
     ys = stack.apply(params, xs, seq_lengths=lengths, impl="reference")[0]
@@ -291,7 +291,7 @@ def test_grads_equal_the_runner_hook(model, batch):
     """The analysis' gradients are those of jaxrnn.rnn / Stack.apply with a zero carry_perturbation."""
     params = model.init(jax.random.key(6), I)
     shape = (batch, T, I) if batch else (T, I)
-    xs = jax.random.normal(jax.random.key(7), shape)
+    xs = normal(jax.random.key(7), shape)
     lengths = jnp.array([T, 4, 1][:batch]) if batch else None
     loss, grads = A.grads_through_time(model, params, xs, wavy, loss_at="sum", seq_lengths=lengths)
     want_loss, want = hook_grads(model, params, xs, wavy, lengths)
@@ -616,7 +616,7 @@ def test_clipping_report():
 def test_clipping_report_stack():
     stack = jaxrnn.Stack(jaxrnn.GRU(4), num_layers=2, connection="residual")
     params = stack.init(jax.random.key(0), I)
-    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+    xs = normal(jax.random.key(1), (B, T, I))
     grads = jax.grad(lambda p: wavy(stack.apply(p, xs, impl="reference")[0][:, -1]))(params)
     norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree_util.tree_leaves(grads)))
     report = A.clipping_report(stack, params, xs, 0.1, wavy)
@@ -674,8 +674,8 @@ def test_profile_during_training():
     assert_close(run.profiles[-1], A.jacobian_norms_to_last(cell, run.params[0], run.probe, wrt="h"))
     assert not np.allclose(np.asarray(run.profiles[0]), np.asarray(run.profiles[-1]))  # training moved it
     # the first loss is the task's loss at the initial parameters
-    xs = jax.random.normal(jax.random.fold_in(jax.random.split(jax.random.key(0), 4)[3], 0), (8, 10, 1))
-    w_out = jax.random.normal(jax.random.split(jax.random.key(0), 4)[1], (6, 1)) / np.sqrt(6)
+    xs = normal(jax.random.fold_in(jax.random.split(jax.random.key(0), 4)[3], 0), (8, 10, 1))
+    w_out = normal(jax.random.split(jax.random.key(0), 4)[1], (6, 1)) / np.sqrt(6)
     h = unroll(cell, params, jnp.swapaxes(xs, 0, 1), cell.zero_carry((8,)))[0][-1].h
     assert_close(run.losses[0], jnp.mean(jnp.square((h @ w_out)[:, 0] - xs[:, 0, 0])))
 

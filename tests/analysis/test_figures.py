@@ -7,7 +7,7 @@ import sys
 import jax
 import matplotlib.image
 import numpy as np
-from _util import assert_close
+from _util import assert_close, normal
 
 import jaxrnn
 from jaxrnn import analysis
@@ -18,7 +18,7 @@ def test_gradients_through_time_data_and_lecture_claims():
     data = figures.gradients_through_time_data(seq_len=40, hidden_size=8, batch_size=3, seed=1)
     # the figure's curves are analysis.grad_norms_through_time's batch-mean ratios on the same inputs
     k_x, k_p = jax.random.split(jax.random.key(1))
-    xs = jax.random.normal(k_x, (3, 40, 8))
+    xs = normal(k_x, (3, 40, 8))
     cell = jaxrnn.LSTM(8, forget_bias=3.0)
     norms = analysis.grad_norms_through_time(cell, cell.init(k_p, 8), xs, reduce="mean")
     d = data["LSTM, forget bias 3"]

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 import jaxrnn
-from _util import assert_close, randomize
+from _util import assert_close, normal, randomize
 from jaxrnn.embedded import Embedded, lookup
 
 V, I, H = 9, 4, 8
 
 
 def _problem(seed=0):
-    table = jax.random.normal(jax.random.key(seed), (V, I))
+    table = normal(jax.random.key(seed), (V, I))
     ids = jax.random.randint(jax.random.key(seed + 1), (3, 5), 0, V)
     lengths = jnp.array([5, 2, 0])
     return table, ids, lengths

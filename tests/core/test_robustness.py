@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxrnn
-from _util import MAIN_CELLS, assert_close, devices_env, make_cell
+from _util import MAIN_CELLS, assert_close, devices_env, make_cell, normal
 from jaxrnn.kernels import Pallas
 
 B, T, I, H = 3, 6, 4, 5
@@ -26,7 +26,7 @@ CELLS = {name: make_cell(name, H) for name in MAIN_CELLS}
 
 
 def _inputs(poison):
-    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+    xs = normal(jax.random.key(1), (B, T, I))
     clean = jnp.where(jnp.arange(T)[None, :, None] < LENGTHS[:, None, None], xs, 0.0)
     padded = ~(jnp.arange(T)[None, :, None] < LENGTHS[:, None, None])
     return clean, jnp.where(padded, poison, xs)
@@ -92,12 +92,12 @@ def test_forward_mode_on_the_default_path(name):
     """jax.jvp / jacfwd / hessian work with impl="auto" (they fall back to the reference recurrence)."""
     cell = CELLS[name]
     params = cell.init(jax.random.key(0), I)
-    xs = jax.random.normal(jax.random.key(1), (2, 4, I))
+    xs = normal(jax.random.key(1), (2, 4, I))
 
     def f(xs):
         return jnp.sum(jnp.tanh(jaxrnn.rnn(cell, params, xs, seq_lengths=np.array([4, 2]))[0]))
 
-    tangent = jax.random.normal(jax.random.key(2), xs.shape)
+    tangent = normal(jax.random.key(2), xs.shape)
     _, jvp = jax.jvp(f, (xs,), (tangent,))
     assert_close(jvp, jnp.vdot(jax.grad(f)(xs), tangent))
     assert_close(jax.jacfwd(f)(xs), jax.grad(f)(xs))

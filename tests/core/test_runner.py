@@ -8,7 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxrnn
-from _util import MAIN_CELLS, assert_close, make_cell
+from _util import MAIN_CELLS, assert_close, make_cell, normal
 
 B, T, I, H = 3, 6, 4, 5
 IMPL = "reference"
@@ -20,15 +20,15 @@ def _params(cell, seed=0):
     p = cell.init(jax.random.key(seed), I)
     leaves, tree = jax.tree_util.tree_flatten(p)
     keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [a + 0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    return jax.tree_util.tree_unflatten(tree, [a + 0.3 * normal(k, a.shape) for a, k in zip(leaves, keys)])
 
 
 def _xs(shape=(B, T, I), seed=1):
-    return jax.random.normal(jax.random.key(seed), shape)
+    return normal(jax.random.key(seed), shape)
 
 
 def _random_carry(cell, batch=B, seed=2):
-    return jax.tree_util.tree_map(lambda z: jax.random.normal(jax.random.key(seed), z.shape), cell.zero_carry(batch))
+    return jax.tree_util.tree_map(lambda z: normal(jax.random.key(seed), z.shape), cell.zero_carry(batch))
 
 
 def loop_reference(cell, params, xs, carry, lengths=None, reverse=False):

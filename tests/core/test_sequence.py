@@ -8,7 +8,7 @@ import pytest
 import jaxrnn
 from jaxrnn import scan, sequence
 from jaxrnn.sequence import attention_pool, embed, last_valid, pool, sequence_mask
-from _util import assert_close
+from _util import assert_close, normal
 
 B, T, D = 4, 6, 6
 LENGTHS = jnp.array([T, 2, 0, 5], jnp.int32)
@@ -16,7 +16,7 @@ LENGTHS = jnp.array([T, 2, 0, 5], jnp.int32)
 
 def _padded(seed=0, garbage=True):
     """Random ``ys`` whose padded positions hold large garbage (or NaN), as flax or a hand-rolled scan leaves."""
-    ys = jax.random.normal(jax.random.key(seed), (B, T, D))
+    ys = normal(jax.random.key(seed), (B, T, D))
     if garbage:
         mask = np.asarray(sequence_mask(LENGTHS, T))[..., None]
         ys = jnp.where(mask, ys, 1e4)
@@ -48,7 +48,7 @@ def test_bidirectional_last_takes_forward_end_and_backward_start():
     each equals the final hidden state of that direction (the per-sequence final carries)."""
     stack = jaxrnn.Stack(jaxrnn.LSTM(D // 2), bidirectional=True)
     params = stack.init(jax.random.key(1), 3)
-    xs = jax.random.normal(jax.random.key(2), (B, T, 3))
+    xs = normal(jax.random.key(2), (B, T, 3))
     ys, ((fwd, bwd),) = stack.apply(params, xs, seq_lengths=LENGTHS, impl="reference")
     got = pool(ys, LENGTHS, "last", bidirectional=True)
     nonempty = np.asarray(LENGTHS) > 0
@@ -65,7 +65,7 @@ def test_bidirectional_last_takes_forward_end_and_backward_start():
 @pytest.mark.parametrize("mode", ["last", "mean", "max", "attention"])
 def test_padding_gets_zero_gradient_and_empty_sequences_zeros(mode):
     ys = _padded(3)
-    query = jax.random.normal(jax.random.key(4), (D,))
+    query = normal(jax.random.key(4), (D,))
 
     def f(y):
         if mode == "attention":
@@ -88,7 +88,7 @@ def test_padding_gets_zero_gradient_and_empty_sequences_zeros(mode):
 
 def test_attention_pool_matches_per_sequence_softmax():
     ys = _padded(5)
-    query = jax.random.normal(jax.random.key(6), (D,))
+    query = normal(jax.random.key(6), (D,))
     pooled, weights = attention_pool(ys, LENGTHS, query, return_weights=True)
 
     def alone(y):
@@ -100,8 +100,8 @@ def test_attention_pool_matches_per_sequence_softmax():
     assert_close(weights.sum(-1), (np.asarray(LENGTHS) > 0).astype(np.float32))
 
     # flax's sst2 scoring: keys = tanh(ys W), scored by a vector v; values are ys.
-    w = jax.random.normal(jax.random.key(7), (D, 3))
-    v = jax.random.normal(jax.random.key(8), (3,))
+    w = normal(jax.random.key(7), (D, 3))
+    v = normal(jax.random.key(8), (3,))
     got = attention_pool(ys, LENGTHS, v, keys=jnp.tanh(ys @ w))
     assert_close(got, _per_sequence(lambda y: jax.nn.softmax(jnp.tanh(y @ w) @ v) @ y, ys))
 
@@ -113,7 +113,7 @@ def test_attention_pool_matches_per_sequence_softmax():
 
 
 def test_embed_and_encoder():
-    table = jax.random.normal(jax.random.key(9), (10, 3))
+    table = normal(jax.random.key(9), (10, 3))
     tokens = jnp.array([[1, 2, 0], [9, 9, 4]])
     np.testing.assert_array_equal(embed(table, tokens), np.asarray(table)[np.asarray(tokens)])
     enc = sequence.Encoder(10, 3, jaxrnn.Stack(jaxrnn.GRU(4), bidirectional=True))

@@ -8,20 +8,20 @@ import pytest
 
 import jaxrnn
 from jaxrnn.stack import HIGHWAY_BIAS, apply_dropout
-from _util import assert_close
+from _util import assert_close, normal
 
 B, T, I, H = 3, 5, 4, 6
 IMPL = "reference"
 
 
 def _xs(shape=(B, T, I), seed=1):
-    return jax.random.normal(jax.random.key(seed), shape)
+    return normal(jax.random.key(seed), shape)
 
 
 def _perturb(params, seed=7):
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    return jax.tree_util.tree_unflatten(tree, [a + 0.2 * normal(k, a.shape) for a, k in zip(leaves, keys)])
 
 
 def manual(stack, params, xs, lengths=None, dropout_keys=None):

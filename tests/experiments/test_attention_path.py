@@ -7,6 +7,7 @@ import pytest
 
 from jaxrnn import Elman, rnn
 from jaxrnn.experiments import attention_path as ap
+from _util import normal
 
 CFG = ap.CONFIGS["small"]
 
@@ -27,7 +28,7 @@ def test_record_attention_does_not_decay_geometrically(experiment_record):
 
 
 def test_input_gradient_norms_against_jacrev():
-    xs = jax.random.normal(jax.random.key(0), (1, 5, 3))
+    xs = normal(jax.random.key(0), (1, 5, 3))
     params = ap.init_attention(jax.random.key(1), 3, 4)
     jac = jax.jacrev(lambda x: ap.attention_last(params, x[None])[0])(xs[0])  # (D, T, I)
     expected = np.linalg.norm(np.asarray(jac).sum(0), axis=-1)[::-1]  # ∂(Σ y)/∂x_{T-1-ℓ}
@@ -36,7 +37,7 @@ def test_input_gradient_norms_against_jacrev():
 
 def test_uniform_attention_is_flat_and_a_contracting_elman_is_geometric():
     T, I, D, H = 12, 3, 4, 6
-    xs = jax.random.normal(jax.random.key(0), (1, T, I))
+    xs = normal(jax.random.key(0), (1, T, I))
     params = ap.init_attention(jax.random.key(1), I, D)
     uniform = params._replace(wq=jnp.zeros((I, D)))  # q = 0: every weight 1/T, ∂J/∂x_s = W_v 1 / T
     norms = ap.input_gradient_norms(ap.attention_last, uniform, xs)

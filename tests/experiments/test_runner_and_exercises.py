@@ -9,6 +9,7 @@ import pytest
 from jaxrnn import GRU, LSTM, LSTMCarry, cli, experiments, rnn
 from jaxrnn.cli import experiment as experiment_cli
 from jaxrnn.experiments import common, exercises
+from _util import normal
 
 RECORD_KEYS = {"experiment", "config", "seed", "device", "versions", "seconds", "results", "figures"}
 
@@ -48,7 +49,7 @@ def test_pinned_gates_are_exactly_zero_and_one():
     H, I, T, B = cfg["lstm_hidden"], cfg["input_size"], cfg["forget_steps"], cfg["batch"]
     cell = LSTM(H)
     params = exercises.pinned_forget_gate(cell, cell.init(jax.random.key(1), I), forget=1, input_gate=0)
-    xs = jax.random.normal(jax.random.key(2), (B, T, I)) * 10
+    xs = normal(jax.random.key(2), (B, T, I)) * 10
     c0 = jnp.tile(jnp.arange(H, dtype=jnp.float32) - H / 2 + 0.5, (B, 1))  # no zero: 0 + i·g would be 1e-23
     carry0 = LSTMCarry(jnp.ones((B, H)), c0)
     carries, (i, f, g, o) = common.state_trajectory(cell, params, xs, carry0)
@@ -62,7 +63,7 @@ def test_gru_as_tied_lstm_differs_when_the_gates_are_not_tied():
     cfg = exercises.CONFIGS["small"]
     cell = GRU(cfg["gru_hidden"])
     params = cell.init(jax.random.key(0), cfg["input_size"])
-    xs = jax.random.normal(jax.random.key(1), (cfg["batch"], cfg["gru_steps"], cfg["input_size"]))
+    xs = normal(jax.random.key(1), (cfg["batch"], cfg["gru_steps"], cfg["input_size"]))
     ref = rnn(cell, params, xs, impl="reference")[0]
     np.testing.assert_allclose(exercises.gru_as_tied_lstm(cell, params, xs), ref, atol=1e-6)
     r, u, n = cell.split_gates(params.w_hh)

@@ -11,7 +11,7 @@ from flax import linen as nn
 import jaxrnn
 from jaxrnn import interop
 from jaxrnn import linen as jlinen
-from _util import assert_close
+from _util import assert_close, normal
 
 IMPL = "reference"
 I, H, B, T = 3, 5, 4, 6
@@ -27,14 +27,14 @@ CELLS = {
 
 
 def _xs(seed=1, shape=(B, T, I)):
-    return jax.random.normal(jax.random.key(seed), shape)
+    return normal(jax.random.key(seed), shape)
 
 
 def _randomise(variables, seed):
     """Every leaf random (biases included), so that no parameter is checked only at its zero init."""
     leaves, treedef = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [0.5 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    return jax.tree.unflatten(treedef, [0.5 * normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
 def _valid(ys, lengths=LENGTHS):
@@ -98,7 +98,7 @@ def test_rnn_matches_flax_and_round_trips(name):
     _assert_identical(back_vars, variables)
 
     # The initial carry converts from flax's structure, too.
-    initial = jax.tree.map(lambda c: jax.random.normal(jax.random.key(5), c.shape), carry_ref)
+    initial = jax.tree.map(lambda c: normal(jax.random.key(5), c.shape), carry_ref)
     ys_ref = module.apply(variables, xs, initial_carry=initial)
     ys = stack.apply(params, xs, initial_carry=interop.carry_from_flax(stack, initial), impl=IMPL)[0]
     assert_close(ys, ys_ref)

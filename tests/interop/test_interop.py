@@ -8,7 +8,7 @@ from flax import linen as nn
 
 import jaxrnn
 from jaxrnn import interop
-from _util import assert_close
+from _util import assert_close, normal
 
 torch = pytest.importorskip("torch")
 
@@ -190,12 +190,12 @@ def _flax_setup(name, seed=0):
     """A flax cell with every parameter (biases included) random, inputs and a random initial carry."""
     module = FLAX_CELLS[name]()
     k_init, k_rand, k_x, k_c = jax.random.split(jax.random.key(seed), 4)
-    xs = jax.random.normal(k_x, (B, T, I))
+    xs = normal(k_x, (B, T, I))
     carry = module.initialize_carry(k_init, (B, I))
-    carry = jax.tree.map(lambda c, k: 0.5 * jax.random.normal(k, c.shape), carry,
+    carry = jax.tree.map(lambda c, k: 0.5 * normal(k, c.shape), carry,
                          _split_like(k_c, carry))
     variables = module.init(k_init, carry, xs[:, 0])
-    variables = jax.tree.map(lambda v, k: 0.5 * jax.random.normal(k, v.shape), variables,
+    variables = jax.tree.map(lambda v, k: 0.5 * normal(k, v.shape), variables,
                              _split_like(k_rand, variables))
     return module, variables, xs, carry
 

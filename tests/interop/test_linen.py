@@ -12,7 +12,7 @@ import jaxrnn
 from jaxrnn import interop
 from jaxrnn import linen as jlinen
 from jaxrnn.sequence import pool
-from _util import assert_close
+from _util import assert_close, normal
 
 IMPL = "reference"
 I, H, B, T, V = 3, 4, 3, 5, 11
@@ -27,7 +27,7 @@ CELLS = {
 
 
 def _xs(seed=0, shape=(B, T, I)):
-    return jax.random.normal(jax.random.key(seed), shape)
+    return normal(jax.random.key(seed), shape)
 
 
 @pytest.mark.parametrize("name", list(CELLS))

@@ -9,7 +9,7 @@ from flax import nnx
 
 import jaxrnn
 from jaxrnn import nnx as jnnx
-from _util import assert_close
+from _util import assert_close, normal
 
 IMPL = "reference"
 I, H, B, T = 3, 4, 3, 5
@@ -24,13 +24,13 @@ CELLS = {
 
 
 def _xs(seed=0, shape=(B, T, I)):
-    return jax.random.normal(jax.random.key(seed), shape)
+    return normal(jax.random.key(seed), shape)
 
 
 def _random_carry(cell, seed):
     zero = cell.zero_carry((B,))
     keys = jax.random.split(jax.random.key(seed), len(zero))
-    return type(zero)(*(jax.random.normal(k, c.shape) for k, c in zip(keys, zero)))
+    return type(zero)(*(normal(k, c.shape) for k, c in zip(keys, zero)))
 
 
 def _param_leaves(model):

@@ -10,7 +10,7 @@ import pytest
 
 import jaxrnn
 from _ffi_cases import requires_ffi
-from _util import assert_close
+from _util import assert_close, normal
 from jaxrnn import kernels
 from jaxrnn.kernels.ffi import DecodeWeights, lstm_decode
 from jaxrnn.models import lm
@@ -26,7 +26,7 @@ def _params(model, seed):
     params = model.init(jax.random.key(seed))
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return jax.tree_util.tree_unflatten(tree, [x + 0.3 * normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
 def _python_loop(model, params, key, prompt, length, temperature):
@@ -139,9 +139,9 @@ def test_units_split_is_bit_identical_to_rows(case):
     weights = DecodeWeights(model.first_projections(params), params.rnn[0].fwd.w_hh,
                             tuple((p.fwd.w_ih, p.fwd.w_hh, p.fwd.b) for p in params.rnn[1:]), params.w_out, params.b_out)
     keys = jax.random.split(jax.random.key(H), 1 + 2 * L)
-    carry = tuple(jaxrnn.LSTMCarry(0.5 * jax.random.normal(keys[1 + 2 * l], (B, H)),
-                                   jax.random.normal(keys[2 + 2 * l], (B, H))) for l in range(L))
-    logits0 = jax.random.normal(keys[0], (B, V))
+    carry = tuple(jaxrnn.LSTMCarry(0.5 * normal(keys[1 + 2 * l], (B, H)),
+                                   normal(keys[2 + 2 * l], (B, H))) for l in range(L))
+    logits0 = normal(keys[0], (B, V))
     noise = jax.random.gumbel(jax.random.key(7), (N, B, V))
     got = {split: lstm_decode(weights, carry, logits0, noise, temperature, return_logits=True, threads=2, split=split)
            for split in ("rows", "units")}

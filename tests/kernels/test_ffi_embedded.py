@@ -10,7 +10,7 @@ import pytest
 
 import jaxrnn
 from _ffi_cases import CASES, problem, requires_ffi
-from _util import assert_close, randomize
+from _util import assert_close, normal, randomize
 from jaxrnn import kernels
 from jaxrnn.embedded import Embedded, lookup
 
@@ -22,7 +22,7 @@ V = 13
 def _embedded_problem(shape, seed=0):
     B, T, H, I = shape
     cell, params, _, carry0, lengths = problem(B, T, H, I, seed=seed)
-    table = jax.random.normal(jax.random.key(seed + 7), (V, I))
+    table = normal(jax.random.key(seed + 7), (V, I))
     ids = jax.random.randint(jax.random.key(seed + 8), (B, T), 0, V)
     return cell, params, table, ids, carry0, lengths
 
@@ -34,7 +34,7 @@ def _outputs_and_vjp(impl, cell, params, table, ids, carry0, lengths, reverse, e
 
     (ys, final), vjp = jax.vjp(f, params, table, carry0)
     k1, k2 = jax.random.split(jax.random.key(3))
-    dys = jax.random.normal(k1, ys.shape)
+    dys = normal(k1, ys.shape)
     dfinal = randomize(jax.tree.map(jnp.zeros_like, final), k2, scale=1.0)
     return ys, final, vjp((dys, dfinal))
 
@@ -109,7 +109,7 @@ def test_padded_ids_reach_nothing():
 def test_other_cells_look_the_rows_up():
     """The GRU and Elman calls take no table: the runner looks the rows up, with the same results."""
     B, T, H, I = 5, 6, 16, 4
-    table = jax.random.normal(jax.random.key(1), (V, I))
+    table = normal(jax.random.key(1), (V, I))
     ids = jax.random.randint(jax.random.key(2), (B, T), 0, V)
     for cell in (jaxrnn.GRU(H), jaxrnn.Elman(H)):
         params = randomize(cell.init(jax.random.key(0), I), jax.random.key(4))

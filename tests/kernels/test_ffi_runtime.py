@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxrnn
-from _util import assert_close, devices_env, randomize
+from _util import assert_close, devices_env, normal, randomize
 from _ffi_cases import final_loss, problem, requires_ffi
 from jaxrnn import kernels
 from jaxrnn.kernels import ffi
@@ -157,6 +157,21 @@ def test_library_cache_key():
     path = ffi.build()
     assert path.exists() and ffi.build() == path
     assert path.name.startswith("rnn_cpu-") and path.suffix == ".so"
+
+
+def test_sanitized_build_flags(monkeypatch):
+    """``JAXRNN_FFI_SANITIZE`` adds the sanitizers (at -O1, with debug information) and keys the build apart."""
+    monkeypatch.delenv("JAXRNN_FFI_SANITIZE", raising=False)
+    assert ffi.compiler_flags() == ffi.CXXFLAGS
+    plain = ffi.library_path("c++")
+    monkeypatch.setenv("JAXRNN_FFI_SANITIZE", "address, undefined")
+    flags = ffi.compiler_flags()
+    assert "-fsanitize=address,undefined" in flags and "-g" in flags and "-O1" in flags and "-O3" not in flags
+    assert set(ffi.CXXFLAGS) - {"-O3"} <= set(flags)
+    assert ffi.library_path("c++") != plain
+    monkeypatch.setenv("JAXRNN_FFI_SANITIZE", "thread")
+    with pytest.raises(ValueError, match=r"JAXRNN_FFI_SANITIZE: expected a comma-separated subset of \('address', 'undefined'\), got 'thread'"):
+        ffi.compiler_flags()
 
 
 NO_COMPILER = textwrap.dedent(

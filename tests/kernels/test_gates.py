@@ -8,7 +8,7 @@ import pytest
 
 import jaxrnn
 from jaxrnn.kernels import gates
-from _util import CELL_VARIANTS, assert_close, make_cell
+from _util import CELL_VARIANTS, assert_close, make_cell, normal
 
 B, H, I = 3, 5, 4
 
@@ -22,18 +22,18 @@ def _setup(name, cd, seed=0, lead=(B,)):
     params = cell.init(keys[0], I)
     # Non-zero biases everywhere (b_hn included) so every term is exercised.
     leaves, tree = jax.tree.flatten(params)
-    leaves = [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys[1:5])]
+    leaves = [p + 0.3 * normal(k, p.shape) for p, k in zip(leaves, keys[1:5])]
     params = jax.tree.unflatten(tree, leaves)
-    carry = cell.carry_type(*(jax.random.normal(k, (*lead, H)) for k in keys[5 : 5 + len(cell.carry_type._fields)]))
-    xp = jax.random.normal(keys[7], (*lead, cell.gate_size))
+    carry = cell.carry_type(*(normal(k, (*lead, H)) for k in keys[5 : 5 + len(cell.carry_type._fields)]))
+    xp = normal(keys[7], (*lead, cell.gate_size))
     return cell, params, carry, xp
 
 
 def _cotangents(cell, seed, lead=(B,)):
     k1, k2 = jax.random.split(jax.random.key(seed + 100))
     fields = cell.carry_type._fields
-    dcarry = cell.carry_type(*(jax.random.normal(k, (*lead, H)) for k in jax.random.split(k1, len(fields))))
-    dh = jax.random.normal(k2, (*lead, H))
+    dcarry = cell.carry_type(*(normal(k, (*lead, H)) for k in jax.random.split(k1, len(fields))))
+    dh = normal(k2, (*lead, H))
     return dcarry, dh
 
 

@@ -22,7 +22,7 @@ import pytest
 from jax import export
 
 import jaxrnn
-from _util import assert_close, make_cell, randomize, via_rnn, vjp_variants
+from _util import assert_close, make_cell, normal, randomize, via_rnn, vjp_variants
 from jaxrnn.kernels import Pallas, common, mosaic_gpu, pallas
 from jaxrnn.kernels.pallas import BlockSizes, rnn_pallas
 
@@ -44,7 +44,7 @@ def _problem(name, dtype=jnp.float32, seed=0):
     cell = make_cell(name, H)
     k = jax.random.split(jax.random.key(seed), 4)
     params = randomize(cell.init(k[0], I), k[1])
-    xs = jax.random.normal(k[2], (B, T, I)).astype(dtype)
+    xs = normal(k[2], (B, T, I)).astype(dtype)
     carry0 = randomize(cell.zero_carry(B), k[3], scale=1.0)
     return cell, params, xs, carry0
 

@@ -29,7 +29,7 @@ import pytest
 from jax import export
 
 import jaxrnn
-from _util import MAIN_CELLS, assert_close, make_cell, randomize, via_rnn, vjp_variants
+from _util import MAIN_CELLS, assert_close, compile_run, make_cell, normal, randomize, via_rnn, vjp_variants
 from jaxrnn import checks
 from jaxrnn.kernels import Pallas, common, gates, pallas, pallas_split
 from jaxrnn.kernels.pallas import BlockSizes, rnn_pallas
@@ -47,8 +47,6 @@ DEFAULTS = {platform: BlockSizes.get_default(platform) for platform in ("cpu", "
 CELLS = {name: functools.partial(make_cell, name) for name in MAIN_CELLS}
 SPLIT_CELLS = ("elman", "lstm", "gru_after")  # a GRU with reset="before" cannot split
 
-# Equivalence, not speed, is tested: skip LLVM's optimisations (compile time).
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 pytestmark = pytest.mark.filterwarnings("ignore:impl='pallas' on CPU:UserWarning")
 
@@ -59,13 +57,9 @@ def _problem(name, dtype=jnp.float32, seed=0, hidden=H):
     cell = CELLS[name](hidden)
     k = jax.random.split(jax.random.key(seed), 4)
     params = randomize(cell.init(k[0], I), k[1])
-    xs = jax.random.normal(k[2], (B, T, I)).astype(dtype)
+    xs = normal(k[2], (B, T, I)).astype(dtype)
     carry0 = randomize(cell.zero_carry(B), k[3], scale=1.0)
     return cell, params, xs, carry0
-
-
-def _compile_run(f, *args):
-    return jax.jit(f).lower(*args).compile(FAST_COMPILE)(*args)
 
 
 def _via_backend(cell, backend):
@@ -125,8 +119,8 @@ class _KernelTests:
         cell, params, xs, carry0 = _problem(name, dtype)
         args = (params, xs, carry0, jax.random.key(7))
         variants = VARIANTS if dtype == jnp.float32 else BF16_VARIANTS
-        got = _compile_run(vjp_variants(via_rnn(cell, self.impl), variants), *args)
-        want = _compile_run(vjp_variants(via_rnn(cell, "reference"), variants), *args)
+        got = compile_run(vjp_variants(via_rnn(cell, self.impl), variants), *args)
+        want = compile_run(vjp_variants(via_rnn(cell, "reference"), variants), *args)
         _assert_variants_close(got, want, dtype)
 
     @pytest.mark.parametrize("case", range(3))
@@ -138,8 +132,8 @@ class _KernelTests:
         kernel = functools.partial(rnn_pallas, interpret=self.INTERPRET, block=block)
         variants = [(LENGTHS, False), (None, True)]
         args = (params, xs, carry0, jax.random.key(8))
-        got = _compile_run(vjp_variants(_via_backend(cell, kernel), variants), *args)
-        want = _compile_run(vjp_variants(_via_backend(cell, pallas.reference), variants), *args)
+        got = compile_run(vjp_variants(_via_backend(cell, kernel), variants), *args)
+        want = compile_run(vjp_variants(_via_backend(cell, pallas.reference), variants), *args)
         _assert_variants_close(got, want, jnp.float32)
 
     def test_no_retrace(self, monkeypatch):
@@ -195,8 +189,8 @@ class _SplitTests(_KernelTests):
             cell, params, xs, carry0 = _problem(name, seed=5, hidden=self.WIDE)
             args = (params, xs, carry0, jax.random.key(9))
             variants = [(LENGTHS, True), (None, False)]
-            got = _compile_run(vjp_variants(via_rnn(cell, impl), variants), *args)
-            want = _compile_run(vjp_variants(via_rnn(cell, "reference"), variants), *args)
+            got = compile_run(vjp_variants(via_rnn(cell, impl), variants), *args)
+            want = compile_run(vjp_variants(via_rnn(cell, "reference"), variants), *args)
             _assert_variants_close(got, want, jnp.float32)
 
 

@@ -17,7 +17,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxrnn
-from _util import assert_close, devices_env, make_cell, randomize, to64
+from _util import assert_close, compile_run, devices_env, make_cell, normal, randomize, to64, via_rnn, vjp_variants
 from jaxrnn.kernels import xla
 from jaxrnn.runner import rnn_reference
 
@@ -28,45 +28,18 @@ CONFIGS = [(lengths, reverse) for lengths in (None, LENGTHS) for reverse in (Fal
 CELLS = {name: functools.partial(make_cell, name, H) for name in ("elman", "elman_relu", "lstm", "gru_before", "gru_after")}
 
 
-
-
 def _problem(name, dtype, seed=0, param_dtype=jnp.float32):
     cell = CELLS[name]()
     k = jax.random.split(jax.random.key(seed), 4)
     params = randomize(cell.init(k[0], I, dtype=param_dtype), k[1])
-    xs = jax.random.normal(k[2], (B, T, I)).astype(dtype)
+    xs = normal(k[2], (B, T, I)).astype(dtype)
     carry0 = randomize(cell.zero_carry(B), k[3], scale=1.0)
     return cell, params, xs, carry0
 
 
-def _all_configs(impl):
-    """``{config: (ys, final, (dparams, dxs, dcarry0), ys_no_grad)}`` for every config, in one jit."""
-
-    def run(cell, params, xs, carry0, cot_key):
-        out = {}
-        for lengths, reverse in CONFIGS:
-
-            def f(p, x, c, lengths=lengths, reverse=reverse):
-                return jaxrnn.rnn(cell, p, x, initial_carry=c, seq_lengths=lengths, reverse=reverse, impl=impl)
-
-            (ys, final), vjp = jax.vjp(f, params, xs, carry0)
-            k1, k2 = jax.random.split(cot_key)
-            dys = jax.random.normal(k1, ys.shape).astype(ys.dtype)
-            dfinal = randomize(jax.tree.map(jnp.zeros_like, final), k2, scale=1.0)
-            plain, _ = f(params, xs, carry0)
-            out[(lengths is not None, reverse)] = (ys, final, vjp((dys, dfinal)), plain)
-        return out
-
-    return run
-
-
-# Equivalence, not speed, is tested here: skip LLVM's optimisations (the HLO
-# passes still run), which cuts compile time about threefold.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
 def _run_all(impl, cell, *args):
-    return jax.jit(_all_configs(impl), static_argnums=0).lower(cell, *args).compile(FAST_COMPILE)(*args)
+    """``{config: (ys, final, (dparams, dxs, dcarry0), ys_no_grad)}`` for every config, in one program."""
+    return compile_run(vjp_variants(via_rnn(cell, impl), CONFIGS), *args)
 
 
 def _normalized(tree, ref):
@@ -226,7 +199,7 @@ def _projection_configs(projection):
 
             hs, final = f(params, xs, carry0)  # forward only: the projection under test
             (_, _), vjp = jax.vjp(f, params, xs, carry0)
-            dhs = jax.random.normal(cot_key, hs.shape, hs.dtype)
+            dhs = normal(cot_key, hs.shape, hs.dtype)
             out[(lengths is not None, reverse)] = (hs, final, vjp((dhs, jax.tree.map(jnp.zeros_like, final))))
         return out
 
@@ -241,8 +214,8 @@ def test_projection_modes_match_reference(name, projection, dtype):
     cell, params, xs, carry0 = _problem(name, dtype)
     cell = cell.resolve(dtype)
     args = (params, xs, carry0, jax.random.key(3))
-    compile_run = lambda f: jax.jit(f, static_argnums=0).lower(cell, *args).compile(FAST_COMPILE)(*args)  # noqa: E731
-    got, want = compile_run(_projection_configs(projection)), compile_run(_projection_configs(None))
+    got = compile_run(_projection_configs(projection), cell, *args, static_argnums=0)
+    want = compile_run(_projection_configs(None), cell, *args, static_argnums=0)
     for config, value in got.items():
         assert_close(value, want[config], dtype=dtype, err_msg=f"{name} {projection} {config}")
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import assert_close, randomize
+from _util import assert_close, normal, randomize
 
 import jaxrnn
 from jaxrnn import models
@@ -93,7 +93,7 @@ def test_padding_changes_neither_logits_nor_gradients(pooling):
 def test_pool_is_reexported_with_its_signature():
     assert models.pool is jaxrnn.sequence.pool
     assert str(inspect.signature(models.pool)) == "(ys, seq_lengths, mode, *, bidirectional=False)"
-    ys = jax.random.normal(jax.random.key(0), (B, T, 2 * H))
+    ys = normal(jax.random.key(0), (B, T, 2 * H))
     lengths = jnp.asarray(LENGTHS)
     for b, n in enumerate(LENGTHS):  # the formula, per sequence
         assert_close(models.pool(ys, lengths, "max")[b], ys[b, :n].max(0))
@@ -106,7 +106,7 @@ def test_feature_classifier_and_bad_arguments():
     F = 6
     clf = Classifier(C, jaxrnn.Stack(jaxrnn.LSTM(H)), input_size=F, pooling="mean", impl=IMPL)
     params = randomize(clf.init(jax.random.key(0)), jax.random.key(1))
-    x = jax.random.normal(jax.random.key(2), (B, T, F))
+    x = normal(jax.random.key(2), (B, T, F))
     ys, _ = jaxrnn.rnn(clf.stack.cell, params.layers[0].fwd, x, seq_lengths=jnp.asarray(LENGTHS), impl=IMPL)
     h = ys.sum(1) / jnp.asarray(LENGTHS, jnp.float32)[:, None]
     assert_close(clf.apply(params, x, jnp.asarray(LENGTHS)), h @ params.mlp[0].w + params.mlp[0].b[None, :])  # linear: no hidden

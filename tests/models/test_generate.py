@@ -11,6 +11,7 @@ import pytest
 import jaxrnn
 from jaxrnn import lm, models
 from jaxrnn.models import lm as lm_src
+from _util import normal
 
 VOCAB = 6
 
@@ -23,7 +24,7 @@ def random_params(model, seed=0, scale=0.3):
     params = model.init(jax.random.key(seed))
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    return jax.tree_util.tree_unflatten(tree, [x + scale * normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
 def python_greedy(model, params, prompt, length):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _util import assert_close
+from _util import assert_close, normal
 
 import jaxrnn
 from jaxrnn import data, lm, models
@@ -33,7 +33,7 @@ def random_params(model, seed=0):
     params = model.init(jax.random.key(seed))
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-    leaves = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    leaves = [x + 0.3 * normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
     return jax.tree_util.tree_unflatten(tree, leaves)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _util import assert_close, randomize
+from _util import assert_close, normal, randomize
 
 import jaxrnn
 from jaxrnn import models
@@ -108,7 +108,7 @@ def test_feature_tagger_ignores_nan_padding():
     tagger = Tagger(C, jaxrnn.Stack(jaxrnn.GRU(H), 1, bidirectional=True, connection="highway"), input_size=F, impl=IMPL)
     params = randomize(tagger.init(jax.random.key(2)), jax.random.key(3))
     assert params.embedding is None
-    feats = jax.random.normal(jax.random.key(4), (B, T, F))
+    feats = normal(jax.random.key(4), (B, T, F))
     pad = (np.arange(T)[None, :] >= LENGTHS[:, None])[..., None]
     _, labels = data()
     lengths = jnp.asarray(LENGTHS)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _util import assert_close
+from _util import assert_close, normal
 
 from jaxrnn import train
 from jaxrnn.models.window import WindowLM, WindowParams
@@ -19,7 +19,7 @@ def random_params(model, seed=0):
     params = model.init(jax.random.key(seed))
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return jax.tree_util.tree_unflatten(tree, [x + 0.3 * normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
 def numpy_logits(model, params, row):

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from jaxrnn import train
+from _util import normal
 
 
 def squared_error(params, batch):
@@ -18,9 +19,9 @@ def squared_error(params, batch):
 
 def problem(seed=0, n=8, d=3):
     kx, ky, kw = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (n, d))
-    y = jax.random.normal(ky, (n,))
-    params = {"w": jax.random.normal(kw, (d,)), "b": jnp.zeros(())}
+    x = normal(kx, (n, d))
+    y = normal(ky, (n,))
+    params = {"w": normal(kw, (d,)), "b": jnp.zeros(())}
     return params, (x, y)
 
 

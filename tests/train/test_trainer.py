@@ -16,7 +16,7 @@ import pytest
 import jaxrnn
 from jaxrnn import train
 from train.test_step import all_finite, assert_tree_equal, poison_gradient
-from _util import devices_env
+from _util import devices_env, normal
 
 STEPS = 12
 
@@ -36,8 +36,8 @@ def linear_params():
 def linear_batches(bad=(), bad_gradient=()):
     """``batches(i)``: a fixed regression batch ``i``; NaN targets at the indices ``bad``; a NaN gradient
     (finite loss) at ``bad_gradient`` (through an input that reaches only the backward pass)."""
-    x = np.asarray(jax.random.normal(jax.random.key(0), (64, 8, 3)))
-    y = np.asarray(jax.random.normal(jax.random.key(1), (64, 8)))
+    x = np.asarray(normal(jax.random.key(0), (64, 8, 3)))
+    y = np.asarray(normal(jax.random.key(1), (64, 8)))
 
     def batches(i):
         yy = y[i % 64] * (np.nan if i in bad else 1.0)
@@ -128,7 +128,7 @@ def tbptt_loss(params, batch, carry):
 def tbptt_problem(batch=4, windows=8, T=5):
     kp, kx = jax.random.split(jax.random.key(3))
     params = {"cell": CELL.init(kp, 2), "out": 0.1 * jnp.ones((8, 2))}
-    stream = np.asarray(jax.random.normal(kx, (batch, windows * T + 1, 2)))
+    stream = np.asarray(normal(kx, (batch, windows * T + 1, 2)))
 
     def batches(i):
         s = (i % windows) * T

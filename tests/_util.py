@@ -75,9 +75,7 @@ def randomize(tree, key, scale=0.3):
     """``tree`` with Gaussian noise of std ``scale`` added to every leaf (biases and ``b_hn`` included),
     so that every term of a formula matters. Outside a transformation, one program per tree's shapes,
     compiled with :data:`FAST_COMPILE` (a random draw eagerly is a program per shape, 0.5-1 s each)."""
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((tree, key))):
-        return _randomize(tree, key, scale)
-    return _randomize_compiled(tree, key, scale)
+    return _randomize_fast(tree, key, scale)
 
 
 def to64(tree):
@@ -106,18 +104,26 @@ def compile_run(f, *args, static_argnums=()):
     return compiled(*(a for i, a in enumerate(args) if i not in static))
 
 
-_randomize_compiled = jax.jit(_randomize, static_argnums=2, compiler_options=FAST_COMPILE)
+def fast_jit(f, static_argnums):
+    """``f`` jitted with :data:`FAST_COMPILE`; called inside a transformation (where compiler options
+    cannot be set), ``f`` itself, traced into the caller's program."""
+    compiled = jax.jit(f, static_argnums=static_argnums, compiler_options=FAST_COMPILE)
+
+    def call(*args):
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args))
+        return (f if traced else compiled)(*args)
+
+    return call
+
+
+_randomize_fast = fast_jit(_randomize, static_argnums=2)
+_normal_fast = fast_jit(jax.random.normal, static_argnums=(1, 2))
 
 
 def normal(key, shape, dtype=float):
     """``jax.random.normal(key, shape, dtype)`` (float64 by default under x64); outside a transformation,
     compiled with :data:`FAST_COMPILE`."""
-    if isinstance(key, jax.core.Tracer):
-        return jax.random.normal(key, shape, dtype)
-    return _normal_compiled(key, tuple(shape), jax.dtypes.canonicalize_dtype(dtype))
-
-
-_normal_compiled = jax.jit(jax.random.normal, static_argnums=(1, 2), compiler_options=FAST_COMPILE)
+    return _normal_fast(key, tuple(shape), jax.dtypes.canonicalize_dtype(dtype))
 
 
 def vjp_variants(run, variants):

@@ -236,6 +236,19 @@ def _set_fractions(rows, ceiling):
             r["matmul_fraction"] = r["flop_per_s"] / peak if peak else None
 
 
+def _team_stats():
+    """The C++ kernel's thread-team counters (:func:`jaxrnn.kernels.ffi.team_stats`), or ``None`` without it.
+
+    Only ``jaxrnn:ffi`` calls form teams, so their difference over a case's
+    timed rounds (re-warm calls included) is that row's: of the ``team_calls``
+    that planned two threads or more, ``short_handed_calls`` ran with fewer
+    (a pool thread started too late to take any work), each up to 2x slower.
+    """
+    from jaxrnn.kernels import ffi  # noqa: PLC0415
+
+    return ffi.team_stats() if ffi.available() else None
+
+
 def _run_case(case, impls, ctx, suite, sweeps, profiled, deadline, log):
     """All rows of one case: prepare each implementation, time them interleaved, finish.
 
@@ -261,7 +274,11 @@ def _run_case(case, impls, ctx, suite, sweeps, profiled, deadline, log):
     timing = dict(min_reps=suite.min_reps, max_reps=suite.max_reps, target_s=suite.target_s)
     rewarm = {i for i, p in prepared.items() if p.best_s < measure.REWARM_BELOW_S}
     runs = {i: p.run for i, p in prepared.items()}
+    teams_before = _team_stats() if "jaxrnn:ffi" in prepared else None
     times, errors = measure.time_interleaved(runs, rewarm=rewarm, cap_s=suite.row_cap_s, **timing)
+    if teams_before is not None:
+        teams_after = _team_stats()
+        rows["jaxrnn:ffi"]["notes"]["thread_teams"] = {k: teams_after[k] - teams_before[k] for k in teams_before}
     reference = prepared.get("jaxrnn:reference")
     for impl, prep in prepared.items():
         row = rows[impl]

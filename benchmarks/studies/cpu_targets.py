@@ -40,7 +40,7 @@ import sys
 
 from benchmarks import report
 
-__all__ = ["evaluate", "main", "markdown"]
+__all__ = ["evaluate", "main", "markdown", "short_handed"]
 
 #: jaxrnn's rows in order of preference: the first one a case has is what ``impl="auto"`` runs on CPU.
 JAXRNN = ("jaxrnn:ffi", "jaxrnn:xla")
@@ -55,8 +55,19 @@ def _load(folder, name):
         return json.load(f)
 
 
+def short_handed(row):
+    """The fraction of a ``jaxrnn:ffi`` row's thread-team calls that ran short-handed, or ``None`` (no record, no team).
+
+    ``notes.thread_teams`` (see ``benchmarks/README.md``): a call whose helper
+    thread started too late ran on one thread, up to 2x slower.
+    """
+    teams = row.get("notes", {}).get("thread_teams") or {}
+    calls = teams.get("team_calls") or 0
+    return teams.get("short_handed_calls", 0) / calls if calls else None
+
+
 def _speedups(results, keep):
-    """``[(case_id, {peer: peer time / jaxrnn time})]`` for the jaxrnn rows that ``keep(row)`` selects."""
+    """``[(case_id, {peer: peer time / jaxrnn time}, short-handed fraction)]`` for the jaxrnn rows ``keep(row)`` selects."""
     chosen = {}
     for row in results["rows"]:
         if row["status"] == "ok" and row["impl"] in JAXRNN and keep(row):
@@ -66,23 +77,24 @@ def _speedups(results, keep):
     out = []
     for case_id, row in chosen.items():
         ratios = {p: 1.0 / r for p, r in row["time_ratio_vs_peers"].items() if p in PEERS and r}
-        out.append((case_id, ratios))
+        out.append((case_id, ratios, short_handed(row)))
     return out
 
 
 def _target(name, description, cases, thresholds):
-    """One target over ``cases`` (``[(case_id, {peer: speed-up})]``) with per-peer ``thresholds``."""
+    """One target over ``cases`` (``[(case_id, {peer: speed-up}, short-handed fraction)]``) with per-peer ``thresholds``."""
     worst = {}
     for peer in thresholds:
-        values = [(r[peer], cid) for cid, r in cases if peer in r]
+        values = [(r[peer], cid) for cid, r, _ in cases if peer in r]
         worst[peer] = min(values) if values else (math.nan, None)
+    short = {cid: f for cid, _, f in cases}
     met = bool(cases) and all(worst[p][0] >= t for p, t in thresholds.items())
     return {
         "target": name,
         "description": description,
         "thresholds": thresholds,
-        "cases": [{"case_id": cid, "speedup": r} for cid, r in cases],
-        "worst": {p: {"speedup": v, "case_id": cid} for p, (v, cid) in worst.items()},
+        "cases": [{"case_id": cid, "speedup": r, "short_handed": f} for cid, r, f in cases],
+        "worst": {p: {"speedup": v, "case_id": cid, "short_handed": short.get(cid)} for p, (v, cid) in worst.items()},
         "met": met,
     }
 
@@ -133,6 +145,11 @@ def _fmt(x):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
+def _short(fraction):
+    """``"; short-handed in 21% of its calls"`` for a row whose thread team fell short, else ``""``."""
+    return f"; short-handed in {fraction:.0%} of its calls" if fraction else ""
+
+
 def markdown(targets, sources) -> str:
     """The targets as a Markdown table, with where each number comes from."""
     lines = [
@@ -141,7 +158,9 @@ def markdown(targets, sources) -> str:
         "Read from " + ", ".join(f"`{s}`" for s in sources) + " (their device, versions, load averages and method "
         "are recorded there). Speed-up = peer time / jaxrnn time (what `impl=\"auto\"` runs on CPU: `jaxrnn:ffi` for "
         "float32 LSTM, GRU and Elman cells, else `jaxrnn:xla`); "
-        "for the language model, jaxrnn tokens/s over PyTorch's.",
+        "for the language model, jaxrnn tokens/s over PyTorch's. \"Short-handed\": the share of the `jaxrnn:ffi` "
+        "row's thread-team calls that ran on fewer threads than planned, because XLA's pool thread started too late "
+        "(`notes.thread_teams`; each such call is up to 2x slower).",
         "",
         "| target | what | threshold | worst measured | met |",
         "|---|---|---|---|---|",
@@ -149,7 +168,8 @@ def markdown(targets, sources) -> str:
     for t in targets:
         if "thresholds" in t:
             thr = ", ".join(f"{p} >= {v}x" for p, v in t["thresholds"].items())
-            worst = "; ".join(f"{p} {_fmt(w['speedup'])}x ({w['case_id']})" for p, w in t["worst"].items())
+            worst = "; ".join(f"{p} {_fmt(w['speedup'])}x ({w['case_id']}{_short(w.get('short_handed'))})"
+                              for p, w in t["worst"].items())
         elif t["target"] == "6":
             thr = "< 1 s, no recompilation"
             worst = f"longest {_fmt(t['longest_compile_s'])} s; over 1 s: {len(t['over_1s'])}; recompiled: {len(t['recompiled'])}"
@@ -166,7 +186,8 @@ def markdown(targets, sources) -> str:
     lines += ["", "Per case (speed-ups against PyTorch and flax linen):", ""]
     for t in targets:
         for c in t.get("cases", []):
-            lines.append(f"- {t['target']}: `{c['case_id']}`: " + ", ".join(f"{p} {_fmt(v)}x" for p, v in c["speedup"].items()))
+            lines.append(f"- {t['target']}: `{c['case_id']}`: " + ", ".join(f"{p} {_fmt(v)}x" for p, v in c["speedup"].items())
+                         + _short(c.get("short_handed")))
     return "\n".join(lines) + "\n"
 
 

@@ -66,6 +66,21 @@ def test_every_row_has_every_field(smoke):
             assert all(r[f] is None for f in MEASURED_FIELDS), f"skipped row with numbers: {r}"
 
 
+def test_ffi_rows_count_their_thread_teams(smoke):
+    """Each jaxrnn:ffi row records the C++ kernel's team counters over its timed rounds, and only those rows."""
+    from jaxrnn.kernels import ffi  # noqa: PLC0415
+
+    _, results = smoke
+    ok = [r for r in results["rows"] if r["status"] == "ok"]
+    mine = [r for r in ok if r["impl"] == "jaxrnn:ffi"]
+    assert mine if ffi.available() else not mine
+    for r in mine:
+        teams = r["notes"]["thread_teams"]
+        assert set(teams) == {"team_calls", "short_handed_calls"}
+        assert 0 <= teams["short_handed_calls"] <= teams["team_calls"], r["case_id"]
+    assert not [r for r in ok if r["impl"] != "jaxrnn:ffi" and "thread_teams" in r["notes"]]
+
+
 def test_derived_numbers_follow_from_the_median(smoke):
     _, results = smoke
     for r in (r for r in results["rows"] if r["status"] == "ok"):
@@ -392,7 +407,8 @@ def test_cpu_targets_reads_worst_cases_and_thresholds(tmp_path):
 
     cpu = {"rows": [
         row("a", "jaxrnn:xla", {"torch": 0.5, "flax.linen": 0.5}),                  # 2x both, but:
-        row("a", "jaxrnn:ffi", {"torch": 0.4, "flax.linen": 0.4}),                  # what "auto" runs: 2.5x
+        row("a", "jaxrnn:ffi", {"torch": 0.4, "flax.linen": 0.4},                   # what "auto" runs: 2.5x
+            notes={"thread_teams": {"team_calls": 40, "short_handed_calls": 12}}),
         row("b", "jaxrnn:xla", {"torch": 1 / 1.2, "flax.linen": 0.25}, cell="gru"),  # 1.2x torch: below 1.3
         row("p", "jaxrnn:xla", {"torch": 0.25, "flax.linen": 0.4}, structure="bidir2", padded=True, batch=16),
         row("p", "torch", {}, structure="bidir2", padded=True, batch=16),
@@ -402,9 +418,12 @@ def test_cpu_targets_reads_worst_cases_and_thresholds(tmp_path):
         json.dump(cpu, f)
     got = {t["target"]: t for t in cpu_targets.evaluate(str(tmp_path))}
     assert got["1"]["met"] is False
-    assert got["1"]["worst"]["torch"] == {"speedup": pytest.approx(1.2), "case_id": "b"}
+    assert got["1"]["worst"]["torch"] == {"speedup": pytest.approx(1.2), "case_id": "b", "short_handed": None}
     assert got["1"]["worst"]["flax.linen"]["speedup"] == pytest.approx(2.5)  # the ffi row of case a, not xla's
     assert [c["speedup"]["torch"] for c in got["1"]["cases"] if c["case_id"] == "a"] == [pytest.approx(2.5)]
+    # The ffi row's thread teams: 12 of its 40 team calls short-handed; xla rows form no teams.
+    assert {c["case_id"]: c["short_handed"] for c in got["1"]["cases"]} == {"a": pytest.approx(0.3), "b": None}
+    assert got["1"]["worst"]["flax.linen"]["short_handed"] == pytest.approx(0.3)
     assert got["3"]["met"] is True and got["3"]["worst"]["flax.linen"]["speedup"] == pytest.approx(2.5)
     assert got["1b"]["met"] is True  # every case at least 1.0x PyTorch
     # Compilation: the backends "auto" picks; the reference's 1.5 s is reported, not counted.
@@ -417,6 +436,8 @@ def test_cpu_targets_reads_worst_cases_and_thresholds(tmp_path):
     assert slow["met"] is False and slow["over_1s"] == ["q jaxrnn:ffi"]
     assert cpu_targets.main(["--results", str(tmp_path)]) == 0
     assert (tmp_path / "cpu_targets.md").read_text().count("| 1 |") == 1
+    assert "`a`: torch 2.50x, flax.linen 2.50x; short-handed in 30% of its calls" in (tmp_path / "cpu_targets.md").read_text()
+    assert "`b`: torch 1.20x, flax.linen 4.00x\n" in (tmp_path / "cpu_targets.md").read_text()
     # The language model's targets, with the bound lm_cpu measured (the ratio were every matmul at the ceiling).
     lm = {"targets": {
         "training": {"description": "training", "threshold": 1.3, "ratio": 1.12, "ratio_at_ceiling": 1.9, "met": False},

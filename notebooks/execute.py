@@ -27,6 +27,7 @@ The tests (``tests/notebooks/test_notebooks.py``) import this file.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ DEFAULT_TIMEOUT = 300.0
 FIGURE_DPI = 70
 KERNEL_NAME = "jaxrnn-notebooks"
 MAX_NOTEBOOK_BYTES = 300_000
+KERNEL_START_ATTEMPTS = 3
 
 
 def notebooks(selection: Iterable[str] = ()) -> List[pathlib.Path]:
@@ -118,14 +120,37 @@ class NotebookTimeout(RuntimeError):
     pass
 
 
-def execute(path: pathlib.Path, timeout: float = DEFAULT_TIMEOUT, log=print):
+def execute(path: pathlib.Path, timeout: float = DEFAULT_TIMEOUT, log=print, start_attempts: int = KERNEL_START_ATTEMPTS):
     """Run every cell of ``path`` in a fresh kernel of this interpreter, in the notebook's folder.
 
     Raises ``nbclient.exceptions.CellExecutionError`` on the first error and
     :class:`NotebookTimeout` when the whole notebook takes longer than
     ``timeout`` seconds. Returns ``(executed notebook, seconds)``; each code
     cell's metadata records the hash of the source that produced its outputs.
+
+    A kernel that dies before its first cell runs is started again, up to
+    ``start_attempts`` times in all, with fresh ports: jupyter_client picks free
+    ports and the kernel binds them a moment later, so two processes starting
+    kernels at once can collide (``ZMQError: Address already in use``).
+    A failure once a cell has run is never retried.
     """
+    if start_attempts < 1:
+        raise ValueError(f"start_attempts: expected at least 1, got {start_attempts}")
+    for attempt in range(1, start_attempts + 1):
+        try:
+            return _execute_once(path, timeout, log)
+        except _KernelStartFailed as failure:
+            if attempt == start_attempts:
+                raise RuntimeError(f"{path.name}: the kernel died at start-up {attempt} times") from failure.__cause__
+            log(f"{path.name}: the kernel died at start-up ({failure.__cause__}); starting a new one")
+    raise AssertionError("unreachable")
+
+
+class _KernelStartFailed(Exception):
+    """The kernel died before any cell ran (raised from the jupyter_client error)."""
+
+
+def _execute_once(path: pathlib.Path, timeout: float, log):
     import nbformat
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
@@ -134,9 +159,11 @@ def execute(path: pathlib.Path, timeout: float = DEFAULT_TIMEOUT, log=print):
 
     nb = nbformat.read(str(path), as_version=4)
     deadline = time.monotonic() + timeout
+    cells_started = []
 
     class Client(NotebookClient):
         async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
+            cells_started.append(cell_index)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NotebookTimeout(f"{path.name}: exceeded the {timeout:g} s limit before cell {cell_index}")
@@ -163,6 +190,12 @@ def execute(path: pathlib.Path, timeout: float = DEFAULT_TIMEOUT, log=print):
             client.execute(env=kernel_env(tmp))
         except CellTimeoutError as error:
             raise NotebookTimeout(f"{path.name}: exceeded the {timeout:g} s limit\n{error}") from error
+        except RuntimeError as error:
+            if cells_started:
+                raise
+            # nbclient leaves its exit-time clean-up registered when the start fails; it has cleaned up already.
+            atexit.unregister(client._cleanup_kernel)
+            raise _KernelStartFailed() from error
         seconds = time.monotonic() - start
     # The kernel spec is a temporary one: record the standard one, as Colab and Jupyter expect.
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}

@@ -109,3 +109,68 @@ def test_notebook_runs(path):
     if path.name == "03_cells_and_stacks.ipynb" and importlib.util.find_spec("torch") is not None:
         printed = "".join(o.get("text", "") for c in ran for o in c.outputs)
         assert printed.count("largest difference to PyTorch") == 4, "with PyTorch installed, its section runs"
+
+
+def _tiny_notebook(folder: pathlib.Path, source: str) -> pathlib.Path:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    path = folder / "tiny.ipynb"
+    nbformat.write(nb, str(path))
+    return path
+
+
+def _counting_kernel_managers(monkeypatch, busy_port=None):
+    """Patch jupyter_client's AsyncKernelManager to count instances; the first binds ``busy_port``."""
+    import jupyter_client.manager
+
+    made = []
+
+    class Counting(jupyter_client.manager.AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            if busy_port is not None and not made:
+                self.cache_ports = False  # else the provisioner picks the ports itself
+                self.control_port = busy_port  # the collision CI saw: another process holds the port
+            made.append(self)
+
+    monkeypatch.setattr(jupyter_client.manager, "AsyncKernelManager", Counting)
+    return made
+
+
+@pytest.mark.slow
+def test_a_kernel_that_dies_at_start_up_is_started_again(tmp_path, monkeypatch):
+    """A port taken between jupyter_client choosing it and the kernel binding it kills the kernel: start anew."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        made = _counting_kernel_managers(monkeypatch, busy_port=busy.getsockname()[1])
+        logged = []
+        path = _tiny_notebook(tmp_path, "print(6 * 7)")
+        executed, _ = execute.execute(path, timeout=120, log=logged.append)
+    assert len(made) == 2
+    assert "died at start-up" in logged[0] and "starting a new one" in logged[0]
+    assert executed.cells[0].outputs[0]["text"] == "42\n"
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        made = _counting_kernel_managers(monkeypatch, busy_port=busy.getsockname()[1])
+        with pytest.raises(RuntimeError, match="died at start-up 1 times"):
+            execute.execute(path, timeout=120, log=logged.append, start_attempts=1)
+    assert len(made) == 1
+    with pytest.raises(ValueError, match="start_attempts"):
+        execute.execute(path, start_attempts=0)
+
+
+@pytest.mark.slow
+def test_an_error_in_a_cell_is_not_retried(tmp_path, monkeypatch):
+    from nbclient.exceptions import CellExecutionError
+
+    made = _counting_kernel_managers(monkeypatch)
+    path = _tiny_notebook(tmp_path, "raise RuntimeError('from the cell')")
+    with pytest.raises(CellExecutionError, match="from the cell"):
+        execute.execute(path, timeout=120, log=lambda *_: None)
+    assert len(made) == 1

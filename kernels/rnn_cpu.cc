@@ -1311,7 +1311,8 @@ inline const float* grad_operand_row(const GradOperands& o, bool input, int k) {
 // Rows [k0, k1) of the A operand (M columns) into tiles of MR columns, each (k1 - k0) x MR with its MR
 // values of a row consecutive (the last tile zero-padded): grad_tile then reads one short run per row
 // instead of MR floats of a row M apart from the next row's (strides of a page every few rows, which
-// the prefetchers do not follow).
+// the prefetchers do not follow). A full tile's row is one constant-size move: a call of memcpy per
+// 32 bytes took 7.6% of the CPU samples of a small Elman RNN's fwd+bwd (B=64 T=50 I=16 H=64), 1.0% after.
 void pack_grad_rows(const GradOperands& o, bool input, int M, int k0, int k1, float* apack) {
   const int kb = k1 - k0, tiles = (M + MR - 1) / MR;
   for (int k = k0; k < k1; ++k) {
@@ -1319,8 +1320,12 @@ void pack_grad_rows(const GradOperands& o, bool input, int M, int k0, int k1, fl
     for (int t = 0; t < tiles; ++t) {
       float* dst = apack + (static_cast<size_t>(t) * kb + (k - k0)) * MR;
       const int m = std::min(MR, M - t * MR);
-      std::memcpy(dst, src + t * MR, sizeof(float) * m);
-      if (m < MR) std::memset(dst + m, 0, sizeof(float) * (MR - m));
+      if (m == MR) {
+        std::memcpy(dst, src + t * MR, sizeof(float) * MR);  // a constant size: one move, not a call of memcpy
+      } else {
+        std::memcpy(dst, src + t * MR, sizeof(float) * m);
+        std::memset(dst + m, 0, sizeof(float) * (MR - m));
+      }
     }
   }
 }

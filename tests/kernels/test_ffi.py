@@ -90,6 +90,26 @@ def test_weight_gradients_cross_row_blocks_and_partial_panels(kind, threads):
         assert_close(grads, grads_r, scale=2.0, err_msg=f"{kind} lengths={lengths is not None} reverse={reverse}")
 
 
+@pytest.mark.parametrize("kind, hidden", [("lstm", 88), ("elman", 64), ("gru", 40)])
+def test_weight_gradients_do_not_depend_on_the_split(kind, hidden):
+    """One thread and the pool's give the weight gradients bit for bit, and the reference's within tolerance.
+
+    Each output entry is one thread's sum over the rows in the same order, however the panels are shared:
+    the LSTM (hidden 88: 11 panels of 32 gate columns, dz shared by both operands) runs one pass through
+    both operands, in panel groups of 8 and 3 on one thread and halves of 5 and 6 panels on two; the Elman
+    RNN (2 panels) and the GRU (its own dz for each operand) run a pass per operand on two threads.
+    """
+    cell, params, xs, carry0, lens = problem(13, 23, hidden, 5, seed=3, cell=kind)
+    args = (cell, params, xs, carry0, lens, True, jax.random.key(2))
+    _, _, one, _ = outputs_and_vjp(kernels.FFI(threads=1), *args)
+    _, _, pool, _ = outputs_and_vjp(kernels.FFI(), *args)
+    _, _, want, _ = outputs_and_vjp("reference", *args)
+    for got, ref in zip(jax.tree_util.tree_leaves(pool), jax.tree_util.tree_leaves(one)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    # scale 4 for the Elman RNN, whose weight gradients reach tens here (as in the tests below).
+    assert_close(one, want, scale=4.0 if kind == "elman" else 2.0, err_msg=kind)
+
+
 @pytest.mark.parametrize("kind", ["elman-relu", "elman-linear"])
 def test_other_elman_activations_match_reference(kind):
     """ReLU (derivative 0 at and below 0) and the linear RNN, with one member and two."""

@@ -23,7 +23,9 @@ cache for all steps and meets at one barrier per step. The products over all
   then ``jaxrnn_weight_grads`` computes :math:`\bar W_{ih} = \sum_t x_t^\top dz_t`,
   :math:`\bar b = \sum_t dz_t` and :math:`\bar W_{hh} = \sum_t h_{t-1}^\top dz_t`
   over all ``T B`` rows, reading :math:`h_{t-1}` from the saved carries and
-  ``h0`` in place, and :math:`\bar x_t = dz_t W_{ih}^\top` is one XLA matmul
+  ``h0`` in place (a small LSTM's backward call adds these itself, split by
+  rows, a group of steps at a time inside its loop while their ``dz`` is in
+  cache), and :math:`\bar x_t = dz_t W_{ih}^\top` is one XLA matmul
   (the GRU's candidate has two cotangents, ``dz_n`` for its input part and
   ``dm = r dz_n`` for its recurrent part, so its backward writes both
   ``dz_x`` and ``dz_h``; with the reset before the matmul its weight
@@ -471,14 +473,17 @@ def _lstm_embedded_fwd(reverse, loop, w_hh, rows, ids, carry0, lengths):
 
 def _lstm_embedded_bwd(reverse, loop, saved, cotangents):
     w_hh, rows, ids, carry0, lengths, a, hs, cs = saved
-    dz, dh0, dc0 = _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents)
-    H = hs.shape[-1]
-    sd = jax.ShapeDtypeStruct
-    f32 = jnp.float32
-    _, _, dw_hh = _call(
-        "jaxrnn_weight_grads", (sd((0, dz.shape[1]), f32), sd((dz.shape[1],), f32), sd((H, dz.shape[1]), f32)),
-        hs[:, :, :0], hs, carry0.h, dz, dz, reverse=reverse, threads=loop.threads,
-    )
+    nothing = hs[:, :, :0]
+    dz, dh0, dc0, _, _, dw_hh = _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents,
+                                                    nothing, hs)
+    if not _lstm_step_grads(loop, nothing, hs):
+        H = hs.shape[-1]
+        sd = jax.ShapeDtypeStruct
+        f32 = jnp.float32
+        _, _, dw_hh = _call(
+            "jaxrnn_weight_grads", (sd((0, dz.shape[1]), f32), sd((dz.shape[1],), f32), sd((H, dz.shape[1]), f32)),
+            nothing, hs, carry0.h, dz, dz, reverse=reverse, threads=loop.threads,
+        )
     # The table's gradient: the gate gradients summed per id (padded rows' are zero).
     drows = jax.ops.segment_sum(dz, ids, num_segments=rows.shape[0], indices_are_sorted=False)
     return dw_hh, drows, None, LSTMCarry(dh0, dc0), None
@@ -672,23 +677,48 @@ def _lstm_fwd(reverse, loop, w, xs, carry0, lengths):
     return (hs, LSTMCarry(h_T, c_T)), (w, xs, carry0, lengths, a, hs, cs)
 
 
-def _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents):
-    """The LSTM's backward loop: ``(dz, dh0, dc0)``, ``dz`` ``(T B, 4H)`` written over ``a``."""
+def _lstm_step_grads(loop, xs, hs) -> bool:
+    """Whether the LSTM's backward call adds its weight gradients inside its loop at these shapes.
+
+    A small model split by batch rows does (each chunk of rows a group of steps
+    at a time, while their ``dz`` is in cache); otherwise ``jaxrnn_weight_grads``
+    computes them after the loop (see ``kernels/rnn_cpu.cc``).
+    """
+    T, B, I = xs.shape
+    return bool(_load().jaxrnn_lstm_step_grads(T, B, I, hs.shape[-1], loop.split))
+
+
+def _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents, xs, hs):
+    """The LSTM's backward loop: ``(dz, dh0, dc0, dW_ih, db, dW_hh)``, ``dz`` ``(T B, 4H)`` written over ``a``.
+
+    ``xs`` ``(T, B, I)`` (``I = 0`` for ids) and the carries ``hs`` are the
+    weight gradients' operands. Where :func:`_lstm_step_grads`, the call adds
+    them inside its loop; elsewhere the three are empty (``(0,)``).
+    """
     dhs, dfinal = cotangents
     B, H = carry0.h.shape
+    I = xs.shape[-1]
     f32 = jnp.float32
     sd = jax.ShapeDtypeStruct
+    G = a.shape[1]
+    grads = _lstm_step_grads(loop, xs, hs)
+    shapes = ((I, G), (G,), (H, G)) if grads else ((0,), (0,), (0,))
     return _call(
-        "jaxrnn_lstm_bwd", (sd(a.shape, f32), sd((B, H), f32), sd((B, H), f32)),
-        a, cs, carry0.c, dhs.astype(f32), dfinal.h.astype(f32), dfinal.c.astype(f32), w_hh, lengths,
-        aliases={0: 0}, reverse=reverse, **loop.attrs(),
+        "jaxrnn_lstm_bwd", (sd(a.shape, f32), sd((B, H), f32), sd((B, H), f32), *(sd(s, f32) for s in shapes)),
+        a, cs, carry0.c, dhs.astype(f32), dfinal.h.astype(f32), dfinal.c.astype(f32), w_hh, lengths, xs, hs,
+        carry0.h, aliases={0: 0}, reverse=reverse, **loop.attrs(),
     )
 
 
 def _lstm_bwd(reverse, loop, saved, cotangents):
     w, xs, carry0, lengths, a, hs, cs = saved
-    dz, dh0, dc0 = _lstm_backward_call(reverse, loop, w.w_hh, a, cs, carry0, lengths, cotangents)
-    dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, carry0.h, w.w_ih, dz, dz)
+    dz, dh0, dc0, dw_ih, db, dw_hh = _lstm_backward_call(reverse, loop, w.w_hh, a, cs, carry0, lengths, cotangents,
+                                                         xs, hs)
+    if not _lstm_step_grads(loop, xs, hs):
+        dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, carry0.h, w.w_ih, dz, dz)
+        return _Weights(dw_ih, dw_hh, db), dxs, LSTMCarry(dh0, dc0), None
+    T, B, I = xs.shape
+    dxs = (dz @ w.w_ih.T).reshape(T, B, I)
     return _Weights(dw_ih, dw_hh, db), dxs, LSTMCarry(dh0, dc0), None
 
 

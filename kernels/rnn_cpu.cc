@@ -528,6 +528,7 @@ struct Dims {
 // The tile of a call's loop one member computes: hidden units [u0, u1) of batch rows [b0, b1).
 struct Part {
   int u0, u1, b0, b1;
+  int chunk = 0;  // which chunk of rows (run_row_chunks), 0 for a team's member
 };
 
 // gemm_rows over the rows [b0, b1) of row-major operands that hold every row of the batch.
@@ -589,7 +590,7 @@ struct Chunks {
       }
       const int b0 = static_cast<int>(static_cast<int64_t>(B) * c / count);
       const int b1 = static_cast<int>(static_cast<int64_t>(B) * (c + 1) / count);
-      (*job)(Part{0, H, b0, b1}, alone);
+      (*job)(Part{0, H, b0, b1, c}, alone);
       if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == count) {
         std::lock_guard<std::mutex> lock(mutex);
         cv.notify_all();
@@ -666,6 +667,360 @@ void run_split(ffi::ThreadPool& pool, const Dims& d, int K, int gates, int threa
                 unit_range(d.H, k, m, &u0, &u1);
                 job(Part{u0, u1, 0, d.B}, barrier);
               });
+}
+
+// ---------------------------------------------------------------------------
+// Weight gradients: the large products after a backward loop.
+// ---------------------------------------------------------------------------
+// dW_ih = Σ_k x_kᵀ dz_x[k], db = Σ_k dz_x[k] and dW_hh = Σ_k p_kᵀ dz_h[k] over
+// the T B rows k = t B + b, where p_k is the carry row b started step t from
+// (h_{t-1}: hs[t - 1], or h0 at the first step; reversed, hs[t + 1], or h0 at
+// t = T - 1), read in place (no shifted copy of hs). XLA's CPU dot takes these
+// transposed-operand products (K = T B deep, M and N small) slower than this
+// loop, which keeps each output tile in registers for a block of rows and
+// reads each block of x or h_{t-1} once for all of a thread's panels
+// (measured alone, 2 cores, fastest of 300 calls: T B = 6400, I + H = 80,
+// G = 256: 1.6 against 2.1 ms with XLA's shift, dots and sum; the base point's
+// 8192 rows, 384 x 1024: 36 against 40 ms). Threads take groups of 32-column
+// output panels (no reduction between them). Each block of the A operand is
+// packed tile-major first (pack_grad_rows): the character LM's second layer
+// (4096 rows, 512 x 1024), medians of 40 calls in alternating processes, 25.9
+// and 27.8 against 31.3 and 33.5 ms unpacked (XLA's dots of the same product:
+// 26.8-31.9 ms); blocks of 256 rows were no faster.
+constexpr int kGradRowBlock = 128;  // rows of dz per block: a packed 128 x 32 block is 16 KiB (L1)
+constexpr int kGradPanelGroup = 8;  // dz's panels packed together: 8 blocks are 128 KiB (L2)
+constexpr double kMinGradSplitFlops = 1.0e6;
+
+// acc (MR rows of 32 columns, row stride 32) += aᵀ b over K rows: a packed K x MR (MR consecutive floats a
+// row: the block's A operand, tile-major, see pack_grad_rows), b K x 32 of row stride ldb.
+inline void grad_tile(const float* a, int K, const float* b, int ldb, float* acc) {
+  vf c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = load(acc + r * NR);
+    c1[r] = load(acc + r * NR + VL);
+  }
+  for (int k = 0; k < K; ++k) {
+    const vf b0 = load(b + static_cast<size_t>(k) * ldb), b1 = load(b + static_cast<size_t>(k) * ldb + VL);
+    const float* ak = a + static_cast<size_t>(k) * MR;
+    for (int r = 0; r < MR; ++r) {
+      c0[r] += ak[r] * b0;
+      c1[r] += ak[r] * b1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    store(acc + r * NR, c0[r]);
+    store(acc + r * NR + VL, c1[r]);
+  }
+}
+
+// Rows [k0, k1) of dz's panels [pc, pc + ng) (32 columns each, the last zero-padded past G) into ng
+// blocks of (k1 - k0) x 32, panel after panel; sum[2 jj ..] += each row of panel jj. Rows outermost: a
+// row's ng panels are one contiguous run of dz, where a panel at a time read 128 bytes a row at a
+// stride of 4 G bytes, which the prefetchers do not follow (see grad_panels).
+void pack_grad_blocks(const float* dz, int G, int k0, int k1, int pc, int ng, float* blocks, vf* sum) {
+  const size_t kb = k1 - k0;
+  for (int k = k0; k < k1; ++k) {
+    const float* src = dz + static_cast<size_t>(k) * G;
+    for (int jj = 0; jj < ng; ++jj) {
+      const int col = (pc + jj) * NR, m = std::min(NR, G - col);
+      float* dst = blocks + (jj * kb + (k - k0)) * NR;
+      const vf v0 = load_n(src + col, std::min(m, VL)), v1 = m > VL ? load_n(src + col + VL, m - VL) : splat(0.0f);
+      store(dst, v0);
+      store(dst + VL, v1);
+      if (sum != nullptr) {
+        sum[2 * jj] += v0;
+        sum[2 * jj + 1] += v1;
+      }
+    }
+  }
+}
+
+struct GradOperands {
+  int T, B, I, H, Gx, Gh;
+  bool reverse;
+  const float *xs, *hs, *h0, *dzx, *dzh;
+  float *dw_ih, *db, *dw_hh;
+};
+
+// Row k of the A operand of [dW_ih; db] (input: x_k) or of dW_hh (p_k = hs[k - B] forward, hs[k + B]
+// reversed, and h0 for the rows of the walk's first step).
+inline const float* grad_operand_row(const GradOperands& o, bool input, int k) {
+  if (input) return o.xs + static_cast<size_t>(k) * o.I;
+  const int first0 = o.reverse ? (o.T - 1) * o.B : 0;
+  if (k >= first0 && k < first0 + o.B) return o.h0 + static_cast<size_t>(k - first0) * o.H;
+  return o.hs + (static_cast<size_t>(k) + (o.reverse ? o.B : -o.B)) * o.H;
+}
+
+// Rows [k0, k1) of the A operand (M columns) into tiles of MR columns, each (k1 - k0) x MR with its MR
+// values of a row consecutive (the last tile zero-padded): grad_tile then reads one short run per row
+// instead of MR floats of a row M apart from the next row's (strides of a page every few rows, which
+// the prefetchers do not follow). A full tile's row is one constant-size move: a call of memcpy per
+// 32 bytes took 7.6% of the CPU samples of a small Elman RNN's fwd+bwd (B=64 T=50 I=16 H=64), 1.0% after.
+void pack_grad_rows(const GradOperands& o, bool input, int M, int k0, int k1, float* apack) {
+  const int kb = k1 - k0, tiles = (M + MR - 1) / MR;
+  for (int k = k0; k < k1; ++k) {
+    const float* src = grad_operand_row(o, input, k);
+    for (int t = 0; t < tiles; ++t) {
+      float* dst = apack + (static_cast<size_t>(t) * kb + (k - k0)) * MR;
+      const int m = std::min(MR, M - t * MR);
+      if (m == MR) {
+        std::memcpy(dst, src + t * MR, sizeof(float) * MR);  // a constant size: one move, not a call of memcpy
+      } else {
+        std::memcpy(dst, src + t * MR, sizeof(float) * m);
+        std::memset(dst + m, 0, sizeof(float) * (MR - m));
+      }
+    }
+  }
+}
+
+// Panels [p0, p1) of 32 output columns of [dW_ih; db] (with_input) and / or of dW_hh (with_hidden);
+// both at once only where they share their dz (dz_x = dz_h: the LSTM and the Elman RNN), as the tiles of
+// one A operand [x_k | p_k] against each block of dz. Blocks of rows outermost, so that a block of the A
+// operand (kGradRowBlock rows) is read from memory, and packed, once for all the panels; then dz's
+// block for a group of up to kGradPanelGroup panels, a row at a time. Measured on the EPYC VM, an
+// LSTM's (I=16, H=128, G=512, T B = 12,800 rows) with two threads: 14.8-15.0 ms with a pass per operand
+// and a panel of dz at a time, 13.0-13.2 ms after (alone, fastest of 30); the call in a jitted program,
+// median of 100: 13.3-14.4 against 11.9-14.5 ms; the character LM's second layer (I=H=256, G=1024)
+// 23.2-28.9 against 21.8-23.8 ms; that LSTM's fwd+bwd (B=64 T=200), medians of 60 in four ABBA pairs,
+// 47.9-54.8 against 44.5-50.0 ms.
+void grad_panels(const GradOperands& o, bool with_input, bool with_hidden, int p0, int p1) {
+  const int np = p1 - p0, K = o.T * o.B;
+  if (np <= 0) return;
+  const int G = with_input ? o.Gx : o.Gh;
+  const float* dz = with_input ? o.dzx : o.dzh;
+  const int tx = with_input ? (o.I + MR - 1) / MR : 0, th = with_hidden ? (o.H + MR - 1) / MR : 0;
+  const int tiles = tx + th, group = std::min(np, kGradPanelGroup);
+  const size_t tile = static_cast<size_t>(MR) * NR;  // one tile's accumulators
+  float* blocks = scratch(0).get(static_cast<size_t>(kGradRowBlock) * NR * group);
+  float* acc = scratch(1).get(static_cast<size_t>(np) * std::max(tiles, 1) * tile);
+  float* apack = scratch(2).get(static_cast<size_t>(kGradRowBlock) * std::max(tiles, 1) * MR);
+  std::fill(acc, acc + static_cast<size_t>(np) * tiles * tile, 0.0f);
+  std::vector<vf> sums(2 * np, splat(0.0f));
+  for (int k0 = 0; k0 < K; k0 += kGradRowBlock) {
+    const int k1 = std::min(K, k0 + kGradRowBlock), kb = k1 - k0;
+    if (tx > 0) pack_grad_rows(o, true, o.I, k0, k1, apack);
+    if (th > 0) pack_grad_rows(o, false, o.H, k0, k1, apack + static_cast<size_t>(tx) * kb * MR);
+    for (int j0 = 0; j0 < np; j0 += group) {
+      const int ng = std::min(group, np - j0);
+      pack_grad_blocks(dz, G, k0, k1, p0 + j0, ng, blocks, with_input ? &sums[2 * j0] : nullptr);
+      for (int jj = 0; jj < ng; ++jj) {
+        float* accj = acc + static_cast<size_t>(j0 + jj) * tiles * tile;
+        const float* block = blocks + static_cast<size_t>(jj) * kb * NR;
+        for (int t = 0; t < tiles; ++t) {
+          grad_tile(apack + static_cast<size_t>(t) * kb * MR, kb, block, NR, accj + t * tile);
+        }
+      }
+    }
+  }
+  for (int j = 0; j < np; ++j) {
+    const int col = (p0 + j) * NR, m = std::min(NR, G - col);
+    const float* accj = acc + static_cast<size_t>(j) * tiles * tile;
+    for (int r = 0; r < (with_input ? o.I : 0); ++r) {
+      std::memcpy(o.dw_ih + static_cast<size_t>(r) * G + col, accj + static_cast<size_t>(r) * NR, sizeof(float) * m);
+    }
+    for (int r = 0; r < (with_hidden ? o.H : 0); ++r) {
+      std::memcpy(o.dw_hh + static_cast<size_t>(r) * G + col, accj + (static_cast<size_t>(tx) * MR + r) * NR,
+                  sizeof(float) * m);
+    }
+    if (with_input) {
+      float tmp[NR];
+      store(tmp, sums[2 * j]);
+      store(tmp + VL, sums[2 * j + 1]);
+      std::memcpy(o.db + col, tmp, sizeof(float) * m);
+    }
+  }
+}
+
+// The weight gradients of o after its backward loop, with up to `threads` threads (0: the pool's).
+void weight_grads(ffi::ThreadPool& pool, const GradOperands& o, int threads) {
+  const int px = static_cast<int>((o.Gx + NR - 1) / NR), ph = static_cast<int>((o.Gh + NR - 1) / NR);
+  // One pass for both operands where they share dz (the LSTM and the Elman RNN pass theirs twice).
+  const bool shared = o.dzx == o.dzh && o.Gx == o.Gh;
+  int n = static_cast<int>(pool.num_threads());
+  if (threads > 0) n = std::min(n, static_cast<int>(threads));
+  n = std::max(1, std::min(n, std::max(px, ph)));
+  const double flops = 2.0 * o.T * o.B * (static_cast<double>(o.I) * o.Gx + static_cast<double>(o.H) * o.Gh);
+  if (n < 2 || flops < kMinGradSplitFlops) {
+    if (shared) {
+      grad_panels(o, true, true, 0, ph);
+    } else {
+      grad_panels(o, false, true, 0, ph);
+      grad_panels(o, true, false, 0, px);
+    }
+    return;
+  }
+  // Work items: with a shared dz and at least two panels a thread, n groups of panels through both
+  // operands (2 or 4 groups a thread re-read the A operand from memory once a group, and were slower);
+  // otherwise the recurrent panels in n groups, then the input panels in n groups. Each thread's
+  // share of a block of rows stays in its cache.
+  const bool fused = shared && ph >= 2 * n;
+  const int items = fused ? n : 2 * n;
+  run_row_chunks(pool, n, items, items, 0, /*caller_works=*/true, [&](const Part& part, Barrier&) {
+    for (int c = part.b0; c < part.b1; ++c) {
+      if (fused) {
+        grad_panels(o, true, true, ph * c / n, ph * (c + 1) / n);
+        continue;
+      }
+      const bool input = c >= n;
+      const int g = input ? c - n : c, count = input ? px : ph;
+      grad_panels(o, input, !input, count * g / n, count * (g + 1) / n);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Weight gradients inside a backward loop split by batch rows.
+// ---------------------------------------------------------------------------
+// The LSTM's backward computes its weight gradients in the same call. A small
+// model's (split by rows: a chunk of rows runs its whole loop alone) adds its
+// rows' [x_k | p_k]ᵀ dz_k to the chunk's own accumulators a group of steps at
+// a time (kStepGradRows rows deep), while their dz is still in cache, where
+// weight_grads after the loop reads all of dz again from memory. dz is shared
+// by both products, so a group is one pass through the tiles of [x | p]. The
+// chunks are fixed by the shapes and the pool's size, not by the call's
+// threads, and their sums are added in chunk order: the gradients are the
+// same bit for bit on one thread and on the pool's. Measured on the EPYC VM,
+// the cpu_small suite's LSTM rows against PyTorch in five alternating runs
+// each: B=64 T=500 H=64 2.63-2.95x against 2.44-2.63x, B=64 T=200 H=128
+// 1.50-1.86x against 1.45-1.69x; the smallest (B=32, T=50, H=32) within the
+// VM's noise. Where a chunk's accumulators ((I + H + 1) x G floats) fit in
+// kMaxStepGradBytes (beside the packed recurrent weights, in a 1 MiB L2 cache)
+// and G fills whole panels; else weight_grads runs after the loop.
+constexpr double kMaxStepGradBytes = 512.0 * 1024;
+constexpr int kStepGradRows = 128;
+constexpr int kMaxStepGradSteps = 32;
+
+struct StepGrads {
+  GradOperands o;  // o.dzx == o.dzh: one dz for both products
+  int chunks = 0, tiles = 0, np = 0;
+  int steps = 1;         // steps a chunk collects before it adds them (kStepGradRows rows at least)
+  size_t per_chunk = 0;  // floats: np panels of tiles x (MR x NR) accumulators, then G bias sums
+  float* acc = nullptr;
+  int* pending = nullptr;  // per chunk: `steps` first rows k0 of collected steps, then their count
+
+  // Rows [k0, k1) of a step (k = t B + b) into chunk c's sums: collected, and added `steps` at a time
+  // (and at the chunk's last step, `last`), K = steps (k1 - k0) rows deep: a step alone (16 rows at
+  // B=64) loaded and stored every accumulator for a few rows' products (measured: the sums ran at 55
+  // GFLOP/s a core, where the products after the loop reach 80).
+  void add(int c, int k0, int k1, bool last) const {
+    int* mine = pending + c * (steps + 1);
+    mine[mine[steps]++] = k0;
+    if (mine[steps] < steps && !last) return;
+    const int rows = k1 - k0, count = mine[steps], kb = count * rows;
+    mine[steps] = 0;
+    const int tx = (o.I + MR - 1) / MR, G = o.Gh;
+    float* apack = scratch(6).get(static_cast<size_t>(kb) * tiles * MR);
+    for (int q = 0; q < count; ++q) {  // each step's rows, tile-major (as pack_grad_rows), `kb` rows a tile
+      for (int r = 0; r < rows; ++r) {
+        const int k = mine[q] + r;
+        for (int part = 0; part < 2; ++part) {
+          const bool input = part == 0;
+          const int M = input ? o.I : o.H, t0 = input ? 0 : tx;
+          if (M == 0) continue;
+          const float* src = grad_operand_row(o, input, k);
+          for (int t = 0; t < (M + MR - 1) / MR; ++t) {
+            float* dst = apack + (static_cast<size_t>(t0 + t) * kb + q * rows + r) * MR;
+            const int m = std::min(MR, M - t * MR);
+            if (m == MR) {
+              std::memcpy(dst, src + t * MR, sizeof(float) * MR);
+            } else {
+              std::memcpy(dst, src + t * MR, sizeof(float) * m);
+              std::memset(dst + m, 0, sizeof(float) * (MR - m));
+            }
+          }
+        }
+      }
+    }
+    // Panel by panel, the collected rows of dz first into a contiguous block (its rows lie G floats apart,
+    // and a step's B G apart: read in place, they crowd a few sets of the L1 cache, and every tile read
+    // them again from L2), summed for db on the way.
+    const size_t tile = static_cast<size_t>(MR) * NR;
+    float* sums = acc + c * per_chunk;
+    float* db = sums + static_cast<size_t>(np) * tiles * tile;
+    float* block = scratch(7).get(static_cast<size_t>(kb) * NR);
+    for (int j = 0; j < np; ++j) {
+      vf s0 = load(db + j * NR), s1 = load(db + j * NR + VL);
+      for (int q = 0; q < count; ++q) {
+        const float* src = o.dzh + static_cast<size_t>(mine[q]) * G + j * NR;
+        float* dst = block + static_cast<size_t>(q) * rows * NR;
+        for (int r = 0; r < rows; ++r) {
+          const vf v0 = load(src + static_cast<size_t>(r) * G), v1 = load(src + static_cast<size_t>(r) * G + VL);
+          store(dst + r * NR, v0);
+          store(dst + r * NR + VL, v1);
+          s0 += v0;
+          s1 += v1;
+        }
+      }
+      store(db + j * NR, s0);
+      store(db + j * NR + VL, s1);
+      float* accj = sums + static_cast<size_t>(j) * tiles * tile;
+      for (int t = 0; t < tiles; ++t) grad_tile(apack + static_cast<size_t>(t) * kb * MR, kb, block, NR, accj + t * tile);
+    }
+  }
+
+  // The chunks' sums added in chunk order, into dW_ih, db and dW_hh.
+  void finish() const {
+    for (int c = 1; c < chunks; ++c) {
+      const float* src = acc + c * per_chunk;
+      for (size_t q = 0; q < per_chunk; ++q) acc[q] += src[q];
+    }
+    const int tx = (o.I + MR - 1) / MR, G = o.Gh;
+    const size_t tile = static_cast<size_t>(MR) * NR;
+    for (int j = 0; j < np; ++j) {
+      const float* accj = acc + static_cast<size_t>(j) * tiles * tile;
+      for (int r = 0; r < o.I; ++r) std::memcpy(o.dw_ih + static_cast<size_t>(r) * G + j * NR, accj + static_cast<size_t>(r) * NR, sizeof(float) * NR);
+      for (int r = 0; r < o.H; ++r) {
+        std::memcpy(o.dw_hh + static_cast<size_t>(r) * G + j * NR, accj + (static_cast<size_t>(tx) * MR + r) * NR, sizeof(float) * NR);
+      }
+    }
+    std::memcpy(o.db, acc + static_cast<size_t>(np) * tiles * tile, sizeof(float) * G);
+  }
+};
+
+// The chunks of rows of a backward that adds its weight gradients step by step
+// (StepGrads), or 0 where weight_grads runs after its loop: where the loop
+// would be split by rows on this pool (``split`` not forcing units) and the
+// accumulators fit. K x cols are the loop's packed weights (as run_split counts them).
+bool step_grads_fit(const Dims& d, int K, int gates, int I, int G, int32_t split) {
+  return split != kSplitUnits && d.B / kMinChunkRows >= 2 && G % NR == 0 && d.T > 0 &&
+         4.0 * K * gates * d.H <= kMaxRowSplitWeightBytes && 4.0 * (I + d.H + 1) * G <= kMaxStepGradBytes;
+}
+
+int step_grad_chunks(const Dims& d, int K, int gates, int I, int G, int32_t split, ffi::ThreadPool& pool) {
+  if (!step_grads_fit(d, K, gates, I, G, split)) return 0;
+  const int n = std::max(1, static_cast<int>(pool.num_threads()));
+  return std::min(d.B / kMinChunkRows, std::max(2, n * kChunksPerThread));
+}
+
+// Runs a backward loop job whose chunks add their weight gradients (sg.chunks
+// fixed chunks of rows, up to `threads` threads), then sums them.
+void run_step_grads(ffi::ThreadPool& pool, const Dims& d, int K, int gates, int threads, StepGrads& sg,
+                    std::vector<float>& storage, const PartJob& job) {
+  const size_t tile = static_cast<size_t>(MR) * NR;
+  sg.tiles = (sg.o.I + MR - 1) / MR + (sg.o.H + MR - 1) / MR;
+  sg.np = sg.o.Gh / NR;
+  sg.per_chunk = static_cast<size_t>(sg.np) * sg.tiles * tile + sg.o.Gh;
+  storage.assign(sg.per_chunk * sg.chunks, 0.0f);
+  sg.acc = storage.data();
+  const int rows = d.B / sg.chunks;  // the smallest chunk's
+  sg.steps = std::min({d.T, kMaxStepGradSteps, std::max(1, (kStepGradRows + rows - 1) / rows)});
+  std::vector<int> pending(static_cast<size_t>(sg.chunks) * (sg.steps + 1), 0);
+  sg.pending = pending.data();
+  int n = static_cast<int>(pool.num_threads());
+  if (threads > 0) n = std::min(n, threads);
+  const double flops = 2.0 * d.T * d.B * K * gates * d.H;
+  const int members = flops >= kMinRowSplitFlops ? std::max(1, std::min(n, sg.chunks)) : 1;
+  if (members <= 1) {
+    Barrier alone(1);
+    for (int c = 0; c < sg.chunks; ++c) {
+      job(Part{0, d.H, static_cast<int>(static_cast<int64_t>(d.B) * c / sg.chunks),
+               static_cast<int>(static_cast<int64_t>(d.B) * (c + 1) / sg.chunks), c},
+          alone);
+    }
+  } else {
+    run_row_chunks(pool, members, sg.chunks, d.B, d.H, /*caller_works=*/true, job);
+  }
+  sg.finish();
 }
 
 // ---------------------------------------------------------------------------
@@ -792,7 +1147,7 @@ void lstm_forward_member(const Part& part, Barrier& barrier, const Dims& d, bool
 // ---------------------------------------------------------------------------
 void lstm_backward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, float* act_dz,
                           const float* cs, const float* c0, const float* dhs, const float* dhT, const float* dcT,
-                          const float* w, const int32_t* lengths, float* dh0, float* dc0) {
+                          const float* w, const int32_t* lengths, float* dh0, float* dc0, const StepGrads* sg) {
   const int T = d.T, B = d.B, H = d.H, G = 4 * H;
   const int u0 = part.u0, nu = part.u1 - part.u0;
   int npanels;
@@ -843,6 +1198,7 @@ void lstm_backward_member(const Part& part, Barrier& barrier, const Dims& d, boo
       if (t >= lengths[b]) continue;  // dh passes through unchanged
       std::memcpy(dh + b * nu, dprod + static_cast<size_t>(b) * ldd, sizeof(float) * nu);
     }
+    if (sg != nullptr) sg->add(part.chunk, t * B + part.b0, t * B + part.b1, s == T - 1);
   }
   for (int b = part.b0; b < part.b1; ++b) {
     std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
@@ -1243,168 +1599,6 @@ void elman_backward_member(const Part& part, Barrier& barrier, const Dims& d, bo
   for (int b = part.b0; b < part.b1; ++b) std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
 }
 
-// ---------------------------------------------------------------------------
-// Weight gradients: the large products after a backward loop.
-// ---------------------------------------------------------------------------
-// dW_ih = Σ_k x_kᵀ dz_x[k], db = Σ_k dz_x[k] and dW_hh = Σ_k p_kᵀ dz_h[k] over
-// the T B rows k = t B + b, where p_k is the carry row b started step t from
-// (h_{t-1}: hs[t - 1], or h0 at the first step; reversed, hs[t + 1], or h0 at
-// t = T - 1), read in place (no shifted copy of hs). XLA's CPU dot takes these
-// transposed-operand products (K = T B deep, M and N small) slower than this
-// loop, which keeps each output tile in registers for a block of rows and
-// reads each block of x or h_{t-1} once for all of a thread's panels
-// (measured alone, 2 cores, fastest of 300 calls: T B = 6400, I + H = 80,
-// G = 256: 1.6 against 2.1 ms with XLA's shift, dots and sum; the base point's
-// 8192 rows, 384 x 1024: 36 against 40 ms). Threads take groups of 32-column
-// output panels (no reduction between them). Each block of the A operand is
-// packed tile-major first (pack_grad_rows): the character LM's second layer
-// (4096 rows, 512 x 1024), medians of 40 calls in alternating processes, 25.9
-// and 27.8 against 31.3 and 33.5 ms unpacked (XLA's dots of the same product:
-// 26.8-31.9 ms); blocks of 256 rows were no faster.
-constexpr int kGradRowBlock = 128;  // rows of dz per block: a packed 128 x 32 block is 16 KiB (L1)
-constexpr int kGradPanelGroup = 8;  // dz's panels packed together: 8 blocks are 128 KiB (L2)
-constexpr double kMinGradSplitFlops = 1.0e6;
-
-// acc (MR rows of 32 columns, row stride 32) += aᵀ b over K rows: a packed K x MR (MR consecutive floats a
-// row: the block's A operand, tile-major, see pack_grad_rows), b packed K x 32.
-inline void grad_tile(const float* a, int K, const float* b, float* acc) {
-  vf c0[MR], c1[MR];
-  for (int r = 0; r < MR; ++r) {
-    c0[r] = load(acc + r * NR);
-    c1[r] = load(acc + r * NR + VL);
-  }
-  for (int k = 0; k < K; ++k) {
-    const vf b0 = load(b + k * NR), b1 = load(b + k * NR + VL);
-    const float* ak = a + static_cast<size_t>(k) * MR;
-    for (int r = 0; r < MR; ++r) {
-      c0[r] += ak[r] * b0;
-      c1[r] += ak[r] * b1;
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    store(acc + r * NR, c0[r]);
-    store(acc + r * NR + VL, c1[r]);
-  }
-}
-
-// Rows [k0, k1) of dz's panels [pc, pc + ng) (32 columns each, the last zero-padded past G) into ng
-// blocks of (k1 - k0) x 32, panel after panel; sum[2 jj ..] += each row of panel jj. Rows outermost: a
-// row's ng panels are one contiguous run of dz, where a panel at a time read 128 bytes a row at a
-// stride of 4 G bytes, which the prefetchers do not follow (see grad_panels).
-void pack_grad_blocks(const float* dz, int G, int k0, int k1, int pc, int ng, float* blocks, vf* sum) {
-  const size_t kb = k1 - k0;
-  for (int k = k0; k < k1; ++k) {
-    const float* src = dz + static_cast<size_t>(k) * G;
-    for (int jj = 0; jj < ng; ++jj) {
-      const int col = (pc + jj) * NR, m = std::min(NR, G - col);
-      float* dst = blocks + (jj * kb + (k - k0)) * NR;
-      const vf v0 = load_n(src + col, std::min(m, VL)), v1 = m > VL ? load_n(src + col + VL, m - VL) : splat(0.0f);
-      store(dst, v0);
-      store(dst + VL, v1);
-      if (sum != nullptr) {
-        sum[2 * jj] += v0;
-        sum[2 * jj + 1] += v1;
-      }
-    }
-  }
-}
-
-struct GradOperands {
-  int T, B, I, H, Gx, Gh;
-  bool reverse;
-  const float *xs, *hs, *h0, *dzx, *dzh;
-  float *dw_ih, *db, *dw_hh;
-};
-
-// Row k of the A operand of [dW_ih; db] (input: x_k) or of dW_hh (p_k = hs[k - B] forward, hs[k + B]
-// reversed, and h0 for the rows of the walk's first step).
-inline const float* grad_operand_row(const GradOperands& o, bool input, int k) {
-  if (input) return o.xs + static_cast<size_t>(k) * o.I;
-  const int first0 = o.reverse ? (o.T - 1) * o.B : 0;
-  if (k >= first0 && k < first0 + o.B) return o.h0 + static_cast<size_t>(k - first0) * o.H;
-  return o.hs + (static_cast<size_t>(k) + (o.reverse ? o.B : -o.B)) * o.H;
-}
-
-// Rows [k0, k1) of the A operand (M columns) into tiles of MR columns, each (k1 - k0) x MR with its MR
-// values of a row consecutive (the last tile zero-padded): grad_tile then reads one short run per row
-// instead of MR floats of a row M apart from the next row's (strides of a page every few rows, which
-// the prefetchers do not follow). A full tile's row is one constant-size move: a call of memcpy per
-// 32 bytes took 7.6% of the CPU samples of a small Elman RNN's fwd+bwd (B=64 T=50 I=16 H=64), 1.0% after.
-void pack_grad_rows(const GradOperands& o, bool input, int M, int k0, int k1, float* apack) {
-  const int kb = k1 - k0, tiles = (M + MR - 1) / MR;
-  for (int k = k0; k < k1; ++k) {
-    const float* src = grad_operand_row(o, input, k);
-    for (int t = 0; t < tiles; ++t) {
-      float* dst = apack + (static_cast<size_t>(t) * kb + (k - k0)) * MR;
-      const int m = std::min(MR, M - t * MR);
-      if (m == MR) {
-        std::memcpy(dst, src + t * MR, sizeof(float) * MR);  // a constant size: one move, not a call of memcpy
-      } else {
-        std::memcpy(dst, src + t * MR, sizeof(float) * m);
-        std::memset(dst + m, 0, sizeof(float) * (MR - m));
-      }
-    }
-  }
-}
-
-// Panels [p0, p1) of 32 output columns of [dW_ih; db] (with_input) and / or of dW_hh (with_hidden);
-// both at once only where they share their dz (dz_x = dz_h: the LSTM and the Elman RNN), as the tiles of
-// one A operand [x_k | p_k] against each block of dz. Blocks of rows outermost, so that a block of the A
-// operand (kGradRowBlock rows) is read from memory, and packed, once for all the panels; then dz's
-// block for a group of up to kGradPanelGroup panels, a row at a time. Measured on the EPYC VM, an
-// LSTM's (I=16, H=128, G=512, T B = 12,800 rows) with two threads: 14.8-15.0 ms with a pass per operand
-// and a panel of dz at a time, 13.0-13.2 ms after (alone, fastest of 30); the call in a jitted program,
-// median of 100: 13.3-14.4 against 11.9-14.5 ms; the character LM's second layer (I=H=256, G=1024)
-// 23.2-28.9 against 21.8-23.8 ms; that LSTM's fwd+bwd (B=64 T=200), medians of 60 in four ABBA pairs,
-// 47.9-54.8 against 44.5-50.0 ms.
-void grad_panels(const GradOperands& o, bool with_input, bool with_hidden, int p0, int p1) {
-  const int np = p1 - p0, K = o.T * o.B;
-  if (np <= 0) return;
-  const int G = with_input ? o.Gx : o.Gh;
-  const float* dz = with_input ? o.dzx : o.dzh;
-  const int tx = with_input ? (o.I + MR - 1) / MR : 0, th = with_hidden ? (o.H + MR - 1) / MR : 0;
-  const int tiles = tx + th, group = std::min(np, kGradPanelGroup);
-  const size_t tile = static_cast<size_t>(MR) * NR;  // one tile's accumulators
-  float* blocks = scratch(0).get(static_cast<size_t>(kGradRowBlock) * NR * group);
-  float* acc = scratch(1).get(static_cast<size_t>(np) * std::max(tiles, 1) * tile);
-  float* apack = scratch(2).get(static_cast<size_t>(kGradRowBlock) * std::max(tiles, 1) * MR);
-  std::fill(acc, acc + static_cast<size_t>(np) * tiles * tile, 0.0f);
-  std::vector<vf> sums(2 * np, splat(0.0f));
-  for (int k0 = 0; k0 < K; k0 += kGradRowBlock) {
-    const int k1 = std::min(K, k0 + kGradRowBlock), kb = k1 - k0;
-    if (tx > 0) pack_grad_rows(o, true, o.I, k0, k1, apack);
-    if (th > 0) pack_grad_rows(o, false, o.H, k0, k1, apack + static_cast<size_t>(tx) * kb * MR);
-    for (int j0 = 0; j0 < np; j0 += group) {
-      const int ng = std::min(group, np - j0);
-      pack_grad_blocks(dz, G, k0, k1, p0 + j0, ng, blocks, with_input ? &sums[2 * j0] : nullptr);
-      for (int jj = 0; jj < ng; ++jj) {
-        float* accj = acc + static_cast<size_t>(j0 + jj) * tiles * tile;
-        const float* block = blocks + static_cast<size_t>(jj) * kb * NR;
-        for (int t = 0; t < tiles; ++t) {
-          grad_tile(apack + static_cast<size_t>(t) * kb * MR, kb, block, accj + t * tile);
-        }
-      }
-    }
-  }
-  for (int j = 0; j < np; ++j) {
-    const int col = (p0 + j) * NR, m = std::min(NR, G - col);
-    const float* accj = acc + static_cast<size_t>(j) * tiles * tile;
-    for (int r = 0; r < (with_input ? o.I : 0); ++r) {
-      std::memcpy(o.dw_ih + static_cast<size_t>(r) * G + col, accj + static_cast<size_t>(r) * NR, sizeof(float) * m);
-    }
-    for (int r = 0; r < (with_hidden ? o.H : 0); ++r) {
-      std::memcpy(o.dw_hh + static_cast<size_t>(r) * G + col, accj + (static_cast<size_t>(tx) * MR + r) * NR,
-                  sizeof(float) * m);
-    }
-    if (with_input) {
-      float tmp[NR];
-      store(tmp, sums[2 * j]);
-      store(tmp + VL, sums[2 * j + 1]);
-      std::memcpy(o.db + col, tmp, sizeof(float) * m);
-    }
-  }
-}
-
 ffi::Error check_dims(const char* what, ffi::Span<const int64_t> dims, std::initializer_list<int64_t> expected) {
   if (dims.size() != expected.size()) {
     return ffi::Error::InvalidArgument(std::string(what) + ": unexpected rank");
@@ -1475,9 +1669,12 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi
 
 ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> c0,
                         ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT, ffi::Buffer<ffi::F32> dcT,
-                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dz,
-                        ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0, bool reverse,
-                        int32_t threads, int32_t split, ffi::ThreadPool pool) {
+                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> xs,
+                        ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h0, ffi::ResultBuffer<ffi::F32> dz,
+                        ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0,
+                        ffi::ResultBuffer<ffi::F32> dw_ih, ffi::ResultBuffer<ffi::F32> db,
+                        ffi::ResultBuffer<ffi::F32> dw_hh, bool reverse, int32_t threads, int32_t split,
+                        ffi::ThreadPool pool) {
   const auto cd = cs.dimensions();
   if (cd.size() != 3) return ffi::Error::InvalidArgument("cs: expected rank 3");
   const Dims d{static_cast<int>(cd[0]), static_cast<int>(cd[1]), static_cast<int>(cd[2]), 0};
@@ -1491,14 +1688,39 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi
   JAXRNN_CHECK(check_dims("w_hh", w.dimensions(), {H, 4 * H}));
   JAXRNN_CHECK(check_dims("lengths", lengths.dimensions(), {B}));
   JAXRNN_CHECK(check_dims("dz", dz->dimensions(), {T * B, 4 * H}));
+  const auto xd = xs.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("xs: expected rank 3");
+  const int64_t I = xd[2];
+  JAXRNN_CHECK(check_dims("xs", xd, {T, B, I}));
+  JAXRNN_CHECK(check_dims("hs", hs.dimensions(), {T, B, H}));
+  JAXRNN_CHECK(check_dims("h0", h0.dimensions(), {B, H}));
+  // dW_ih, db and dW_hh of shape (0,): the weight gradients are left to jaxrnn_weight_grads (jaxrnn_lstm_step_grads
+  // says when).
+  const bool grads = dw_hh->dimensions().size() == 2;
+  if (grads) {
+    JAXRNN_CHECK(check_dims("dW_ih", dw_ih->dimensions(), {I, 4 * H}));
+    JAXRNN_CHECK(check_dims("db", db->dimensions(), {4 * H}));
+    JAXRNN_CHECK(check_dims("dW_hh", dw_hh->dimensions(), {H, 4 * H}));
+  }
   if (dz->typed_data() != act.typed_data()) {  // XLA did not alias: start from a copy
     std::memcpy(dz->typed_data(), act.typed_data(), sizeof(float) * T * B * 4 * H);
   }
-  run_split(pool, d, 4 * d.H, 4, threads, split, /*caller_works=*/true, [&](const Part& part, Barrier& barrier) {
+  StepGrads sg{GradOperands{d.T, d.B, static_cast<int>(I), d.H, 4 * d.H, 4 * d.H, reverse, xs.typed_data(),
+                            hs.typed_data(), h0.typed_data(), dz->typed_data(), dz->typed_data(), dw_ih->typed_data(),
+                            db->typed_data(), dw_hh->typed_data()}};
+  sg.chunks = grads ? step_grad_chunks(d, 4 * d.H, 4, sg.o.I, sg.o.Gh, split, pool) : 0;
+  const PartJob job = [&](const Part& part, Barrier& barrier) {
     lstm_backward_member(part, barrier, d, reverse, dz->typed_data(), cs.typed_data(), c0.typed_data(),
                          dhs.typed_data(), dhT.typed_data(), dcT.typed_data(), w.typed_data(),
-                         lengths.typed_data(), dh0->typed_data(), dc0->typed_data());
-  });
+                         lengths.typed_data(), dh0->typed_data(), dc0->typed_data(), sg.chunks > 0 ? &sg : nullptr);
+  };
+  if (sg.chunks > 0) {
+    std::vector<float> storage;
+    run_step_grads(pool, d, 4 * d.H, 4, threads, sg, storage, job);
+  } else {
+    run_split(pool, d, 4 * d.H, 4, threads, split, /*caller_works=*/true, job);
+    if (grads) weight_grads(pool, sg.o, threads);
+  }
   return ffi::Error::Success();
 }
 
@@ -1706,39 +1928,7 @@ ffi::Error WeightGrads(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> hs, ffi::
                        static_cast<int>(Gx), static_cast<int>(Gh), reverse, xs.typed_data(), hs.typed_data(),
                        h0.typed_data(), dzx.typed_data(), dzh.typed_data(), dw_ih->typed_data(), db->typed_data(),
                        dw_hh->typed_data()};
-  const int px = static_cast<int>((Gx + NR - 1) / NR), ph = static_cast<int>((Gh + NR - 1) / NR);
-  // One pass for both operands where they share dz (the LSTM and the Elman RNN pass theirs twice).
-  const bool shared = o.dzx == o.dzh && Gx == Gh;
-  int n = static_cast<int>(pool.num_threads());
-  if (threads > 0) n = std::min(n, static_cast<int>(threads));
-  n = std::max(1, std::min(n, std::max(px, ph)));
-  const double flops = 2.0 * T * B * (I * Gx + H * Gh);
-  if (n < 2 || flops < kMinGradSplitFlops) {
-    if (shared) {
-      grad_panels(o, true, true, 0, ph);
-    } else {
-      grad_panels(o, false, true, 0, ph);
-      grad_panels(o, true, false, 0, px);
-    }
-    return ffi::Error::Success();
-  }
-  // Work items: with a shared dz and at least two panels a thread, n groups of panels through both
-  // operands (2 or 4 groups a thread re-read the A operand from memory once a group, and were slower);
-  // otherwise the recurrent panels in n groups, then the input panels in n groups. Each thread's
-  // share of a block of rows stays in its cache.
-  const bool fused = shared && ph >= 2 * n;
-  const int items = fused ? n : 2 * n;
-  run_row_chunks(pool, n, items, items, 0, /*caller_works=*/true, [&](const Part& part, Barrier&) {
-    for (int c = part.b0; c < part.b1; ++c) {
-      if (fused) {
-        grad_panels(o, true, true, ph * c / n, ph * (c + 1) / n);
-        continue;
-      }
-      const bool input = c >= n;
-      const int g = input ? c - n : c, count = input ? px : ph;
-      grad_panels(o, input, !input, count * g / n, count * (g + 1) / n);
-    }
-  });
+  weight_grads(pool, o, threads);
   return ffi::Error::Success();
 }
 
@@ -2046,9 +2236,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dc_T
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs (T, B, I): I = 0 for ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h carries
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz (over a)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dc0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW_ih
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // db
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW_hh
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("threads")
                                   .Attr<int32_t>("split")
@@ -2170,6 +2366,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnWeightGrads, WeightGrads,
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
+
+// Whether the LSTM's backward adds its weight gradients inside its loop at these shapes (jaxrnn_lstm_bwd then
+// computes them; otherwise they are left to jaxrnn_weight_grads, which after a large model's loop is as fast,
+// and leaves XLA free to run the ops beside it: the character LM's step was 3-7% slower with them in the call).
+extern "C" int jaxrnn_lstm_step_grads(int T, int B, int I, int H, int split) {
+  return step_grads_fit(Dims{T, B, H, I}, 4 * H, 4, I, 4 * H, split) ? 1 : 0;
+}
 
 // [calls that formed a team, calls that ran short-handed] since the library was loaded.
 extern "C" void jaxrnn_rnn_cpu_team_stats(int64_t* out) {

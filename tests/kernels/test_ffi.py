@@ -110,6 +110,30 @@ def test_weight_gradients_do_not_depend_on_the_split(kind, hidden):
     assert_close(one, want, scale=4.0 if kind == "elman" else 2.0, err_msg=kind)
 
 
+@pytest.mark.parametrize("batch, steps", [(19, 23), (64, 40)])
+def test_lstm_weight_gradients_inside_the_backward_loop(batch, steps):
+    """The LSTM's backward call adds a small model's weight gradients step by step, per chunk of rows.
+
+    Batch 19: two chunks of 9 and 10 rows, each adding 15 collected steps at a time (128 rows / 9), so that
+    23 steps end with a partial group; batch 64: four chunks of 16 rows, 8 steps a group. The chunks are
+    fixed by the shapes, not by the threads, so one thread and the pool's agree bit for bit; padded, in
+    reverse (the rows of ``h0`` come last), and against the reference and the products after the loop
+    (``split="units"``: a team of members by hidden units never takes this path).
+    """
+    cell, params, xs, carry0, lens = problem(batch, steps, 24, 3, seed=6)
+    args = (cell, params, xs, carry0, lens, True, jax.random.key(4))
+    _, _, one, _ = outputs_and_vjp(kernels.FFI(threads=1), *args)
+    _, _, pool, _ = outputs_and_vjp(kernels.FFI(), *args)
+    _, _, after, _ = outputs_and_vjp(kernels.FFI(split="units"), *args)
+    _, _, want, _ = outputs_and_vjp("reference", *args)
+    for got, ref in zip(jax.tree_util.tree_leaves(pool), jax.tree_util.tree_leaves(one)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    assert_close(one, want, scale=2.0, err_msg="in the loop")
+    assert_close(after, want, scale=2.0, err_msg="after the loop")
+    # Not the same sums in the same order: the two paths are distinct code.
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(after)))
+
+
 @pytest.mark.parametrize("kind", ["elman-relu", "elman-linear"])
 def test_other_elman_activations_match_reference(kind):
     """ReLU (derivative 0 at and below 0) and the linear RNN, with one member and two."""

@@ -23,9 +23,9 @@ cache for all steps and meets at one barrier per step. The products over all
   then ``jaxrnn_weight_grads`` computes :math:`\bar W_{ih} = \sum_t x_t^\top dz_t`,
   :math:`\bar b = \sum_t dz_t` and :math:`\bar W_{hh} = \sum_t h_{t-1}^\top dz_t`
   over all ``T B`` rows, reading :math:`h_{t-1}` from the saved carries and
-  ``h0`` in place (a small LSTM's backward call adds these itself, split by
-  rows, a group of steps at a time inside its loop while their ``dz`` is in
-  cache), and :math:`\bar x_t = dz_t W_{ih}^\top` is one XLA matmul
+  ``h0`` in place (a small LSTM's or Elman RNN's backward call adds these
+  itself, split by rows, a group of steps at a time inside its loop while
+  their ``dz`` is in cache), and :math:`\bar x_t = dz_t W_{ih}^\top` is one XLA matmul
   (the GRU's candidate has two cotangents, ``dz_n`` for its input part and
   ``dm = r dz_n`` for its recurrent part, so its backward writes both
   ``dz_x`` and ``dz_h``; with the reset before the matmul its weight
@@ -476,7 +476,7 @@ def _lstm_embedded_bwd(reverse, loop, saved, cotangents):
     nothing = hs[:, :, :0]
     dz, dh0, dc0, _, _, dw_hh = _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents,
                                                     nothing, hs)
-    if not _lstm_step_grads(loop, nothing, hs):
+    if not _step_grads(4, loop, nothing, hs):
         H = hs.shape[-1]
         sd = jax.ShapeDtypeStruct
         f32 = jnp.float32
@@ -677,23 +677,23 @@ def _lstm_fwd(reverse, loop, w, xs, carry0, lengths):
     return (hs, LSTMCarry(h_T, c_T)), (w, xs, carry0, lengths, a, hs, cs)
 
 
-def _lstm_step_grads(loop, xs, hs) -> bool:
-    """Whether the LSTM's backward call adds its weight gradients inside its loop at these shapes.
+def _step_grads(gates, loop, xs, hs) -> bool:
+    """Whether the backward call of the LSTM (``gates`` 4) or the Elman RNN (1) adds its weight gradients.
 
-    A small model split by batch rows does (each chunk of rows a group of steps
-    at a time, while their ``dz`` is in cache); otherwise ``jaxrnn_weight_grads``
-    computes them after the loop (see ``kernels/rnn_cpu.cc``).
+    A small model split by batch rows does, inside its loop (each chunk of rows
+    a group of steps at a time, while their ``dz`` is in cache); otherwise
+    ``jaxrnn_weight_grads`` computes them after the loop (see ``kernels/rnn_cpu.cc``).
     """
     T, B, I = xs.shape
-    return bool(_load().jaxrnn_lstm_step_grads(T, B, I, hs.shape[-1], loop.split))
+    return bool(_load().jaxrnn_step_grads(gates, T, B, I, hs.shape[-1], loop.split))
 
 
 def _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents, xs, hs):
     """The LSTM's backward loop: ``(dz, dh0, dc0, dW_ih, db, dW_hh)``, ``dz`` ``(T B, 4H)`` written over ``a``.
 
     ``xs`` ``(T, B, I)`` (``I = 0`` for ids) and the carries ``hs`` are the
-    weight gradients' operands. Where :func:`_lstm_step_grads`, the call adds
-    them inside its loop; elsewhere the three are empty (``(0,)``).
+    weight gradients' operands. Where the shapes allow, the call adds
+    them inside its loop (:func:`_step_grads`); elsewhere the three are empty (``(0,)``).
     """
     dhs, dfinal = cotangents
     B, H = carry0.h.shape
@@ -701,7 +701,7 @@ def _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents,
     f32 = jnp.float32
     sd = jax.ShapeDtypeStruct
     G = a.shape[1]
-    grads = _lstm_step_grads(loop, xs, hs)
+    grads = _step_grads(4, loop, xs, hs)
     shapes = ((I, G), (G,), (H, G)) if grads else ((0,), (0,), (0,))
     return _call(
         "jaxrnn_lstm_bwd", (sd(a.shape, f32), sd((B, H), f32), sd((B, H), f32), *(sd(s, f32) for s in shapes)),
@@ -714,7 +714,7 @@ def _lstm_bwd(reverse, loop, saved, cotangents):
     w, xs, carry0, lengths, a, hs, cs = saved
     dz, dh0, dc0, dw_ih, db, dw_hh = _lstm_backward_call(reverse, loop, w.w_hh, a, cs, carry0, lengths, cotangents,
                                                          xs, hs)
-    if not _lstm_step_grads(loop, xs, hs):
+    if not _step_grads(4, loop, xs, hs):
         dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, carry0.h, w.w_ih, dz, dz)
         return _Weights(dw_ih, dw_hh, db), dxs, LSTMCarry(dh0, dc0), None
     T, B, I = xs.shape
@@ -814,13 +814,18 @@ def _elman_bwd(reverse, loop, activation, saved, cotangents):
     T, B, H = hs.shape
     f32 = jnp.float32
     sd = jax.ShapeDtypeStruct
-    dz, dh0 = _call(
-        "jaxrnn_elman_bwd", (sd((T * B, H), f32), sd((B, H), f32)),
-        hs, dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths,
+    I = xs.shape[-1]
+    grads = _step_grads(1, loop, xs, hs)
+    shapes = ((I, H), (H,), (H, H)) if grads else ((0,), (0,), (0,))
+    dz, dh0, dw_ih, db, dw_hh = _call(
+        "jaxrnn_elman_bwd", (sd((T * B, H), f32), sd((B, H), f32), *(sd(s, f32) for s in shapes)),
+        hs, dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths, xs, h0,
         reverse=reverse, activation=activation, **loop.attrs(),
     )
-    dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, h0, w.w_ih, dz, dz)
-    return _Weights(dw_ih, dw_hh, db), dxs, dh0, None
+    if not grads:
+        dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, h0, w.w_ih, dz, dz)
+        return _Weights(dw_ih, dw_hh, db), dxs, dh0, None
+    return _Weights(dw_ih, dw_hh, db), (dz @ w.w_ih.T).reshape(T, B, I), dh0, None
 
 
 _elman.defvjp(_elman_fwd, _elman_bwd)

@@ -871,11 +871,11 @@ void weight_grads(ffi::ThreadPool& pool, const GradOperands& o, int threads) {
 // ---------------------------------------------------------------------------
 // Weight gradients inside a backward loop split by batch rows.
 // ---------------------------------------------------------------------------
-// The LSTM's backward computes its weight gradients in the same call. A small
-// model's (split by rows: a chunk of rows runs its whole loop alone) adds its
-// rows' [x_k | p_k]ᵀ dz_k to the chunk's own accumulators a group of steps at
-// a time (kStepGradRows rows deep), while their dz is still in cache, where
-// weight_grads after the loop reads all of dz again from memory. dz is shared
+// The backward of a small LSTM or Elman RNN (split by rows: a chunk of rows
+// runs its whole loop alone) adds its rows' [x_k | p_k]ᵀ dz_k to the chunk's
+// own accumulators a group of steps at a time (kStepGradRows rows deep),
+// while their dz is still in cache, where weight_grads after the loop reads
+// all of dz again from memory. dz is shared
 // by both products, so a group is one pass through the tiles of [x | p]. The
 // chunks are fixed by the shapes and the pool's size, not by the call's
 // threads, and their sums are added in chunk order: the gradients are the
@@ -1562,7 +1562,7 @@ void elman_forward_member(const Part& part, Barrier& barrier, const Dims& d, boo
 
 void elman_backward_member(const Part& part, Barrier& barrier, const Dims& d, bool reverse, int32_t kind,
                            const float* hs, const float* dhs, const float* dhT, const float* w,
-                           const int32_t* lengths, float* dz, float* dh0) {
+                           const int32_t* lengths, float* dz, float* dh0, const StepGrads* sg) {
   const int T = d.T, B = d.B, H = d.H;
   const int u0 = part.u0, nu = part.u1 - part.u0;
   int npanels;
@@ -1595,6 +1595,7 @@ void elman_backward_member(const Part& part, Barrier& barrier, const Dims& d, bo
       if (t >= lengths[b]) continue;
       std::memcpy(dh + b * nu, dprod + static_cast<size_t>(b) * ldd, sizeof(float) * nu);
     }
+    if (sg != nullptr) sg->add(part.chunk, t * B + part.b0, t * B + part.b1, s == T - 1);
   }
   for (int b = part.b0; b < part.b1; ++b) std::memcpy(dh0 + static_cast<size_t>(b) * H + u0, dh + b * nu, sizeof(float) * nu);
 }
@@ -1694,7 +1695,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi
   JAXRNN_CHECK(check_dims("xs", xd, {T, B, I}));
   JAXRNN_CHECK(check_dims("hs", hs.dimensions(), {T, B, H}));
   JAXRNN_CHECK(check_dims("h0", h0.dimensions(), {B, H}));
-  // dW_ih, db and dW_hh of shape (0,): the weight gradients are left to jaxrnn_weight_grads (jaxrnn_lstm_step_grads
+  // dW_ih, db and dW_hh of shape (0,): the weight gradients are left to jaxrnn_weight_grads (jaxrnn_step_grads
   // says when).
   const bool grads = dw_hh->dimensions().size() == 2;
   if (grads) {
@@ -1887,8 +1888,10 @@ ffi::Error ElmanForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ff
 }
 
 ffi::Error ElmanBackward(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT,
-                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dz,
-                         ffi::ResultBuffer<ffi::F32> dh0, bool reverse, int32_t activation, int32_t threads,
+                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> xs,
+                         ffi::Buffer<ffi::F32> h0, ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh0,
+                         ffi::ResultBuffer<ffi::F32> dw_ih, ffi::ResultBuffer<ffi::F32> db,
+                         ffi::ResultBuffer<ffi::F32> dw_hh, bool reverse, int32_t activation, int32_t threads,
                          int32_t split, ffi::ThreadPool pool) {
   const auto hd = hs.dimensions();
   if (hd.size() != 3) return ffi::Error::InvalidArgument("hs: expected rank 3");
@@ -1900,11 +1903,35 @@ ffi::Error ElmanBackward(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs, ff
   JAXRNN_CHECK(check_dims("w_hh", w.dimensions(), {H, H}));
   JAXRNN_CHECK(check_dims("lengths", lengths.dimensions(), {B}));
   JAXRNN_CHECK(check_dims("dz", dz->dimensions(), {T * B, H}));
+  const auto xd = xs.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("xs: expected rank 3");
+  const int64_t I = xd[2];
+  JAXRNN_CHECK(check_dims("xs", xd, {T, B, I}));
+  JAXRNN_CHECK(check_dims("h0", h0.dimensions(), {B, H}));
+  // As the LSTM's (jaxrnn_step_grads says where the call adds the weight gradients; elsewhere they are (0,)).
+  const bool grads = dw_hh->dimensions().size() == 2;
+  if (grads) {
+    JAXRNN_CHECK(check_dims("dW_ih", dw_ih->dimensions(), {I, H}));
+    JAXRNN_CHECK(check_dims("db", db->dimensions(), {H}));
+    JAXRNN_CHECK(check_dims("dW_hh", dw_hh->dimensions(), {H, H}));
+  }
   advise_huge_pages(dz->typed_data(), sizeof(float) * T * B * H);
-  run_split(pool, d, d.H, 1, threads, split, /*caller_works=*/true, [&](const Part& part, Barrier& barrier) {
-    elman_backward_member(part, barrier, d, reverse, activation, hs.typed_data(), dhs.typed_data(),
-                          dhT.typed_data(), w.typed_data(), lengths.typed_data(), dz->typed_data(), dh0->typed_data());
-  });
+  StepGrads sg{GradOperands{d.T, d.B, static_cast<int>(I), d.H, d.H, d.H, reverse, xs.typed_data(), hs.typed_data(),
+                            h0.typed_data(), dz->typed_data(), dz->typed_data(), dw_ih->typed_data(), db->typed_data(),
+                            dw_hh->typed_data()}};
+  sg.chunks = grads ? step_grad_chunks(d, d.H, 1, sg.o.I, sg.o.Gh, split, pool) : 0;
+  const PartJob job = [&](const Part& part, Barrier& barrier) {
+    elman_backward_member(part, barrier, d, reverse, activation, hs.typed_data(), dhs.typed_data(), dhT.typed_data(),
+                          w.typed_data(), lengths.typed_data(), dz->typed_data(), dh0->typed_data(),
+                          sg.chunks > 0 ? &sg : nullptr);
+  };
+  if (sg.chunks > 0) {
+    std::vector<float> storage;
+    run_step_grads(pool, d, d.H, 1, threads, sg, storage, job);
+  } else {
+    run_split(pool, d, d.H, 1, threads, split, /*caller_works=*/true, job);
+    if (grads) weight_grads(pool, sg.o, threads);
+  }
   return ffi::Error::Success();
 }
 
@@ -2345,8 +2372,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanBackward, ElmanBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW_ih, or (0,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // db, or (0,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW_hh, or (0,)
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("activation")
                                   .Attr<int32_t>("threads")
@@ -2367,11 +2399,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnWeightGrads, WeightGrads,
                                   .Attr<int32_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 
-// Whether the LSTM's backward adds its weight gradients inside its loop at these shapes (jaxrnn_lstm_bwd then
-// computes them; otherwise they are left to jaxrnn_weight_grads, which after a large model's loop is as fast,
-// and leaves XLA free to run the ops beside it: the character LM's step was 3-7% slower with them in the call).
-extern "C" int jaxrnn_lstm_step_grads(int T, int B, int I, int H, int split) {
-  return step_grads_fit(Dims{T, B, H, I}, 4 * H, 4, I, 4 * H, split) ? 1 : 0;
+// Whether the backward of the LSTM (gates 4) or the Elman RNN (gates 1) adds its weight gradients inside its
+// loop at these shapes (its call then computes them; otherwise they are left to jaxrnn_weight_grads, which after
+// a large model's loop is as fast, and leaves XLA free to order the ops around it: the character LM's step was
+// 3-7% slower with them in the call).
+extern "C" int jaxrnn_step_grads(int gates, int T, int B, int I, int H, int split) {
+  return step_grads_fit(Dims{T, B, H, I}, gates * H, gates, I, gates * H, split) ? 1 : 0;
 }
 
 // [calls that formed a team, calls that ran short-handed] since the library was loaded.

@@ -97,10 +97,10 @@ def test_no_retrace_or_recompile(monkeypatch, kind):
     jax.block_until_ready(grad(params, xs))
     first = len(traces)
     name = "jaxrnn_" + kind.replace("-", "_")
-    # The forward loop, the backward loop and the weight gradients after it (the LSTM's backward call adds
-    # them itself; the GRU with the reset before the matmul keeps XLA's products: its candidate's recurrent
-    # gradient reads the saved r ⊙ h_{t-1}).
-    products = [] if "before" in kind or kind == "lstm" else ["jaxrnn_weight_grads"]
+    # The forward loop, the backward loop and the weight gradients after it (at this small shape the LSTM's
+    # and the Elman RNN's backward call adds them itself; the GRU with the reset before the matmul keeps
+    # XLA's products: its candidate's recurrent gradient reads the saved r ⊙ h_{t-1}).
+    products = ["jaxrnn_weight_grads"] if kind == "gru" else []
     assert sorted(set(traces)) == sorted([f"{name}_bwd", f"{name}_fwd", *products]), traces
     jax.block_until_ready(grad(randomize(params, jax.random.key(9)), xs + 1.0))
     assert len(traces) == first, "the jitted gradient was traced again"

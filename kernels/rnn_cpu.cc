@@ -122,8 +122,13 @@ inline vf vclamp(vf x, vf lo, vf hi) { return x < lo ? lo : (x > hi ? hi : x); }
 inline vf vexp(vf x) {
   x = vclamp(x, splat(-87.0f), splat(88.0f));
   const vf xr = x * 1.44269504088896341f;  // x / ln 2, rounded to the nearest integer n:
+#if defined(__AVX512F__)
+  // one rounding instruction, and 2^n applied by vscalefps (exact: p 2^n stays a normal float on [-87, 88])
+  const vf n = (vf)_mm512_roundscale_ps((__m512)xr, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
   const vi ni = __builtin_convertvector(xr + (xr >= 0 ? splat(0.5f) : splat(-0.5f)), vi);
   const vf n = __builtin_convertvector(ni, vf);
+#endif
   vf r = x - n * 0.693145751953125f;  // ln 2 in two parts (Cody-Waite)
   r = r - n * 1.428606765330187045e-06f;
   vf p = splat(1.0f / 5040);
@@ -134,7 +139,11 @@ inline vf vexp(vf x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
+#if defined(__AVX512F__)
+  return (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
   return p * (vf)((ni + 127) << 23);
+#endif
 }
 // 1 / b, to about 1 ulp: with AVX-512, its 14-bit reciprocal estimate and one
 // Newton step (a division of 16 lanes takes several times as long, and an LSTM

@@ -474,16 +474,9 @@ def _lstm_embedded_fwd(reverse, loop, w_hh, rows, ids, carry0, lengths):
 def _lstm_embedded_bwd(reverse, loop, saved, cotangents):
     w_hh, rows, ids, carry0, lengths, a, hs, cs = saved
     nothing = hs[:, :, :0]
-    dz, dh0, dc0, _, _, dw_hh = _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents,
-                                                    nothing, hs)
-    if not _step_grads(4, loop, nothing, hs):
-        H = hs.shape[-1]
-        sd = jax.ShapeDtypeStruct
-        f32 = jnp.float32
-        _, _, dw_hh = _call(
-            "jaxrnn_weight_grads", (sd((0, dz.shape[1]), f32), sd((dz.shape[1],), f32), sd((H, dz.shape[1]), f32)),
-            nothing, hs, carry0.h, dz, dz, reverse=reverse, threads=loop.threads,
-        )
+    dz, dh0, dc0, *done = _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents, nothing, hs)
+    _, dw_hh, _, _ = _input_and_weight_grads(loop, reverse, nothing, hs, carry0.h, jnp.zeros((0, dz.shape[1])), dz, dz,
+                                             done if _step_grads(4, loop, nothing, hs) else None)
     # The table's gradient: the gate gradients summed per id (padded rows' are zero).
     drows = jax.ops.segment_sum(dz, ids, num_segments=rows.shape[0], indices_are_sorted=False)
     return dw_hh, drows, None, LSTMCarry(dh0, dc0), None
@@ -613,7 +606,7 @@ def _previous(hs, h0, reverse):
     return jnp.concatenate([h0[None], hs[:-1]], 0)
 
 
-def _input_and_weight_grads(loop, reverse, xs, hs, h0, w_ih, dz_x, dz_h):
+def _input_and_weight_grads(loop, reverse, xs, hs, h0, w_ih, dz_x, dz_h, done=None):
     """The products after a backward time loop: ``(dW_ih, dW_hh, db, dxs)``.
 
     ``xs`` ``(T, B, I)``, ``hs`` ``(T, B, H)`` the forward's carries and ``h0``
@@ -622,19 +615,24 @@ def _input_and_weight_grads(loop, reverse, xs, hs, h0, w_ih, dz_x, dz_h):
     array but for the GRU's candidate). ``dW_ih = Σ x_tᵀ dz_x``, ``db = Σ dz_x``
     and ``dW_hh = Σ h_{t-1}ᵀ dz_h`` are one custom call
     (``jaxrnn_weight_grads``, reading ``h_{t-1}`` from ``hs`` and ``h0`` in
-    place); ``dxs = dz_x W_ihᵀ`` is an XLA matmul.
+    place); ``dxs = dz_x W_ihᵀ`` is an XLA matmul. ``done``: ``(dW_ih, db, dW_hh)``
+    where the backward call computed them already (:func:`_step_grads`); then only ``dxs``.
     """
     T, B, I = xs.shape
     H = hs.shape[-1]
     sd = jax.ShapeDtypeStruct
     f32 = jnp.float32
-    dw_ih, db, dw_hh = _call(
-        "jaxrnn_weight_grads", (sd((I, dz_x.shape[1]), f32), sd((dz_x.shape[1],), f32), sd((H, dz_h.shape[1]), f32)),
-        xs, hs, h0, dz_x, dz_h, reverse=reverse, threads=loop.threads,
-    )
-    # XLA's matmul after the call, not beside it: the call's threads are the pool's (measured on 2 cores, the
-    # GRU at B=64 T=200 H=128: fwd+bwd median 49-62 ms after, 68-71 ms beside).
-    db, dz_x = jax.lax.optimization_barrier((db, dz_x))
+    if done is not None:
+        dw_ih, db, dw_hh = done
+    else:
+        dw_ih, db, dw_hh = _call(
+            "jaxrnn_weight_grads",
+            (sd((I, dz_x.shape[1]), f32), sd((dz_x.shape[1],), f32), sd((H, dz_h.shape[1]), f32)),
+            xs, hs, h0, dz_x, dz_h, reverse=reverse, threads=loop.threads,
+        )
+        # XLA's matmul after the call, not beside it: the call's threads are the pool's (measured on 2 cores,
+        # the GRU at B=64 T=200 H=128: fwd+bwd median 49-62 ms after, 68-71 ms beside).
+        db, dz_x = jax.lax.optimization_barrier((db, dz_x))
     dxs = (dz_x @ w_ih.T).reshape(T, B, I)
     return dw_ih, dw_hh, db, dxs
 
@@ -712,13 +710,9 @@ def _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents,
 
 def _lstm_bwd(reverse, loop, saved, cotangents):
     w, xs, carry0, lengths, a, hs, cs = saved
-    dz, dh0, dc0, dw_ih, db, dw_hh = _lstm_backward_call(reverse, loop, w.w_hh, a, cs, carry0, lengths, cotangents,
-                                                         xs, hs)
-    if not _step_grads(4, loop, xs, hs):
-        dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, carry0.h, w.w_ih, dz, dz)
-        return _Weights(dw_ih, dw_hh, db), dxs, LSTMCarry(dh0, dc0), None
-    T, B, I = xs.shape
-    dxs = (dz @ w.w_ih.T).reshape(T, B, I)
+    dz, dh0, dc0, *done = _lstm_backward_call(reverse, loop, w.w_hh, a, cs, carry0, lengths, cotangents, xs, hs)
+    dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, carry0.h, w.w_ih, dz, dz,
+                                                    done if _step_grads(4, loop, xs, hs) else None)
     return _Weights(dw_ih, dw_hh, db), dxs, LSTMCarry(dh0, dc0), None
 
 
@@ -817,15 +811,13 @@ def _elman_bwd(reverse, loop, activation, saved, cotangents):
     I = xs.shape[-1]
     grads = _step_grads(1, loop, xs, hs)
     shapes = ((I, H), (H,), (H, H)) if grads else ((0,), (0,), (0,))
-    dz, dh0, dw_ih, db, dw_hh = _call(
+    dz, dh0, *done = _call(
         "jaxrnn_elman_bwd", (sd((T * B, H), f32), sd((B, H), f32), *(sd(s, f32) for s in shapes)),
         hs, dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths, xs, h0,
         reverse=reverse, activation=activation, **loop.attrs(),
     )
-    if not grads:
-        dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, h0, w.w_ih, dz, dz)
-        return _Weights(dw_ih, dw_hh, db), dxs, dh0, None
-    return _Weights(dw_ih, dw_hh, db), (dz @ w.w_ih.T).reshape(T, B, I), dh0, None
+    dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, h0, w.w_ih, dz, dz, done if grads else None)
+    return _Weights(dw_ih, dw_hh, db), dxs, dh0, None
 
 
 _elman.defvjp(_elman_fwd, _elman_bwd)

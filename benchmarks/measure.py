@@ -11,9 +11,9 @@ timed interleaved, in round-robin rounds (one call each per round, rotating
 the order), so that load drifts on a shared machine hit all alike; rounds
 repeat until both ``min_reps`` rounds and ``target_s`` seconds per
 implementation have passed (at most ``max_reps``); calls shorter than 0.5 s
-get one untimed call right before each timed one, so that they run with warm
-caches, and after their own threads rather than another library's, as in a
-loop. The report gives the median, the quartiles and min/max. Times include dispatch/launch overhead, as
+are re-warmed right before each timed one by untimed calls for at least 20 ms
+(at least one call), so that they run with warm caches, and after their own
+threads rather than another library's, as in a loop. The report gives the median, the quartiles and min/max. Times include dispatch/launch overhead, as
 a user sees it.
 """
 
@@ -100,14 +100,27 @@ def warm_up(run, *, warmup: int, target_s: float, max_warmup: int = 20, cap_s: f
 #: 50 ms pause), whereas in a training loop it follows itself.
 REWARM_BELOW_S = 0.5
 
+#: A re-warm lasts at least this long (untimed calls repeat until it has
+#: passed; at least one call). PyTorch's OpenMP worker keeps spinning for about
+#: 10 ms after PyTorch's call (the process burned 9-11 ms of CPU over a 16 or
+#: 50 ms sleep after an LSTM fwd+bwd), so one re-warm call shorter than that
+#: leaves the timed call beside it. Measured on 2 cores, jaxrnn's LSTM fwd+bwd
+#: at B=64 T=50 H=64 right after PyTorch's call, medians of 150: 4.33 ms after
+#: one re-warm call, 3.83 after two, 2.85 after 20 ms of calls, and 2.99 with
+#: no PyTorch call at all.
+REWARM_S = 0.02
 
-def time_interleaved(runs, *, min_reps: int, max_reps: int, target_s: float, rewarm=(), cap_s=float("inf")):
+
+def time_interleaved(
+    runs, *, min_reps: int, max_reps: int, target_s: float, rewarm=(), cap_s=float("inf"), rewarm_s: float = REWARM_S
+):
     """Time several warmed-up callables in round-robin rounds.
 
     Each round calls every ``runs[name]()`` once, starting one position later
     than the previous round, so that slow drifts of a shared machine's load
-    hit every implementation alike. A name in ``rewarm`` gets one untimed call
-    right before its timed call: otherwise a short call would run with its
+    hit every implementation alike. A name in ``rewarm`` gets untimed calls
+    right before its timed call, for at least ``rewarm_s`` seconds (at least
+    one call): otherwise a short call would run with its
     data evicted from the caches by the previous implementation (seen on CPU:
     a 0.08 ms LSTM step takes 0.5 ms right after another library's call), or
     beside that implementation's still-spinning threads (see
@@ -128,7 +141,10 @@ def time_interleaved(runs, *, min_reps: int, max_reps: int, target_s: float, rew
         for name in names[k:] + names[:k]:
             try:
                 if name in rewarm:
+                    t0 = time.perf_counter()
                     runs[name]()
+                    while time.perf_counter() - t0 < rewarm_s:
+                        runs[name]()
                 t0 = time.perf_counter()
                 runs[name]()
             except Exception as e:  # noqa: BLE001

@@ -194,9 +194,29 @@ def test_interleaved_timing_rotates_and_drops_failures():
     assert calls.count("c") == 2  # dropped after it raised
 
     calls.clear()
-    times, errors = time_interleaved({"a": make("a"), "b": make("b")}, min_reps=3, max_reps=3, target_s=0.0, rewarm={"a"})
+    runs = {"a": make("a"), "b": make("b")}
+    times, errors = time_interleaved(runs, min_reps=3, max_reps=3, target_s=0.0, rewarm={"a"}, rewarm_s=0.0)
     assert not errors and calls[:3] == ["a", "a", "b"]  # "a" re-warms right before its timed call
     assert calls.count("a") == 6 and len(times["a"]) == 3 and len(times["b"]) == 3
+
+
+def test_rewarm_lasts_its_duration():
+    """A re-warm repeats untimed calls until rewarm_s has passed, right before the timed call."""
+    calls = []
+
+    def make(name):
+        def run():
+            calls.append(name)
+            time.sleep(0.002)
+
+        return run
+
+    runs = {"a": make("a"), "b": make("b")}
+    times, _ = time_interleaved(runs, min_reps=2, max_reps=2, target_s=0.0, rewarm={"a"}, rewarm_s=0.012)
+    assert len(times["a"]) == len(times["b"]) == 2 and calls.count("b") == 2
+    # 2 ms calls: at least 6 untimed calls (12 ms) and then the timed one, in one unbroken run of "a".
+    runs_of_a = [len(r) for r in "".join(calls).split("b") if r]
+    assert len(runs_of_a) == 2 and all(n >= 7 for n in runs_of_a), calls
 
     def slow():
         time.sleep(0.02)

@@ -91,8 +91,8 @@ def warm_up(run, *, warmup: int, target_s: float, max_warmup: int = 20, cap_s: f
     return first, best
 
 
-#: Calls shorter than this get one untimed call right before each timed call
-#: (every call of the CPU suites). It was 50 ms until the ``ffi`` backend:
+#: Calls shorter than this are re-warmed right before each timed call (every
+#: call of the CPU suites; see :data:`REWARM_S`). It was 50 ms until the ``ffi`` backend:
 #: a call whose time loop runs on both cores is slowed by the previous
 #: implementation's threads, which keep spinning for a while after their call
 #: (measured: jaxrnn's LSTM fwd+bwd at B=32 T=256 H=256 took 64 ms after its

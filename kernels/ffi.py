@@ -270,18 +270,21 @@ def team_stats() -> dict:
     """How the time loops' thread teams formed since the library was loaded (builds it on first call).
 
     Returns:
-      ``{"team_calls": n, "short_handed_calls": m}``: of the ``n`` calls that
-      planned more than one member, ``m`` ran with fewer, because XLA's pool
-      threads did not join in time (a busy machine); such a call is up to 2x
-      slower.
+      ``{"team_calls": n, "short_handed_calls": m, "moved_threads": k}``: of
+      the ``n`` calls that planned more than one member, ``m`` ran with fewer,
+      because XLA's pool threads did not join in time (a busy machine); such a
+      call is up to 2x slower. ``k`` counts the threads that a call found
+      queued on its own core while its helper had not started, and moved off
+      that core until the call's end (Linux; see "Placement" in
+      ``rnn_cpu.cc``).
 
     Example:
       >>> jaxrnn.kernels.ffi.team_stats()
-      {'team_calls': 0, 'short_handed_calls': 0}
+      {'team_calls': 0, 'short_handed_calls': 0, 'moved_threads': 0}
     """
-    out = (ctypes.c_int64 * 2)()
+    out = (ctypes.c_int64 * 3)()
     _load().jaxrnn_rnn_cpu_team_stats(out)
-    return {"team_calls": int(out[0]), "short_handed_calls": int(out[1])}
+    return {"team_calls": int(out[0]), "short_handed_calls": int(out[1]), "moved_threads": int(out[2])}
 
 
 def qualifies(cell) -> bool:

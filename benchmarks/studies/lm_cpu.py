@@ -59,8 +59,9 @@ one per sampled token; the last one's logits are unused) and sample
 Timing (:mod:`benchmarks.measure`): each callable is called once (jaxrnn
 compiles), warmed up with more untimed calls, then the two are timed in
 interleaved round-robin rounds (``--rounds`` for training, ``--gen-rounds``
-per generation batch), a call under 50 ms re-warmed by one untimed call
-before each timed one; ``time.perf_counter`` around each call. Reported:
+per generation batch), a call under 0.5 s re-warmed by untimed calls for at
+least 20 ms before each timed one (``measure.REWARM_BELOW_S``,
+``measure.REWARM_S``); ``time.perf_counter`` around each call. Reported:
 median, quartiles, min and max per implementation and the ratio
 ``jaxrnn tokens/s / PyTorch tokens/s`` (= PyTorch median time / jaxrnn median
 time). Both libraries run in this one process, as the issue asks, so their
@@ -703,7 +704,8 @@ def config_of(args) -> dict:
 METHOD = (
     "Same process, same weights (PyTorch's initialisation loaded into jaxrnn). Each callable: one first call (jaxrnn "
     f"compiles), {WARMUP} or more untimed warm-up calls, then jaxrnn and PyTorch timed in interleaved round-robin rounds "
-    "(benchmarks.measure.time_together; calls under 50 ms re-warmed before each timed call), wall clock per call, "
+    f"(benchmarks.measure.time_together; calls under {measure.REWARM_BELOW_S * 1e3:.0f} ms re-warmed by untimed calls "
+    f"for at least {measure.REWARM_S * 1e3:.0f} ms before each timed call), wall clock per call, "
     "jax.block_until_ready for jaxrnn. Training: jaxrnn's jitted lm.make_train_step(model, lm.make_optimizer(lr, clip)) "
     "(what jaxrnn.train.fit runs per step, without fit's host bookkeeping and params-finite check) on a NumPy batch vs "
     "PyTorch's zero_grad / cross_entropy / backward / clip_grad_norm_ / Adam.step; tokens/s = batch*window / median step "

@@ -76,7 +76,7 @@ def test_ffi_rows_count_their_thread_teams(smoke):
     assert mine if ffi.available() else not mine
     for r in mine:
         teams = r["notes"]["thread_teams"]
-        assert set(teams) == {"team_calls", "short_handed_calls"}
+        assert set(teams) == {"team_calls", "short_handed_calls", "moved_threads"}
         assert 0 <= teams["short_handed_calls"] <= teams["team_calls"], r["case_id"]
     assert not [r for r in ok if r["impl"] != "jaxrnn:ffi" and "thread_teams" in r["notes"]]
 

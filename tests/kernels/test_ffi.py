@@ -12,7 +12,11 @@ Set ``JAXRNN_REQUIRE_FFI=1`` (CI does) to fail instead of skipping when the
 library cannot be built here.
 """
 
+import ctypes
 import os
+import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -174,7 +178,7 @@ def test_large_buffers_match_xla(kind):
         after = ffi.team_stats()
         # Calls that formed a team (none where XLA's pool has one thread: at most the forward loop, the backward
         # loop and the weight gradients), and those that ran short-handed.
-        assert set(after) == {"team_calls", "short_handed_calls"}
+        assert set(after) == {"team_calls", "short_handed_calls", "moved_threads"}
         assert 0 <= after["short_handed_calls"] - before["short_handed_calls"] <= after["team_calls"] - before["team_calls"] <= 3
         # Weight gradients: sums of 1,152 rows, in another order; the Elman's reach 40 (its worst entry is 3.5e-5
         # off, measured; against a float64 run ffi and xla are equally far).
@@ -242,3 +246,79 @@ def test_nan_propagates_as_in_the_reference(kind):
         want = jaxrnn.rnn(cell, params, xs, initial_carry=carry0, seq_lengths=lens, reverse=reverse, impl="reference")
         assert np.isnan(np.asarray(want[0])[real]).any()  # the problem does reach NaN
         assert_close(got, want, err_msg=f"{kind} reverse={reverse}")  # NaN where the reference has NaN, only there
+
+
+def _library():
+    """The backend's shared library (already loaded by the backend: the same handle and globals)."""
+    ffi.build()
+    return ctypes.CDLL(str(ffi.library_path()))
+
+
+def _proc_state(tid):
+    """(state, last CPU) of thread ``tid`` of this process, parsed here from /proc."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        text = f.read()
+    fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3, the state
+    return fields[0], int(fields[39 - 3])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the placement reads /proc (Linux)")
+def test_placement_reads_a_threads_state_and_moves_it_off_a_cpu():
+    """The placement's pieces (Placement in rnn_cpu.cc): the state and last CPU of a thread whose name holds
+    spaces and parentheses, read as /proc says; a thread moved off a CPU has every other CPU of its
+    affinity, and after the restore its affinity is as before."""
+    lib = _library()
+    ready, release, tid = threading.Event(), threading.Event(), []
+
+    def sleeper():
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, b"a (b) c) d", 0, 0, 0)  # PR_SET_NAME: the parser must find the *last* ')'
+        tid.append(threading.get_native_id())
+        ready.set()
+        release.wait()
+
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    try:
+        ready.wait()
+        (tid,) = tid
+        for _ in range(1000):  # until it sleeps on the event (set right before waiting)
+            if _proc_state(tid)[0] == "S":
+                break
+            time.sleep(0.001)
+        state, cpu = ctypes.c_char(), ctypes.c_int()
+        assert lib.jaxrnn_thread_state(tid, ctypes.byref(state), ctypes.byref(cpu)) == 1
+        assert (state.value.decode(), cpu.value) == _proc_state(tid) and state.value == b"S"  # asleep on the event
+        assert lib.jaxrnn_thread_state(2**31 - 1, ctypes.byref(state), ctypes.byref(cpu)) == 0  # no such thread
+
+        allowed = sorted(os.sched_getaffinity(tid))
+        if len(allowed) < 2:
+            pytest.skip("one CPU allowed: nothing to move to")
+        off = allowed[0]
+        after = (ctypes.c_uint8 * 1024)()
+        assert lib.jaxrnn_move_thread_off(tid, off, after, 1024) == 1
+        assert [i for i in range(1024) if after[i]] == allowed[1:]
+        assert sorted(os.sched_getaffinity(tid)) == allowed  # restored
+        # A thread allowed one CPU is not moved off it.
+        os.sched_setaffinity(tid, {off})
+        assert lib.jaxrnn_move_thread_off(tid, off, after, 1024) == 0 and os.sched_getaffinity(tid) == {off}
+        os.sched_setaffinity(tid, allowed)
+    finally:
+        release.set()
+        thread.join()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the placement reads /proc (Linux)")
+def test_calls_leave_every_threads_affinity_as_they_found_it():
+    """Many small row-split fwd+bwd calls (whose helpers may start late and be moved): afterwards no thread of
+    this process is left off a CPU, and the moved-threads count only grows."""
+    before = {int(t): os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
+    cell, params, xs, carry0, lens = problem(64, 20, 32, 16, seed=4, cell="lstm")
+    step = jax.jit(jax.grad(lambda p, x: jnp.sum(jaxrnn.rnn(cell, p, x, impl=kernels.FFI(split="rows"))[0] ** 2)))
+    moved0 = ffi.team_stats()["moved_threads"]
+    for _ in range(100):
+        jax.block_until_ready(step(params, xs))
+    assert ffi.team_stats()["moved_threads"] >= moved0
+    for t in os.listdir("/proc/self/task"):
+        want = before.get(int(t), os.sched_getaffinity(0))
+        assert os.sched_getaffinity(int(t)) == want, f"thread {t}"

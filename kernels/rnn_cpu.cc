@@ -265,7 +265,7 @@ constexpr int kMaxNotedThreads = 16;
 constexpr int kMaxMovedThreads = 4;
 std::atomic<int> noted_count{0};
 std::atomic<int> noted_tids[kMaxNotedThreads];
-std::atomic<int> active_calls{0};        // this library's calls now running (run_row_chunks, run_on_pool)
+std::atomic<int> active_calls{0};        // this library's calls now running (ActiveCall), one thread or more
 std::atomic<int64_t> moved_threads{0};   // threads moved off a caller's core (team_stats)
 
 // A call of this library, counted while it runs.
@@ -404,11 +404,11 @@ using Job = std::function<void(int, int, Barrier&)>;
 std::atomic<int64_t> team_calls{0}, short_handed_calls{0};
 
 void run_on_pool(ffi::ThreadPool& pool, int n, double max_wait_us, bool caller_works, const Job& job) {
+  ActiveCall active;  // one thread too: a call beside it must not move a thread onto its core
   if (n <= 1) {
     Barrier alone(1);
     return job(0, 1, alone);
   }
-  ActiveCall active;
   auto state = std::make_shared<Formation>();
   state->job = &job;
   int mine = caller_works ? state->join() : -1;
@@ -809,6 +809,7 @@ void run_split(ffi::ThreadPool& pool, const Dims& d, int K, int gates, int threa
     const int count = std::min(max_chunks, std::max(1, n) * kChunksPerThread);
     const int members = std::min(n, count);
     if (members <= 1) {
+      ActiveCall active;
       Barrier alone(1);
       return job(Part{0, d.H, 0, d.B}, alone);
     }

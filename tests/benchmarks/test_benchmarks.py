@@ -201,28 +201,32 @@ def test_interleaved_timing_rotates_and_drops_failures():
 
 
 def test_rewarm_lasts_its_duration():
-    """A re-warm repeats untimed calls until rewarm_s has passed, right before the timed call."""
-    calls = []
+    """A re-warm repeats untimed calls until rewarm_s has passed, right before the timed call, and stops then."""
+    calls = []  # (name, start time)
 
     def make(name):
         def run():
-            calls.append(name)
+            calls.append((name, time.perf_counter()))
             time.sleep(0.002)
 
         return run
 
     runs = {"a": make("a"), "b": make("b")}
     times, _ = time_interleaved(runs, min_reps=2, max_reps=2, target_s=0.0, rewarm={"a"}, rewarm_s=0.012)
-    assert len(times["a"]) == len(times["b"]) == 2 and calls.count("b") == 2
-    # 2 ms calls: at least 6 untimed calls (12 ms) and then the timed one, in one unbroken run of "a".
-    runs_of_a = [len(r) for r in "".join(calls).split("b") if r]
-    assert len(runs_of_a) == 2 and all(n >= 7 for n in runs_of_a), calls
-
-    def slow():
-        time.sleep(0.02)
-
-    times, _ = time_interleaved({"fast": make("f"), "slow": slow}, min_reps=5, max_reps=5, target_s=0.0, cap_s=0.03)
-    assert len(times["fast"]) == 5 and len(times["slow"]) == 2  # capped once its calls took 0.03 s
+    assert len(times["a"]) == len(times["b"]) == 2 and [n for n, _ in calls].count("b") == 2
+    # Each round's calls of "a" are one unbroken run: untimed calls, then the timed one (the last).
+    runs_of_a, current = [], []
+    for name, start in calls:
+        if name == "a":
+            current.append(start)
+        elif current:
+            runs_of_a, current = runs_of_a + [current], []
+    runs_of_a += [current] if current else []
+    assert len(runs_of_a) == 2, calls
+    for starts in runs_of_a:
+        assert len(starts) >= 3  # at least two 2 ms untimed calls fit in 12 ms, then the timed one
+        assert starts[-1] - starts[0] >= 0.011  # the timed call starts after rewarm_s of untimed calls (less µs)
+        assert starts[-2] - starts[0] < 0.012  # and the last untimed call started within it
 
 
 @pytest.mark.parametrize(

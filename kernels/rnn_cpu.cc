@@ -2547,7 +2547,6 @@ extern "C" int jaxrnn_step_grads(int gates, int T, int B, int I, int H, int spli
   return step_grads_fit(Dims{T, B, H, I}, gates * H, gates, I, gates * H, split) ? 1 : 0;
 }
 
-// [calls that formed a team, calls that ran short-handed] since the library was loaded.
 // Test hooks of the placement (tests/kernels/test_ffi.py): thread tid's state
 // and last CPU (1 if read, 0 if not, -1 off Linux); and tid moved off `cpu`,
 // its affinity right after the move written to after[0..n) (1 for each CPU
@@ -2574,6 +2573,8 @@ extern "C" int jaxrnn_move_thread_off(int tid, int cpu, uint8_t* after, int n) {
 #endif
 }
 
+// [calls that formed a team, calls that ran short-handed, threads moved off a
+// caller's core] since the library was loaded.
 extern "C" void jaxrnn_rnn_cpu_team_stats(int64_t* out) {
   out[0] = team_calls.load(std::memory_order_relaxed);
   out[1] = short_handed_calls.load(std::memory_order_relaxed);

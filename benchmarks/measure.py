@@ -13,7 +13,8 @@ repeat until both ``min_reps`` rounds and ``target_s`` seconds per
 implementation have passed (at most ``max_reps``); calls shorter than 0.5 s
 are re-warmed right before each timed one by untimed calls for at least 20 ms
 (at least one call), so that they run with warm caches, and after their own
-threads rather than another library's, as in a loop. The report gives the median, the quartiles and min/max. Times include dispatch/launch overhead, as
+threads rather than another library's, as in a loop. The report gives the
+median, the quartiles and min/max. Times include dispatch/launch overhead, as
 a user sees it.
 """
 
@@ -92,8 +93,8 @@ def warm_up(run, *, warmup: int, target_s: float, max_warmup: int = 20, cap_s: f
 
 
 #: Calls shorter than this are re-warmed right before each timed call (every
-#: call of the CPU suites; see :data:`REWARM_S`). It was 50 ms until the ``ffi`` backend:
-#: a call whose time loop runs on both cores is slowed by the previous
+#: call of the CPU suites; see :data:`REWARM_S`). It was 50 ms until the
+#: ``ffi`` backend: a call whose time loop runs on both cores is slowed by the previous
 #: implementation's threads, which keep spinning for a while after their call
 #: (measured: jaxrnn's LSTM fwd+bwd at B=32 T=256 H=256 took 64 ms after its
 #: own call, 100-106 ms right after PyTorch's, 63 ms after PyTorch's and a
@@ -120,8 +121,7 @@ def time_interleaved(
     than the previous round, so that slow drifts of a shared machine's load
     hit every implementation alike. A name in ``rewarm`` gets untimed calls
     right before its timed call, for at least ``rewarm_s`` seconds (at least
-    one call): otherwise a short call would run with its
-    data evicted from the caches by the previous implementation (seen on CPU:
+    one call): otherwise a short call would run with its data evicted from the caches by the previous implementation (seen on CPU:
     a 0.08 ms LSTM step takes 0.5 ms right after another library's call), or
     beside that implementation's still-spinning threads (see
     :data:`REWARM_BELOW_S`), whereas in a loop it follows itself. Rounds repeat until both ``min_reps``

@@ -118,17 +118,18 @@ def time_interleaved(
     """Time several warmed-up callables in round-robin rounds.
 
     Each round calls every ``runs[name]()`` once, starting one position later
-    than the previous round, so that slow drifts of a shared machine's load
-    hit every implementation alike. A name in ``rewarm`` gets untimed calls
-    right before its timed call, for at least ``rewarm_s`` seconds (at least
-    one call): otherwise a short call would run with its data evicted from the caches by the previous implementation (seen on CPU:
-    a 0.08 ms LSTM step takes 0.5 ms right after another library's call), or
-    beside that implementation's still-spinning threads (see
-    :data:`REWARM_BELOW_S`), whereas in a loop it follows itself. Rounds repeat until both ``min_reps``
+    than the previous round, so that slow drifts of a shared machine's load hit
+    every implementation alike. A name in ``rewarm`` gets untimed calls right
+    before its timed call, for at least ``rewarm_s`` seconds (at least one
+    call): otherwise a short call would run with its data evicted from the
+    caches by the previous implementation (seen on CPU: a 0.08 ms LSTM step
+    takes 0.5 ms right after another library's call), or beside that
+    implementation's still-spinning threads (see :data:`REWARM_BELOW_S`),
+    whereas in a loop it follows itself. Rounds repeat until both ``min_reps``
     rounds and ``target_s`` seconds per callable have passed (at most
-    ``max_reps``). A callable that raises is dropped from later rounds, and
-    so is one whose timed calls have taken ``cap_s`` in all (it keeps the
-    calls it has: fewer than ``min_reps``).
+    ``max_reps``). A callable that raises is dropped from later rounds, and so
+    is one whose timed calls have taken ``cap_s`` in all (it keeps the calls it
+    has: fewer than ``min_reps``).
 
     Returns:
       ``(times, errors)``: ``{name: [seconds, ...]}`` and ``{name: exception}``.

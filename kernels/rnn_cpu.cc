@@ -211,12 +211,24 @@ class Barrier {
   // Sense-reversing spin barrier; yields the core after a short spin (an
   // oversubscribed machine must not spin away the other members' time).
   void wait(int& sense) {
+    arrive(sense);
+    wait_arrived(sense);
+  }
+
+  // The two halves of wait, for a member with work between them that needs
+  // nothing the others write before the barrier: arrive (what this member
+  // wrote is published to whoever returns from wait_arrived), then, after that
+  // work, wait_arrived (every member has arrived; what they wrote is visible).
+  // A member calls wait_arrived before it arrives again.
+  void arrive(int& sense) {
     sense ^= 1;
     if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
       count_.store(0, std::memory_order_relaxed);
       flag_.store(sense, std::memory_order_release);
-      return;
     }
+  }
+
+  void wait_arrived(int sense) {
     int spins = 0;
     while (flag_.load(std::memory_order_acquire) != sense) {
       if (++spins < 4000) {
@@ -2128,7 +2140,7 @@ struct DecodeWeights {
   const float* w_up;                  // (L - 1, 2H, 4H): [w_ih; w_hh] per upper layer
   const float* packed0;               // layer 0's w_hh, panels of H x NR (rows split only)
   int np0;
-  std::vector<const float*> packed;   // layers 1..L-1: [w_ih; w_hh], panels of 2H x NR (rows split only)
+  std::vector<const float*> packed;   // layers 1..L-1: [w_hh; w_ih], panels of 2H x NR (rows split only)
   int np;
   const float* b;                     // (L - 1, 4H)
   const float* packed_out;            // w_out, panels of H x NR
@@ -2145,21 +2157,23 @@ struct DecodeWeights {
 
 // Step i's tokens of rows [b0, b1) from their logits (scores, row stride ldv,
 // the first row b0): logits0 at step 0, else the output layer's product plus its
-// bias; saved when asked for, then sampled into tok[0 .. b1 - b0) and w.tokens.
-void sample_rows(const DecodeWeights& w, int i, int b0, int b1, float* scores, int ldv, int32_t* tok) {
+// bias; sampled into tok[0 .. b1 - b0), and, for the rows in [s0, s1), saved
+// (the logits when asked for, and w.tokens).
+void sample_rows(const DecodeWeights& w, int i, int b0, int b1, float* scores, int ldv, int32_t* tok, int s0, int s1) {
   const int V = w.V;
   const bool greedy = !(w.tau > 0.0f);
   for (int r = b0; r < b1; ++r) {
     const size_t row = static_cast<size_t>(i) * w.B + r;
+    const bool saves = s0 <= r && r < s1;
     float* lrow = scores + static_cast<size_t>(r - b0) * ldv;
     if (i == 0) {
       std::memcpy(lrow, w.logits0 + static_cast<size_t>(r) * V, sizeof(float) * V);
     } else {
       for (int v = 0; v < V; ++v) lrow[v] += w.b_out[v];
     }
-    if (w.logits != nullptr) std::memcpy(w.logits + row * V, lrow, sizeof(float) * V);
+    if (saves && w.logits != nullptr) std::memcpy(w.logits + row * V, lrow, sizeof(float) * V);
     tok[r - b0] = sample_row(lrow, w.noise + row * V, V, w.tau, greedy);
-    w.tokens[row] = tok[r - b0];
+    if (saves) w.tokens[row] = tok[r - b0];
   }
 }
 
@@ -2180,7 +2194,7 @@ void lstm_decode_rows(const DecodeWeights& w, int b0, int b1) {
     }
   }
   for (int i = 0; i < w.N; ++i) {
-    sample_rows(w, i, b0, b1, scores.data(), ldv, tok.data());
+    sample_rows(w, i, b0, b1, scores.data(), ldv, tok.data(), b0, b1);
     if (i + 1 == w.N) break;
     // Layer 0: z = h w_hh + table[token].
     float* h_l = &h[0];
@@ -2190,13 +2204,13 @@ void lstm_decode_rows(const DecodeWeights& w, int b0, int b1) {
       lstm_units(&gates[static_cast<size_t>(r) * ldg], H, w.table + static_cast<size_t>(tok[r]) * G, H, H,
                  c_l + static_cast<size_t>(r) * H, h_l + static_cast<size_t>(r) * H, nullptr, nullptr);
     }
-    // Layers 1..L-1: z = [h_below h] [w_ih; w_hh] + b.
+    // Layers 1..L-1: z = [h h_below] [w_hh; w_ih] + b (the recurrent rows first, as lstm_decode_units sums).
     const int ldu = w.np * NR;
     for (int l = 1; l < L; ++l) {
       const float* below = &h[static_cast<size_t>(l - 1) * nb * H];
       h_l = &h[static_cast<size_t>(l) * nb * H];
       c_l = &c[static_cast<size_t>(l) * nb * H];
-      gemm_rows(below, H, H, h_l, H, H, nb, w.packed[l - 1], w.np, gates.data(), ldu);
+      gemm_rows(h_l, H, H, below, H, H, nb, w.packed[l - 1], w.np, gates.data(), ldu);
       for (int r = 0; r < nb; ++r) {
         lstm_units(&gates[static_cast<size_t>(r) * ldu], H, w.b + static_cast<size_t>(l - 1) * G, H, H,
                    c_l + static_cast<size_t>(r) * H, h_l + static_cast<size_t>(r) * H, nullptr, nullptr);
@@ -2208,19 +2222,25 @@ void lstm_decode_rows(const DecodeWeights& w, int b0, int b1) {
 }
 
 // Units split: member k of a team of m holds hidden units [u0, u1) of every layer
-// (its columns of the packed weights, a 1/m share) for all B rows, and the rows
-// [B k / m, B (k + 1) / m) of the output layer and of the sampling. A step is
-// L + 1 phases, each ended by a barrier: sample (own rows; the next tokens),
-// then each layer (own units; the layer above reads all of its h), and the
-// output layer's logits for its own rows, read only by their sampling, need
-// none. The h of every layer is double-buffered by step parity (a member may
-// write its units of the next h while another still reads the current one);
-// c is updated in place, by its units' owner alone. The same sums in the same
-// order as lstm_decode_rows: the tokens and logits are bit for bit the same.
+// (its columns of the packed weights, a 1/m share) for all B rows. A layer's
+// units need all of the h below them, so each layer of a step ends at a
+// barrier, split in two (Barrier::arrive, wait_arrived) around work that needs
+// nothing written before it: after layer l - 1, layer l's recurrent product
+// h_{t-1} w_hh (its h is complete since the step before); after the top layer,
+// the next step's layer-0 product. A member held up (a page fault, an
+// interrupt, a slower core) is then absorbed by that work instead of stalling
+// the other. Every member computes the output layer's logits and samples the
+// tokens of every row itself (the output layer is a few percent of a step's
+// work), so no barrier waits for the tokens; it saves those of its rows
+// [B k / m, B (k + 1) / m). The h of every layer is double-buffered by step
+// parity (a member may write its units of the next h while another still
+// reads the current one); c is updated in place, by its units' owner alone.
+// The same sums in the same order as lstm_decode_rows (an upper layer's
+// recurrent rows first, then its input's): the tokens and logits are bit for
+// bit the same.
 struct DecodeState {
   float* h;  // (2, L, B, H): h of every layer, current and next (by step parity)
   float* c;  // (L, B, H)
-  int32_t* tok;  // (B,): the tokens just sampled
 };
 
 void lstm_decode_units(const DecodeWeights& w, const DecodeState& st, int k, int m, Barrier& barrier) {
@@ -2231,45 +2251,51 @@ void lstm_decode_units(const DecodeWeights& w, const DecodeState& st, int k, int
   const int rb0 = static_cast<int>(static_cast<int64_t>(B) * k / m);
   const int rb1 = static_cast<int>(static_cast<int64_t>(B) * (k + 1) / m);
   int np0 = 0, np = 0;
-  std::vector<Scratch> packs(L);
+  std::vector<Scratch> packs(2 * L);
   const float* packed0 = pack_columns(packs[0], nullptr, 0, w.w_hh0, H, G, 0, 4, H, u0, nu, &np0);
-  std::vector<const float*> packed(L, nullptr);
+  std::vector<const float*> packed_hh(L, nullptr), packed_ih(L, nullptr);  // layers 1..L-1, separately
   for (int l = 1; l < L; ++l) {
-    packed[l] = pack_columns(packs[l], w.w_up + static_cast<size_t>(l - 1) * 2 * H * G, 2 * H, nullptr, 0, G, 0, 4,
-                             H, u0, nu, &np);
+    const float* wl = w.w_up + static_cast<size_t>(l - 1) * 2 * H * G;  // [w_ih; w_hh]
+    packed_ih[l] = pack_columns(packs[2 * l], wl, H, nullptr, 0, G, 0, 4, H, u0, nu, &np);
+    packed_hh[l] = pack_columns(packs[2 * l + 1], wl + static_cast<size_t>(H) * G, H, nullptr, 0, G, 0, 4, H, u0, nu, &np);
   }
   const int ldg = std::max(np0, np) * NR, ldv = w.np_out * NR;
-  std::vector<float> gates(static_cast<size_t>(B) * ldg + NR);
-  std::vector<float> scores(static_cast<size_t>(std::max(1, rb1 - rb0)) * ldv + NR);
+  std::vector<float> gates(static_cast<size_t>(B) * ldg + NR);  // the layer in progress (one thread's, in turn)
+  std::vector<float> scores(static_cast<size_t>(B) * ldv + NR);
+  std::vector<int32_t> tok(B);
   const size_t layer = static_cast<size_t>(B) * H;
+  const bool work = nu > 0;
   int sense = 0;
+  if (work && w.N > 1) gemm_rows(st.h, H, H, nullptr, 0, 0, B, packed0, np0, gates.data(), ldg);  // step 0's layer 0
   for (int i = 0; i < w.N; ++i) {
     float* h_cur = st.h + static_cast<size_t>(i % 2) * L * layer;
     float* h_nxt = st.h + static_cast<size_t>((i + 1) % 2) * L * layer;
-    sample_rows(w, i, rb0, rb1, scores.data(), ldv, st.tok + rb0);
+    sample_rows(w, i, 0, B, scores.data(), ldv, tok.data(), rb0, rb1);
     if (i + 1 == w.N) break;
-    barrier.wait(sense);
     for (int l = 0; l < L; ++l) {
-      float* c_l = st.c + l * layer;
-      if (nu > 0) {
-        if (l == 0) {
-          gemm_rows(h_cur, H, H, nullptr, 0, 0, B, packed0, np0, gates.data(), ldg);
-        } else {
-          gemm_rows(h_nxt + (l - 1) * layer, H, H, h_cur + l * layer, H, H, B, packed[l], np, gates.data(), ldg);
-        }
-        for (int r = 0; r < B; ++r) {
-          const float* bias = l == 0 ? w.table + static_cast<size_t>(st.tok[r]) * G : w.b + static_cast<size_t>(l - 1) * G;
-          lstm_units(&gates[static_cast<size_t>(r) * ldg], nu, bias + u0, H, nu, c_l + static_cast<size_t>(r) * H + u0,
-                     h_nxt + l * layer + static_cast<size_t>(r) * H + u0, nullptr, nullptr);
-        }
+      if (l > 0) {  // the barrier after layer l - 1, around this layer's recurrent product
+        barrier.arrive(sense);
+        if (work) gemm_rows(h_cur + l * layer, H, H, nullptr, 0, 0, B, packed_hh[l], np, gates.data(), ldg);
+        barrier.wait_arrived(sense);
+        if (work) gemm_rows<true>(h_nxt + (l - 1) * layer, H, H, nullptr, 0, 0, B, packed_ih[l], np, gates.data(), ldg);
       }
-      barrier.wait(sense);
+      if (!work) continue;
+      float* c_l = st.c + l * layer;
+      for (int r = 0; r < B; ++r) {
+        const float* bias = l == 0 ? w.table + static_cast<size_t>(tok[r]) * G : w.b + static_cast<size_t>(l - 1) * G;
+        lstm_units(&gates[static_cast<size_t>(r) * ldg], nu, bias + u0, H, nu, c_l + static_cast<size_t>(r) * H + u0,
+                   h_nxt + l * layer + static_cast<size_t>(r) * H + u0, nullptr, nullptr);
+      }
     }
-    // The next logits of this member's rows (their bias is added above, before they are read).
-    if (rb1 > rb0) {
-      gemm_rows(h_nxt + (L - 1) * layer + static_cast<size_t>(rb0) * H, H, H, nullptr, 0, 0, rb1 - rb0, w.packed_out,
-                w.np_out, scores.data(), ldv);
-    }
+    // The barrier after the top layer, around the next step's layer-0 product (its h, complete since the
+    // barrier after layer 0; with one layer, that is this barrier).
+    barrier.arrive(sense);
+    const bool ahead = L > 1 && work && i + 2 < w.N;
+    if (ahead) gemm_rows(h_nxt, H, H, nullptr, 0, 0, B, packed0, np0, gates.data(), ldg);
+    barrier.wait_arrived(sense);
+    if (L == 1 && work && i + 2 < w.N) gemm_rows(h_nxt, H, H, nullptr, 0, 0, B, packed0, np0, gates.data(), ldg);
+    // The next logits of every row (their bias is added above, before they are read).
+    gemm_rows(h_nxt + (L - 1) * layer, H, H, nullptr, 0, 0, B, w.packed_out, w.np_out, scores.data(), ldv);
   }
 }
 
@@ -2340,10 +2366,9 @@ ffi::Error LstmDecode(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_hh0, 
   if (units) {
     const int64_t layer = B * H;
     std::vector<float> h(static_cast<size_t>(2 * L * layer)), c(static_cast<size_t>(L * layer));
-    std::vector<int32_t> tok(B);
     std::memcpy(h.data(), h0.typed_data(), sizeof(float) * L * layer);
     std::memcpy(c.data(), c0.typed_data(), sizeof(float) * L * layer);
-    const DecodeState st{h.data(), c.data(), tok.data()};
+    const DecodeState st{h.data(), c.data()};
     const int members = std::min(n, static_cast<int>(H / VL));
     run_on_pool(pool, members, join_wait_us(N, B, H, (2 * L - 1) * H, 4), /*caller_works=*/false,
                 [&](int k, int m, Barrier& barrier) { lstm_decode_units(w, st, k, m, barrier); });
@@ -2355,7 +2380,9 @@ ffi::Error LstmDecode(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_hh0, 
   w.np = 0;
   for (int l = 1; l < L; ++l) {
     const float* wl = w.w_up + static_cast<size_t>(l - 1) * 2 * H * 4 * H;
-    w.packed.push_back(pack_columns(s_up[l - 1], wl, 2 * H, nullptr, 0, 4 * H, 0, 1, 4 * H, 0, 4 * H, &w.np));
+    // [w_hh; w_ih]: the recurrent rows first (see lstm_decode_units).
+    w.packed.push_back(pack_columns(s_up[l - 1], wl + static_cast<size_t>(H) * 4 * H, H, wl, H, 4 * H, 0, 1, 4 * H, 0,
+                                    4 * H, &w.np));
   }
   const int count = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, B / kMinChunkRows),
                                                         std::max(1, n) * kDecodeChunksPerThread));

@@ -124,11 +124,11 @@ def test_one_compilation_for_any_key_and_temperature():
 
 
 # (V, H, L, B, N, temperature): units not a multiple of 16 (two members: 16 and 24 units), three layers with an
-# odd batch, one row.
-SPLIT_CASES = [(37, 40, 2, 19, 12, 1.3), (33, 48, 3, 9, 10, 0.0), (29, 32, 2, 1, 15, 0.8)]
+# odd batch, one row, one layer (its layer-0 product after the step's only barrier).
+SPLIT_CASES = [(37, 40, 2, 19, 12, 1.3), (33, 48, 3, 9, 10, 0.0), (29, 32, 2, 1, 15, 0.8), (31, 40, 1, 5, 12, 0.9)]
 
 
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=["units-40", "3-layers-greedy", "batch-1"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=["units-40", "3-layers-greedy", "batch-1", "1-layer"])
 def test_units_split_is_bit_identical_to_rows(case):
     """``split="units"`` (a team over the hidden units, meeting at a barrier per layer) sums in the order of the
     rows split: the same tokens and logits, bit for bit; and (the first case) ``lm.generate`` with it matches the

@@ -520,10 +520,10 @@ def lstm_decode(weights: DecodeWeights, carry, logits0, noise, temperature, *, r
     The weights are packed once per call. With ``split="rows"`` each of the call's threads runs
     chunks of rows through all steps, sampling included, with no barrier (rows never meet); with
     ``split="units"`` a team of threads splits every layer's hidden units (each streams its share
-    of the weights at every step) and meets at a barrier after the sampling and after each layer:
-    2x faster than rows at batch 1-8 for the character LM (2 x 256 units; the same tokens and
-    logits, bit for bit). ``"auto"`` takes units for weights of 512 KiB or more and at most 64
-    rows (``LstmDecode`` in ``kernels/rnn_cpu.cc``). ``jaxrnn.lm.generate`` calls this for a plain
+    of the weights at every step; each samples every row) and meets at a barrier after each
+    layer: 2x faster than rows at batch 1-8 for the character LM (2 x 256 units; the same tokens
+    and logits, bit for bit). ``"auto"`` takes units for weights of 512 KiB or more and fewer
+    than 16 rows per thread (``LstmDecode`` in ``kernels/rnn_cpu.cc``). ``jaxrnn.lm.generate`` calls this for a plain
     LSTM stack on the ``"ffi"`` backend (see ``benchmarks/README.md`` for the measured gains).
 
     Args:

@@ -2302,17 +2302,27 @@ void lstm_decode_units(const DecodeWeights& w, const DecodeState& st, int k, int
 // split="auto" decodes by units (lstm_decode_units) when two threads or more
 // may run it, every member holds at least one block of units, the weights
 // streamed every step (every layer's packed weights) take at least
-// kDecodeUnitsMinWeightBytes, and the batch has at most kDecodeUnitsMaxRows rows;
-// else by rows. Measured on 2 cores (Ice Lake, L2 1.25 MiB per core; the
+// kDecodeUnitsMinWeightBytes, and the batch is too small to give each thread
+// kDecodeRowsPerThread rows; else by rows. A member streams its share of the
+// weights every step (rows: all of them), but a team meets at a barrier per
+// layer and a chunk of rows never does; a batch of few rows leaves the rows
+// split one thread. Measured on 2 cores (Ice Lake, L2 1.25 MiB per core; the
 // character LM, V=65, embedding 64, 2 layers, 1000 tokens, medians of 15
-// interleaved calls, ms per token, rows against units): H=256 (3.1 MiB) B=1
-// 0.130 against 0.065, B=8 0.195 against 0.104, B=32 0.338 against 0.322, B=64
-// 0.756 against 0.739, B=128 1.48 against 1.54; H=128 (0.8 MiB) B=1 0.0147
-// against 0.0103, B=32 0.136 against 0.137; H=64 (0.2 MiB) B=1 a tie (0.0070),
-// B=32 0.066 against 0.068. A member streams its share of the weights (rows:
-// all of them), and a batch of few rows leaves the rows split one thread.
+// interleaved calls, ms per token, rows against units, with a barrier after
+// the sampling too and none split): H=256 (3.1 MiB) B=1 0.130 against 0.065,
+// B=8 0.195 against 0.104, B=32 0.338 against 0.322, B=64 0.756 against 0.739,
+// B=128 1.48 against 1.54; H=128 (0.8 MiB) B=1 0.0147 against 0.0103, B=32
+// 0.136 against 0.137; H=64 (0.2 MiB) B=1 a tie (0.0070), B=32 0.066 against
+// 0.068. On the 2-core EPYC (Zen 4, L2 1 MiB per core, split barriers; ms per
+// 1000 tokens, medians of 12-20 interleaved calls in one process, H=256): B=8
+// 128 against 68, B=16 129-146 against 133-165, B=24 215-236 against 200-247,
+// B=32 269-292 against 278-335 (four runs, rows ahead in each), B=48 425
+// against 495, B=64 542-558 against 561-570. Rows from 16 per thread (B >= 32
+// on 2 cores) keep the EPYC's faster split and the one without barriers, which
+// a busy shared machine holds up less (the units' spread above is the wider);
+// on the Ice Lake figures that costs at most 5% at B=32-64.
 constexpr double kDecodeUnitsMinWeightBytes = 512.0 * 1024;
-constexpr int kDecodeUnitsMaxRows = 64;
+constexpr int kDecodeRowsPerThread = 16;
 
 // Rows per chunk of a decode: few chunks, so that each streams the weights for
 // as many rows as it can (a thread's chunk of 16 rows reads each panel for two
@@ -2362,7 +2372,8 @@ ffi::Error LstmDecode(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_hh0, 
   if (threads > 0) n = std::min(n, static_cast<int>(threads));
   const double weight_bytes = 4.0 * H * 4 * H * (2 * L - 1) + 4.0 * H * V;
   const bool units = split != kSplitRows && n >= 2 && H >= 2 * VL &&
-                     (split == kSplitUnits || (weight_bytes >= kDecodeUnitsMinWeightBytes && B <= kDecodeUnitsMaxRows));
+                     (split == kSplitUnits ||
+                      (weight_bytes >= kDecodeUnitsMinWeightBytes && B < static_cast<int64_t>(n) * kDecodeRowsPerThread));
   if (units) {
     const int64_t layer = B * H;
     std::vector<float> h(static_cast<size_t>(2 * L * layer)), c(static_cast<size_t>(L * layer));

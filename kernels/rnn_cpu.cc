@@ -2316,7 +2316,7 @@ void lstm_decode_units(const DecodeWeights& w, const DecodeState& st, int k, int
 // 0.068. On the 2-core EPYC (Zen 4, L2 1 MiB per core, split barriers; ms per
 // 1000 tokens, medians of 12-20 interleaved calls in one process, H=256): B=8
 // 128 against 68, B=16 129-146 against 133-165, B=24 215-236 against 200-247,
-// B=32 269-292 against 278-335 (four runs, rows ahead in each), B=48 425
+// B=32 269-292 against 278-335 (six runs, rows ahead in each), B=48 425
 // against 495, B=64 542-558 against 561-570. Rows from 16 per thread (B >= 32
 // on 2 cores) keep the EPYC's faster split and the one without barriers, which
 // a busy shared machine holds up less (the units' spread above is the wider);

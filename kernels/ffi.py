@@ -523,8 +523,9 @@ def lstm_decode(weights: DecodeWeights, carry, logits0, noise, temperature, *, r
     of the weights at every step; each samples every row) and meets at a barrier after each
     layer: 2x faster than rows at batch 1-8 for the character LM (2 x 256 units; the same tokens
     and logits, bit for bit). ``"auto"`` takes units for weights of 512 KiB or more and fewer
-    than 16 rows per thread (``LstmDecode`` in ``kernels/rnn_cpu.cc``). ``jaxrnn.lm.generate`` calls this for a plain
-    LSTM stack on the ``"ffi"`` backend (see ``benchmarks/README.md`` for the measured gains).
+    than 16 rows per thread (``LstmDecode`` in ``kernels/rnn_cpu.cc``). ``jaxrnn.lm.generate``
+    calls this for a plain LSTM stack on the ``"ffi"`` backend (see ``benchmarks/README.md`` for
+    the measured gains).
 
     Args:
       weights: :class:`DecodeWeights`, all float32.

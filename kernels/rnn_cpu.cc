@@ -2265,8 +2265,12 @@ void lstm_decode_units(const DecodeWeights& w, const DecodeState& st, int k, int
   std::vector<int32_t> tok(B);
   const size_t layer = static_cast<size_t>(B) * H;
   const bool work = nu > 0;
+  // Layer 0's product h_{t-1} w_hh (its input enters as the bias: the token's row of the table).
+  const auto layer0_product = [&](const float* h) {
+    gemm_rows(h, H, H, nullptr, 0, 0, B, packed0, np0, gates.data(), ldg);
+  };
   int sense = 0;
-  if (work && w.N > 1) gemm_rows(st.h, H, H, nullptr, 0, 0, B, packed0, np0, gates.data(), ldg);  // step 0's layer 0
+  if (work && w.N > 1) layer0_product(st.h);  // step 0's
   for (int i = 0; i < w.N; ++i) {
     float* h_cur = st.h + static_cast<size_t>(i % 2) * L * layer;
     float* h_nxt = st.h + static_cast<size_t>((i + 1) % 2) * L * layer;
@@ -2289,11 +2293,11 @@ void lstm_decode_units(const DecodeWeights& w, const DecodeState& st, int k, int
     }
     // The barrier after the top layer, around the next step's layer-0 product (its h, complete since the
     // barrier after layer 0; with one layer, that is this barrier).
+    const bool next0 = work && i + 2 < w.N;  // the next step has a layer 0 to run
     barrier.arrive(sense);
-    const bool ahead = L > 1 && work && i + 2 < w.N;
-    if (ahead) gemm_rows(h_nxt, H, H, nullptr, 0, 0, B, packed0, np0, gates.data(), ldg);
+    if (next0 && L > 1) layer0_product(h_nxt);
     barrier.wait_arrived(sense);
-    if (L == 1 && work && i + 2 < w.N) gemm_rows(h_nxt, H, H, nullptr, 0, 0, B, packed0, np0, gates.data(), ldg);
+    if (next0 && L == 1) layer0_product(h_nxt);
     // The next logits of every row (their bias is added above, before they are read).
     gemm_rows(h_nxt + (L - 1) * layer, H, H, nullptr, 0, 0, B, w.packed_out, w.np_out, scores.data(), ldv);
   }

@@ -115,17 +115,19 @@ def test_weight_gradients_do_not_depend_on_the_split(kind, hidden):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "elman"])
-@pytest.mark.parametrize("batch, steps", [(19, 23), (64, 40)])
-def test_weight_gradients_inside_the_backward_loop(kind, batch, steps):
+@pytest.mark.parametrize("batch, steps, inputs", [(19, 23, 3), (64, 40, 17)])
+def test_weight_gradients_inside_the_backward_loop(kind, batch, steps, inputs):
     """The LSTM's and the Elman RNN's backward call adds a small model's weight gradients, per chunk of rows.
 
     Batch 19: two chunks of 9 and 10 rows, each adding 15 collected steps at a time (128 rows / 9), so that
     23 steps end with a partial group; batch 64: four chunks of 16 rows (a pool of two), 8 steps a group. The chunks are
     fixed by the shapes, not by the threads, so one thread and the pool's agree bit for bit; padded, in
     reverse (the rows of ``h0`` come last), and against the reference and the products after the loop
-    (``split="units"``: a team of members by hidden units never takes this path).
+    (``split="units"``: a team of members by hidden units never takes this path). The input gradient
+    ``dxs = dz W_ihᵀ`` is added there too, in panels of 16 input columns: input 3 is one partial panel,
+    input 17 a full one and a partial one.
     """
-    cell, params, xs, carry0, lens = problem(batch, steps, 24 if kind == "lstm" else 32, 3, seed=6, cell=kind)
+    cell, params, xs, carry0, lens = problem(batch, steps, 24 if kind == "lstm" else 32, inputs, seed=6, cell=kind)
     args = (cell, params, xs, carry0, lens, True, jax.random.key(4))
     _, _, one, _ = outputs_and_vjp(kernels.FFI(threads=1), *args)
     _, _, pool, _ = outputs_and_vjp(kernels.FFI(), *args)

@@ -477,10 +477,8 @@ def _lstm_embedded_fwd(reverse, loop, w_hh, rows, ids, carry0, lengths):
 def _lstm_embedded_bwd(reverse, loop, saved, cotangents):
     w_hh, rows, ids, carry0, lengths, a, hs, cs = saved
     nothing = hs[:, :, :0]
-    no_w_ih = jnp.zeros((0, a.shape[1]), jnp.float32)
-    dz, dh0, dc0, *done = _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents, nothing, hs,
-                                              no_w_ih)
-    _, dw_hh, _, _ = _input_and_weight_grads(loop, reverse, nothing, hs, carry0.h, no_w_ih, dz, dz,
+    dz, dh0, dc0, *done = _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents, nothing, hs)
+    _, dw_hh, _, _ = _input_and_weight_grads(loop, reverse, nothing, hs, carry0.h, jnp.zeros((0, dz.shape[1])), dz, dz,
                                              done if _step_grads(4, loop, nothing, hs) else None)
     # The table's gradient: the gate gradients summed per id (padded rows' are zero).
     drows = jax.ops.segment_sum(dz, ids, num_segments=rows.shape[0], indices_are_sorted=False)
@@ -621,25 +619,24 @@ def _input_and_weight_grads(loop, reverse, xs, hs, h0, w_ih, dz_x, dz_h, done=No
     array but for the GRU's candidate). ``dW_ih = Σ x_tᵀ dz_x``, ``db = Σ dz_x``
     and ``dW_hh = Σ h_{t-1}ᵀ dz_h`` are one custom call
     (``jaxrnn_weight_grads``, reading ``h_{t-1}`` from ``hs`` and ``h0`` in
-    place); ``dxs = dz_x W_ihᵀ`` is an XLA matmul. ``done``: ``(dW_ih, db, dW_hh, dxs)``
-    where the backward call computed all four already (:func:`_step_grads`;
-    ``dxs`` ``(T B, I)``, or ``(0,)`` for ``I = 0``).
+    place); ``dxs = dz_x W_ihᵀ`` is an XLA matmul. ``done``: ``(dW_ih, db, dW_hh)``
+    where the backward call computed them already (:func:`_step_grads`); then only ``dxs``.
     """
     T, B, I = xs.shape
     H = hs.shape[-1]
     sd = jax.ShapeDtypeStruct
     f32 = jnp.float32
     if done is not None:
-        dw_ih, db, dw_hh, dxs = done
-        return dw_ih, dw_hh, db, dxs.reshape(T, B, I)
-    dw_ih, db, dw_hh = _call(
-        "jaxrnn_weight_grads",
-        (sd((I, dz_x.shape[1]), f32), sd((dz_x.shape[1],), f32), sd((H, dz_h.shape[1]), f32)),
-        xs, hs, h0, dz_x, dz_h, reverse=reverse, threads=loop.threads,
-    )
-    # XLA's matmul after the call, not beside it: the call's threads are the pool's (measured on 2 cores,
-    # the GRU at B=64 T=200 H=128: fwd+bwd median 49-62 ms after, 68-71 ms beside).
-    db, dz_x = jax.lax.optimization_barrier((db, dz_x))
+        dw_ih, db, dw_hh = done
+    else:
+        dw_ih, db, dw_hh = _call(
+            "jaxrnn_weight_grads",
+            (sd((I, dz_x.shape[1]), f32), sd((dz_x.shape[1],), f32), sd((H, dz_h.shape[1]), f32)),
+            xs, hs, h0, dz_x, dz_h, reverse=reverse, threads=loop.threads,
+        )
+        # XLA's matmul after the call, not beside it: the call's threads are the pool's (measured on 2 cores,
+        # the GRU at B=64 T=200 H=128: fwd+bwd median 49-62 ms after, 68-71 ms beside).
+        db, dz_x = jax.lax.optimization_barrier((db, dz_x))
     dxs = (dz_x @ w_ih.T).reshape(T, B, I)
     return dw_ih, dw_hh, db, dxs
 
@@ -693,13 +690,12 @@ def _step_grads(gates, loop, xs, hs) -> bool:
     return bool(_load().jaxrnn_step_grads(gates, T, B, I, hs.shape[-1], loop.split))
 
 
-def _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents, xs, hs, w_ih):
-    """The LSTM's backward loop: ``(dz, dh0, dc0, dW_ih, db, dW_hh, dxs)``, ``dz`` ``(T B, 4H)`` written over ``a``.
+def _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents, xs, hs):
+    """The LSTM's backward loop: ``(dz, dh0, dc0, dW_ih, db, dW_hh)``, ``dz`` ``(T B, 4H)`` written over ``a``.
 
     ``xs`` ``(T, B, I)`` (``I = 0`` for ids) and the carries ``hs`` are the
-    weight gradients' operands, ``w_ih`` ``(I, 4H)`` the input gradient's.
-    Where the shapes allow, the call adds them inside its loop, and
-    ``dxs = dz W_ihᵀ`` ``(T B, I)`` (:func:`_step_grads`); elsewhere the four are empty (``(0,)``).
+    weight gradients' operands. Where the shapes allow, the call adds
+    them inside its loop (:func:`_step_grads`); elsewhere the three are empty (``(0,)``).
     """
     dhs, dfinal = cotangents
     B, H = carry0.h.shape
@@ -708,18 +704,17 @@ def _lstm_backward_call(reverse, loop, w_hh, a, cs, carry0, lengths, cotangents,
     sd = jax.ShapeDtypeStruct
     G = a.shape[1]
     grads = _step_grads(4, loop, xs, hs)
-    shapes = ((I, G), (G,), (H, G), (a.shape[0], I) if I else (0,)) if grads else ((0,),) * 4
+    shapes = ((I, G), (G,), (H, G)) if grads else ((0,), (0,), (0,))
     return _call(
         "jaxrnn_lstm_bwd", (sd(a.shape, f32), sd((B, H), f32), sd((B, H), f32), *(sd(s, f32) for s in shapes)),
         a, cs, carry0.c, dhs.astype(f32), dfinal.h.astype(f32), dfinal.c.astype(f32), w_hh, lengths, xs, hs,
-        carry0.h, w_ih, aliases={0: 0}, reverse=reverse, **loop.attrs(),
+        carry0.h, aliases={0: 0}, reverse=reverse, **loop.attrs(),
     )
 
 
 def _lstm_bwd(reverse, loop, saved, cotangents):
     w, xs, carry0, lengths, a, hs, cs = saved
-    dz, dh0, dc0, *done = _lstm_backward_call(reverse, loop, w.w_hh, a, cs, carry0, lengths, cotangents, xs, hs,
-                                              w.w_ih)
+    dz, dh0, dc0, *done = _lstm_backward_call(reverse, loop, w.w_hh, a, cs, carry0, lengths, cotangents, xs, hs)
     dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, carry0.h, w.w_ih, dz, dz,
                                                     done if _step_grads(4, loop, xs, hs) else None)
     return _Weights(dw_ih, dw_hh, db), dxs, LSTMCarry(dh0, dc0), None
@@ -819,10 +814,10 @@ def _elman_bwd(reverse, loop, activation, saved, cotangents):
     sd = jax.ShapeDtypeStruct
     I = xs.shape[-1]
     grads = _step_grads(1, loop, xs, hs)
-    shapes = ((I, H), (H,), (H, H), (T * B, I) if I else (0,)) if grads else ((0,),) * 4
+    shapes = ((I, H), (H,), (H, H)) if grads else ((0,), (0,), (0,))
     dz, dh0, *done = _call(
         "jaxrnn_elman_bwd", (sd((T * B, H), f32), sd((B, H), f32), *(sd(s, f32) for s in shapes)),
-        hs, dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths, xs, h0, w.w_ih,
+        hs, dhs.astype(f32), dh_T.astype(f32), w.w_hh, lengths, xs, h0,
         reverse=reverse, activation=activation, **loop.attrs(),
     )
     dw_ih, dw_hh, db, dxs = _input_and_weight_grads(loop, reverse, xs, hs, h0, w.w_ih, dz, dz, done if grads else None)

@@ -568,53 +568,6 @@ void gemm_rows(const float* a1, int lda1, int K1, const float* a2, int lda2, int
   }
 }
 
-// C (rows x n, row stride ldc; n <= VL) = A (rows x K, row stride lda) @ P (K x VL, one panel of VL
-// columns, zero-padded past n): the input gradient dx = dz W_ihᵀ, whose few columns (the input width,
-// often 16 or less) would leave half of an NR-wide panel's products zero.
-template <int R>
-inline void micro_narrow(const float* a, int lda, int K, const float* p, float* c, int ldc, int n) {
-  vf acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = splat(0.0f);
-  for (int k = 0; k < K; ++k) {
-    const vf b = load(p + k * VL);
-    for (int r = 0; r < R; ++r) acc[r] += a[r * lda + k] * b;
-  }
-  for (int r = 0; r < R; ++r) store_n(c + r * ldc, acc[r], n);
-}
-
-// C (rows x N, row stride ldc) = A (rows x K) @ the VL-wide panels of pack_narrow_transposed.
-void gemm_narrow(const float* a, int lda, int K, int rows, const float* panels, int N, float* c, int ldc) {
-  for (int j = 0; j * VL < N; ++j) {
-    const float* p = panels + static_cast<size_t>(j) * K * VL;
-    const int n = std::min(VL, N - j * VL);
-    float* cj = c + j * VL;
-    int r = 0;
-    for (; r + MR <= rows; r += MR) micro_narrow<MR>(a + r * lda, lda, K, p, cj + r * ldc, ldc, n);
-#define JAXRNN_TAIL(R) \
-  case R: micro_narrow<R>(a + r * lda, lda, K, p, cj + r * ldc, ldc, n); break;
-    switch (rows - r) {
-      JAXRNN_TAIL(7) JAXRNN_TAIL(6) JAXRNN_TAIL(5) JAXRNN_TAIL(4) JAXRNN_TAIL(3) JAXRNN_TAIL(2) JAXRNN_TAIL(1)
-      default: break;
-    }
-#undef JAXRNN_TAIL
-  }
-}
-
-// w (N rows of K floats) transposed into panels of VL columns for gemm_narrow: panel j, row k, column q
-// holds w[j VL + q, k] (zero past row N).
-const float* pack_narrow_transposed(Scratch& s, const float* w, int N, int K) {
-  const int np = (N + VL - 1) / VL;
-  float* packed = s.get(static_cast<size_t>(np) * K * VL);
-  for (int j = 0; j < np; ++j) {
-    float* panel = packed + static_cast<size_t>(j) * K * VL;
-    for (int q = 0; q < VL; ++q) {
-      const int n = j * VL + q;
-      for (int k = 0; k < K; ++k) panel[static_cast<size_t>(k) * VL + q] = n < N ? w[static_cast<size_t>(n) * K + k] : 0.0f;
-    }
-  }
-  return packed;
-}
-
 // Asks Linux for transparent huge pages on the 2 MiB-aligned inside of a large
 // fresh output buffer before its first touch: XLA's CPU runtime allocates each
 // call's buffers afresh, and each 4 KiB page of a fresh buffer otherwise costs a
@@ -1100,11 +1053,7 @@ void weight_grads(ffi::ThreadPool& pool, const GradOperands& o, int threads) {
 // 1.50-1.86x against 1.45-1.69x; the smallest (B=32, T=50, H=32) within the
 // VM's noise. Where a chunk's accumulators ((I + H + 1) x G floats) fit in
 // kMaxStepGradBytes (beside the packed recurrent weights, in a 1 MiB L2 cache)
-// and G fills whole panels; else weight_grads runs after the loop. The input
-// gradient dx = dz W_ihᵀ is added there too (gemm_narrow), in place of XLA's
-// matmul after the call, which read dz from memory again on its own threads:
-// the LSTM at B=64 T=50 I=16 H=64 spent 4.5% of its fwd+bwd CPU samples on it,
-// against 5.8% in XLA's dot (perf, alone on the EPYC VM).
+// and G fills whole panels; else weight_grads runs after the loop.
 constexpr double kMaxStepGradBytes = 512.0 * 1024;
 constexpr int kStepGradRows = 128;
 constexpr int kMaxStepGradSteps = 32;
@@ -1116,10 +1065,6 @@ struct StepGrads {
   size_t per_chunk = 0;  // floats: np panels of tiles x (MR x NR) accumulators, then G bias sums
   float* acc = nullptr;
   int* pending = nullptr;  // per chunk: `steps` first rows k0 of collected steps, then their count
-  // The input gradient dx = dz W_ihᵀ ((T B) x I, row k = t B + b) too, where set: W_ih's VL-wide
-  // transposed panels (pack_narrow_transposed), read by every chunk.
-  const float* w_ih_panels = nullptr;
-  float* dx = nullptr;
 
   // Rows [k0, k1) of a step (k = t B + b) into chunk c's sums: collected, and added `steps` at a time
   // (and at the chunk's last step, `last`), K = steps (k1 - k0) rows deep: a step alone (16 rows at
@@ -1132,12 +1077,6 @@ struct StepGrads {
     const int rows = k1 - k0, count = mine[steps], kb = count * rows;
     mine[steps] = 0;
     const int tx = (o.I + MR - 1) / MR, G = o.Gh;
-    if (dx != nullptr) {  // while the steps' dz is in cache: no pass over all of dz after the loop
-      for (int q = 0; q < count; ++q) {
-        gemm_narrow(o.dzh + static_cast<size_t>(mine[q]) * G, G, G, rows, w_ih_panels, o.I,
-                    dx + static_cast<size_t>(mine[q]) * o.I, o.I);
-      }
-    }
     float* apack = scratch(6).get(static_cast<size_t>(kb) * tiles * MR);
     for (int q = 0; q < count; ++q) {  // each step's rows, tile-major, `kb` rows a tile
       const int first = mine[q];
@@ -1884,11 +1823,10 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi
 ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> c0,
                         ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT, ffi::Buffer<ffi::F32> dcT,
                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> xs,
-                        ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> w_ih,
-                        ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh0,
-                        ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dw_ih,
-                        ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> dw_hh,
-                        ffi::ResultBuffer<ffi::F32> dxs, bool reverse, int32_t threads, int32_t split,
+                        ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h0, ffi::ResultBuffer<ffi::F32> dz,
+                        ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0,
+                        ffi::ResultBuffer<ffi::F32> dw_ih, ffi::ResultBuffer<ffi::F32> db,
+                        ffi::ResultBuffer<ffi::F32> dw_hh, bool reverse, int32_t threads, int32_t split,
                         ffi::ThreadPool pool) {
   const auto cd = cs.dimensions();
   if (cd.size() != 3) return ffi::Error::InvalidArgument("cs: expected rank 3");
@@ -1917,12 +1855,6 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi
     JAXRNN_CHECK(check_dims("db", db->dimensions(), {4 * H}));
     JAXRNN_CHECK(check_dims("dW_hh", dw_hh->dimensions(), {H, 4 * H}));
   }
-  // dxs (T B, I) where the call adds the weight gradients and I > 0 (w_ih then (I, 4H)); else (0,).
-  const bool with_dx = grads && dxs->dimensions().size() == 2;
-  if (with_dx) {
-    JAXRNN_CHECK(check_dims("w_ih", w_ih.dimensions(), {I, 4 * H}));
-    JAXRNN_CHECK(check_dims("dxs", dxs->dimensions(), {T * B, I}));
-  }
   if (dz->typed_data() != act.typed_data()) {  // XLA did not alias: start from a copy
     std::memcpy(dz->typed_data(), act.typed_data(), sizeof(float) * T * B * 4 * H);
   }
@@ -1930,14 +1862,6 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> act, ffi::Buffer<ffi::F32> cs, ffi
                             hs.typed_data(), h0.typed_data(), dz->typed_data(), dz->typed_data(), dw_ih->typed_data(),
                             db->typed_data(), dw_hh->typed_data()}};
   sg.chunks = grads ? step_grad_chunks(d, 4 * d.H, 4, sg.o.I, sg.o.Gh, split, pool) : 0;
-  if (with_dx && sg.chunks == 0) {
-    return ffi::Error::InvalidArgument("dxs: the call adds it only where jaxrnn_step_grads says so; expected (0,)");
-  }
-  Scratch w_ih_panels;
-  if (with_dx) {
-    sg.w_ih_panels = pack_narrow_transposed(w_ih_panels, w_ih.typed_data(), sg.o.I, 4 * d.H);
-    sg.dx = dxs->typed_data();
-  }
   const PartJob job = [&](const Part& part, Barrier& barrier) {
     lstm_backward_member(part, barrier, d, reverse, dz->typed_data(), cs.typed_data(), c0.typed_data(),
                          dhs.typed_data(), dhT.typed_data(), dcT.typed_data(), w.typed_data(),
@@ -2117,10 +2041,9 @@ ffi::Error ElmanForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ff
 
 ffi::Error ElmanBackward(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dhT,
                          ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> xs,
-                         ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> w_ih, ffi::ResultBuffer<ffi::F32> dz,
-                         ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dw_ih,
-                         ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> dw_hh,
-                         ffi::ResultBuffer<ffi::F32> dxs, bool reverse, int32_t activation, int32_t threads,
+                         ffi::Buffer<ffi::F32> h0, ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh0,
+                         ffi::ResultBuffer<ffi::F32> dw_ih, ffi::ResultBuffer<ffi::F32> db,
+                         ffi::ResultBuffer<ffi::F32> dw_hh, bool reverse, int32_t activation, int32_t threads,
                          int32_t split, ffi::ThreadPool pool) {
   const auto hd = hs.dimensions();
   if (hd.size() != 3) return ffi::Error::InvalidArgument("hs: expected rank 3");
@@ -2144,24 +2067,11 @@ ffi::Error ElmanBackward(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs, ff
     JAXRNN_CHECK(check_dims("db", db->dimensions(), {H}));
     JAXRNN_CHECK(check_dims("dW_hh", dw_hh->dimensions(), {H, H}));
   }
-  const bool with_dx = grads && dxs->dimensions().size() == 2;  // as the LSTM's
-  if (with_dx) {
-    JAXRNN_CHECK(check_dims("w_ih", w_ih.dimensions(), {I, H}));
-    JAXRNN_CHECK(check_dims("dxs", dxs->dimensions(), {T * B, I}));
-  }
   advise_huge_pages(dz->typed_data(), sizeof(float) * T * B * H);
   StepGrads sg{GradOperands{d.T, d.B, static_cast<int>(I), d.H, d.H, d.H, reverse, xs.typed_data(), hs.typed_data(),
                             h0.typed_data(), dz->typed_data(), dz->typed_data(), dw_ih->typed_data(), db->typed_data(),
                             dw_hh->typed_data()}};
   sg.chunks = grads ? step_grad_chunks(d, d.H, 1, sg.o.I, sg.o.Gh, split, pool) : 0;
-  if (with_dx && sg.chunks == 0) {
-    return ffi::Error::InvalidArgument("dxs: the call adds it only where jaxrnn_step_grads says so; expected (0,)");
-  }
-  Scratch w_ih_panels;
-  if (with_dx) {
-    sg.w_ih_panels = pack_narrow_transposed(w_ih_panels, w_ih.typed_data(), sg.o.I, d.H);
-    sg.dx = dxs->typed_data();
-  }
   const PartJob job = [&](const Part& part, Barrier& barrier) {
     elman_backward_member(part, barrier, d, reverse, activation, hs.typed_data(), dhs.typed_data(), dhT.typed_data(),
                           w.typed_data(), lengths.typed_data(), dz->typed_data(), dh0->typed_data(),
@@ -2538,14 +2448,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xs (T, B, I): I = 0 for ids
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h carries
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih (I, 4H), for dxs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz (over a)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dc0
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dW_ih
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dW_hh
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dxs (T B, I), or (0,)
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("threads")
                                   .Attr<int32_t>("split")
@@ -2648,13 +2556,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanBackward, ElmanBackward,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xs
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih (I, H), for dxs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dW_ih, or (0,)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db, or (0,)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dW_hh, or (0,)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dxs (T B, I), or (0,)
                                   .Attr<bool>("reverse")
                                   .Attr<int32_t>("activation")
                                   .Attr<int32_t>("threads")

@@ -123,9 +123,8 @@ def test_weight_gradients_inside_the_backward_loop(kind, batch, steps, inputs):
     23 steps end with a partial group; batch 64: four chunks of 16 rows (a pool of two), 8 steps a group. The chunks are
     fixed by the shapes, not by the threads, so one thread and the pool's agree bit for bit; padded, in
     reverse (the rows of ``h0`` come last), and against the reference and the products after the loop
-    (``split="units"``: a team of members by hidden units never takes this path). The input gradient
-    ``dxs = dz W_ihᵀ`` is added there too, in panels of 16 input columns: input 3 is one partial panel,
-    input 17 a full one and a partial one.
+    (``split="units"``: a team of members by hidden units never takes this path). Input 3 is one partial
+    tile of dW_ih's rows, input 17 two full ones and a partial one.
     """
     cell, params, xs, carry0, lens = problem(batch, steps, 24 if kind == "lstm" else 32, inputs, seed=6, cell=kind)
     args = (cell, params, xs, carry0, lens, True, jax.random.key(4))
